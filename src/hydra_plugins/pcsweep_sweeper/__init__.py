@@ -1,0 +1,103 @@
+"""Hydra's basic sweeper, plus what a pcsweep grid needs before anything is launched.
+
+Every job's config is composed and checked first (an invalid number anywhere stops the sweep before any training),
+BP duplicates (``algo=bp relax=2`` trains what ``relax=none`` trains) and runs already finished in their folder are
+dropped with one line each, and the list of this sweep's runs is written for the summary callback. It wraps
+whatever launcher is configured, so the same filtering happens locally and on SLURM.
+"""
+
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "sweep_runs.json"
+
+
+@dataclass
+class PcsweepSweeperConf:
+    _target_: str = "hydra_plugins.pcsweep_sweeper.PcsweepSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="pcsweep", node=PcsweepSweeperConf, provider="pcsweep")
+
+
+class FilteringLauncher(Launcher):
+    """Launches only the jobs that still need training; see the module docstring."""
+
+    def __init__(self, inner: Launcher, sweeper: "PcsweepSweeper") -> None:
+        self.inner, self.sweeper = inner, sweeper
+
+    def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
+        self.inner.setup(**kwargs)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from pcsweep.config import ConfigError, duplicate_target, run_dir_name, validate
+        from pcsweep.data import DatasetError, check_available
+        from pcsweep.run import finished_summary, fail, resolve_data_dir
+
+        loader = self.sweeper.hydra_context.config_loader
+        entries, to_launch, seen = [], [], {}
+        for overrides in job_overrides:
+            cfg = loader.load_sweep_config(self.sweeper.config, list(overrides))
+            label = " ".join(overrides)
+            try:
+                validate(cfg)
+                if cfg.dataset.name != "digits":
+                    check_available(cfg.dataset.name, resolve_data_dir(cfg), cfg.dataset.get("download", False))
+            except (ConfigError, DatasetError) as exc:
+                fail(f"{label}: {exc}")
+            run_dir = run_dir_name(cfg)
+            target = duplicate_target(cfg)
+            if target is not None:
+                print(f"[pcsweep] skipped {label}: duplicate of {target} (BP has no conditions to relax)", flush=True)
+                entries.append({"overrides": list(overrides), "status": "duplicate", "duplicate_of": target})
+                continue
+            if run_dir in seen:
+                print(f"[pcsweep] skipped {label}: same config as {seen[run_dir]}", flush=True)
+                entries.append({"overrides": list(overrides), "status": "duplicate", "run_dir": run_dir})
+                continue
+            seen[run_dir] = label
+            entry = {"overrides": list(overrides), "run_dir": run_dir}
+            done = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir)
+            if done is not None:
+                print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
+                entries.append({**entry, "status": "finished"})
+                continue
+            entries.append({**entry, "status": "launched"})
+            to_launch.append(list(overrides))
+        self.sweeper.manifest.extend(entries)
+        self.sweeper.write_manifest()
+        if not to_launch:
+            return []
+        return self.inner.launch(to_launch, initial_job_idx=initial_job_idx)
+
+
+class PcsweepSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.manifest: List[dict] = []
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.launcher = FilteringLauncher(self.launcher, self)
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        pass  # FilteringLauncher composes (and so validates) every job itself
+
+    def write_manifest(self) -> None:
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / MANIFEST).write_text(json.dumps({"runs": self.manifest}, indent=1))

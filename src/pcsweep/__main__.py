@@ -1,0 +1,26 @@
+"""``python -m pcsweep [-m] key=value ...``: the Hydra entry point (configs in the repository's ``conf/``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pcsweep.config import register_resolvers
+
+CONFIG_DIR = os.environ.get("PCSWEEP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The two twins as LightningModules: a thin layer over the shared MLP (BP) and the PC engine (PC)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.pc import PCEngine, output_loss
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class Diverged(RuntimeError):
+    """The loss or the energy stopped being finite."""
+
+
+class TwinModule(L.LightningModule):
+    """What both twins share: the MLP, the output loss, the feedforward test pass and the optimizer set-up."""
+
+    def __init__(
+        self,
+        mlp: MLP,
+        optimizer: OptimizerFactory = partial(torch.optim.Adam, lr=1e-3),
+        output_loss: str = "mse",
+        weight_decay: float = 0.0,
+        variance_weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.optimizer_factory = optimizer
+        self.loss_kind = output_loss
+        self.weight_decay = weight_decay
+        self.variance_weight_decay = variance_weight_decay
+        self.log_variances: Optional[torch.nn.ParameterList] = None
+        num_classes = mlp.sizes[-1]
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss = MeanMetric()
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.diverged = False
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.mlp(inputs)
+
+    def one_hot(self, labels: Tensor) -> Tensor:
+        return F.one_hot(labels, self.mlp.sizes[-1]).to(self.mlp.layers[0].weight.dtype)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [
+            {"params": [layer.weight for layer in self.mlp.layers], "weight_decay": self.weight_decay},
+            {"params": [layer.bias for layer in self.mlp.layers], "weight_decay": 0.0},
+        ]
+        if self.log_variances is not None:
+            groups.append({"params": list(self.log_variances), "weight_decay": self.variance_weight_decay})
+        return self.optimizer_factory(groups)
+
+    def check_finite(self, *values: Tensor) -> None:
+        """Stop the run cleanly (not the sweep) when training blows up."""
+        if not all(torch.isfinite(v).all() for v in values):
+            self.diverged = True
+            self.trainer.should_stop = True
+
+    def log_train(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
+        self.train_acc(logits, labels)
+        self.train_loss(loss.detach())
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+
+    def epoch_train_metrics(self) -> dict[str, float]:
+        """This epoch's training means so far (read before Lightning resets them at the epoch's end)."""
+        metrics = {"train_loss": self.train_loss, "train_acc": self.train_acc}
+        if hasattr(self, "train_energy"):
+            metrics["train_energy"] = self.train_energy
+        return {name: float(m.compute()) for name, m in metrics.items() if m.update_count > 0}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, labels = batch
+        logits = self.mlp(inputs)
+        loss = output_loss(logits, self.one_hot(labels), self.loss_kind)
+        self.test_acc(logits, labels)
+        self.log("test/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("test/acc", self.test_acc, on_epoch=True, prog_bar=True)
+
+    test_step = validation_step
+
+
+class BPModule(TwinModule):
+    """Backpropagation: Lightning's automatic optimization on the output loss."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Optional[Tensor]:
+        inputs, labels = batch
+        logits = self.mlp(inputs)
+        loss = output_loss(logits, self.one_hot(labels), self.loss_kind)
+        self.check_finite(loss)
+        if self.diverged:
+            return None  # skips the optimizer step
+        self.log_train(loss, logits, labels)
+        return loss
+
+
+class PCModule(TwinModule):
+    """Predictive coding: manual optimization; the engine writes local gradients, the optimizer applies them."""
+
+    def __init__(
+        self,
+        mlp: MLP,
+        optimizer: OptimizerFactory = partial(torch.optim.Adam, lr=1e-3),
+        output_loss: str = "mse",
+        weight_decay: float = 0.0,
+        variance_weight_decay: float = 0.0,
+        inference_steps: int = 256,
+        inference_step_size: float = 0.1,
+        update_every: Optional[int] = None,
+        variance: str = "fixed",
+        log_variance_min: float = -math.inf,
+    ) -> None:
+        super().__init__(mlp, optimizer, output_loss, weight_decay, variance_weight_decay)
+        self.automatic_optimization = False
+        if variance != "fixed":
+            self.log_variances = make_log_variances(mlp.sizes, variance, output_loss)
+        self.engine = PCEngine(
+            mlp.as_pc_network(self.log_variances, output_loss),
+            steps=inference_steps,
+            step_size=inference_step_size,
+            update_every=update_every,
+            log_variance_min=log_variance_min,
+        )
+        self.train_energy = MeanMetric()
+
+    def on_fit_start(self) -> None:
+        self.engine.refresh_parameters()  # after a checkpoint restore or a device move
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, labels = batch
+        optimizer = self.optimizers()
+        result = self.engine.train_batch(inputs, self.one_hot(labels), apply_update=optimizer.step)
+        self.check_finite(result.loss, result.energy_end)
+        if self.diverged:
+            return
+        self.log_train(result.loss, result.logits, labels)
+        self.train_energy(result.energy_end)
+        self.log("train/energy_start", result.energy_start, on_step=False, on_epoch=True)
+        self.log("train/energy", self.train_energy, on_step=False, on_epoch=True)

@@ -1,0 +1,91 @@
+"""The sweep's table: one row per run, printed when a multirun (or a single run) ends and kept as summary.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+COLUMNS = [
+    ("model", "model"),
+    ("dataset", "dataset"),
+    ("status", "status"),
+    ("final_test_acc", "final acc"),
+    ("best_test_acc", "best acc"),
+    ("final_train_loss", "train loss"),
+    ("final_test_loss", "test loss"),
+    ("train_seconds", "train time [s]"),
+    ("time_to_90", "time to 90% [s]"),
+    ("epochs", "epochs"),
+    ("run_dir", "run folder"),
+]
+
+
+def row_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    row = {key: summary.get(key) for key, _ in COLUMNS}
+    row["model"] = summary.get("name")
+    return row
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Rows for the runs of the last sweep launched into ``sweep_dir`` (from the sweeper's manifest)."""
+    from hydra_plugins.pcsweep_sweeper import MANIFEST
+
+    manifest = json.loads((sweep_dir / MANIFEST).read_text())["runs"]
+    rows = []
+    for entry in manifest:
+        if entry["status"] == "duplicate":
+            rows.append({"model": " ".join(entry["overrides"]), "status": f"skipped: duplicate of {entry.get('duplicate_of') or entry.get('run_dir')}"})
+            continue
+        summary_path = sweep_dir / entry["run_dir"] / "summary.json"
+        if summary_path.is_file():
+            rows.append(row_from_summary(json.loads(summary_path.read_text())))
+        else:
+            rows.append({"model": entry["run_dir"], "status": "failed (no summary.json)", "run_dir": entry["run_dir"]})
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def format_table(rows: Iterable[dict[str, Any]]) -> str:
+    rows = list(rows)
+    headers = [title for _, title in COLUMNS]
+    cells = [[_fmt(row.get(key)) for key, _ in COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[key for key, _ in COLUMNS], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback: print the table and write ``summary.csv`` in the sweep folder when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not (sweep_dir / "sweep_runs.json").is_file():
+            return
+        rows = sweep_rows(sweep_dir)
+        write_csv(rows, sweep_dir / "summary.csv")
+        print(f"\n{format_table(rows)}\n\n[pcsweep] table saved to {sweep_dir / 'summary.csv'}", flush=True)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.runtime.output_dir)
+        summary_path: Optional[Path] = run_dir / "summary.json"
+        if summary_path.is_file():
+            print(f"\n{format_table([row_from_summary(json.loads(summary_path.read_text()))])}", flush=True)

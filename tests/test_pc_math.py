@@ -1,0 +1,194 @@
+"""The PC engine against the theory in shared/paper.md, in float64."""
+
+import copy
+
+import pytest
+import torch
+
+from pcsweep import reference as ref
+from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.pc import PCEngine, output_loss
+
+torch.set_default_dtype(torch.float64)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_net(variance=None, loss="mse", activation="tanh", sizes=(12, 9, 5), depth=4, seed=0):
+    torch.manual_seed(seed)
+    n_in, width, n_out = sizes
+    mlp = MLP(n_in, width, depth, n_out, activation=activation).double()
+    log_vars = None
+    if variance is not None:
+        log_vars = make_log_variances(mlp.sizes, variance, loss).double()
+        with torch.no_grad():
+            for p in log_vars:
+                p.uniform_(-0.7, 0.7)
+    return mlp, log_vars, mlp.as_pc_network(list(log_vars) if log_vars is not None else None, loss)
+
+
+def batch(n_in=12, n_out=5, size=7, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(size, n_in, generator=gen)
+    y = torch.nn.functional.one_hot(torch.randint(0, n_out, (size,), generator=gen), n_out).double()
+    return x, y
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("variance", [None, "neuron", "layer"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+def test_local_gradients_equal_autograd_of_the_energy(loss, variance, activation):
+    mlp, _, net = make_net(variance, loss, activation)
+    engine = PCEngine(net, steps=10, step_size=0.1)
+    x, y = batch()
+    engine.feedforward_init(x, y)
+    with torch.no_grad():  # move the hidden activities off the feedforward point: every error term is live
+        for l in range(1, net.num_layers):
+            engine.x[l].add_(0.3 * torch.randn_like(engine.x[l]))
+    engine.compute_errors()
+    ours = engine.weight_gradients()
+    theirs = ref.parameter_gradients(net, engine.x)
+    assert len(ours) == len(theirs) == len(net.parameters())
+    for a, b in zip(ours, theirs):
+        assert rel(a, b) <= 1e-8
+    activity = ref.activity_gradients(net, engine.x)
+    for l in range(1, net.num_layers):
+        local = engine.eps[l] - engine.g[l + 1] @ net.weights[l]
+        assert rel(local, activity[l - 1]) <= 1e-8
+    assert engine.energy().item() == pytest.approx(ref.energy_per_sample(net, engine.x).mean().item(), rel=1e-12)
+
+
+def bp_gradients(mlp, x, y, loss="mse"):
+    mlp.zero_grad()
+    output_loss(mlp(x), y, loss).backward()
+    grads = [p.grad.clone() for layer in mlp.layers for p in (layer.weight,)]
+    grads += [layer.bias.grad.clone() for layer in mlp.layers]
+    mlp.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("extra_sweeps", [0, 3])
+def test_fixed_prediction_relaxation_gives_bp_gradients_exactly(loss, extra_sweeps):
+    mlp, _, net = make_net(loss=loss, depth=6)
+    x, y = batch()
+    expected = bp_gradients(mlp, x, y, loss)
+    L = net.num_layers
+    engine = PCEngine(net, steps=L + extra_sweeps, step_size=1.0, fixed_predictions=True)
+    grads = []
+
+    def capture_update():
+        grads.extend(p.grad.clone() for p in net.parameters())
+
+    engine.train_batch(x, y, apply_update=capture_update)
+    assert len(grads) == len(expected) == 2 * L
+    for ours, theirs in zip(grads, expected):
+        assert rel(ours, theirs) <= 1e-10
+
+
+def test_fixed_prediction_with_a_smaller_step_converges_geometrically():
+    mlp, _, net = make_net(depth=3)
+    x, y = batch()
+    expected = bp_gradients(mlp, x, y)
+    errors = []
+    for steps in (10, 20, 40):
+        engine = PCEngine(net, steps=steps, step_size=0.5, fixed_predictions=True)
+        engine.feedforward_init(x, y)
+        engine.compute_errors(predict=False)
+        for _ in range(steps):
+            engine.inference_step()
+            engine.compute_errors(predict=False)
+        errors.append(max(rel(a, b) for a, b in zip(engine.weight_gradients(), expected)))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-6
+
+
+def test_error_front_moves_down_one_layer_per_step():
+    mlp, _, net = make_net(depth=8, sizes=(12, 9, 5))
+    L = net.num_layers
+    assert L == 9
+    engine = PCEngine(net, steps=L, step_size=0.1)
+    x, y = batch()
+    engine.feedforward_init(x, y)
+    engine.compute_errors(predict=False)
+    for t in range(0, L):
+        nonzero = [l for l in range(1, L + 1) if engine.e[l].abs().max().item() > 0]
+        assert nonzero == list(range(L - t, L + 1)), f"after {t} steps"
+        engine.inference_step()
+        engine.compute_errors()
+    # the first layer's error, and so its weight update, appears only after L - 1 = 8 steps
+    assert engine.e[1].abs().max().item() > 0
+
+
+def test_top_layer_update_at_t0_equals_bp_gradient():
+    mlp, _, net = make_net(depth=5)
+    x, y = batch()
+    expected = bp_gradients(mlp, x, y)
+    engine = PCEngine(net, steps=1, step_size=0.1)
+    engine.feedforward_init(x, y)
+    engine.compute_errors(predict=False)
+    grads = engine.weight_gradients()
+    L = net.num_layers
+    assert rel(grads[L - 1], expected[L - 1]) <= 1e-12  # W_L
+    assert rel(grads[2 * L - 1], expected[2 * L - 1]) <= 1e-12  # b_L
+    for l in range(L - 1):  # every other layer has zero error at t = 0: no update yet
+        assert grads[l].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("variance", [None, "neuron"])
+def test_energy_never_increases_for_a_small_step(variance):
+    _, _, net = make_net(variance, depth=6)
+    engine = PCEngine(net, steps=256, step_size=0.05)
+    x, y = batch(size=16)
+    engine.feedforward_init(x, y)
+    engine.compute_errors(predict=False)
+    trace = [engine.energy().item()]
+    for _ in range(256):
+        engine.inference_step()
+        engine.compute_errors()
+        trace.append(engine.energy().item())
+    diffs = torch.tensor(trace).diff()
+    assert (diffs <= 1e-12).all(), diffs.max()
+    assert trace[-1] < 0.9 * trace[0]  # and it does go down
+
+
+def test_a_too_large_step_does_increase_the_energy():
+    """The monotonicity test above can fail: with gamma far past 2 / curvature the energy rises."""
+    _, _, net = make_net(depth=6)
+    engine = PCEngine(net, steps=20, step_size=2.5)
+    x, y = batch(size=16)
+    result = engine.train_batch(x, y, apply_update=lambda: None, trace_energy=True)
+    assert (result.energy_trace.diff() > 0).any()
+
+
+@pytest.mark.parametrize("update_every,variance", [(None, None), (4, None), (None, "neuron"), (4, "layer")])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_engine_training_equals_autograd_reference(update_every, variance, loss):
+    """A whole training batch (inference + scheduled updates through SGD) matches plain autograd of the energy."""
+    _, _, net = make_net(variance, loss)
+    ref_net = copy.deepcopy(net)
+    x, y = batch()
+    results = []
+    for impl, network in ((PCEngine, net), (ref.AutogradPC, ref_net)):
+        opt = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+        engine = impl(network, steps=16, step_size=0.1, update_every=update_every)
+        for _ in range(2):
+            results.append(engine.train_batch(x, y, apply_update=opt.step))
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        assert rel(a.detach(), b.detach()) <= 1e-10
+    ours, theirs = results[:2], results[2:]
+    for a, b in zip(ours, theirs):
+        assert a.updates == b.updates == (4 if update_every else 1)
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-10)
+        assert a.energy_end.item() == pytest.approx(b.energy_end.item(), rel=1e-10)
+
+
+def test_log_variance_floor_is_enforced():
+    _, log_vars, net = make_net("neuron")
+    with torch.no_grad():
+        log_vars[0].fill_(-5.0)
+    engine = PCEngine(net, steps=2, step_size=0.1, log_variance_min=-2.0)
+    assert log_vars[0].min().item() == -2.0
+    assert torch.allclose(engine.precisions[0], torch.exp(torch.tensor(2.0)).expand_as(engine.precisions[0]))
