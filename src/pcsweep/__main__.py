@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pcsweep.config import register_resolvers
+from pcsweep.config import quote_numeric_choices, register_resolvers
 
 CONFIG_DIR = os.environ.get("PCSWEEP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
@@ -23,4 +24,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0]] + [quote_numeric_choices(arg) for arg in sys.argv[1:]]
     main()

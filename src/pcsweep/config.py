@@ -52,11 +52,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"dataset.name must be one of {list(DATASETS)}, got {cfg.dataset.name!r}")
     if cfg.algo.name == "pc":
-        _positive(cfg, "algo.inference_steps", 1, strict=False)
-        _positive(cfg, "algo.inference_step_size")
-        k, steps = cfg.relax.update_every, cfg.algo.inference_steps
-        if k is not None and not (isinstance(k, int) and 1 <= k <= steps):
-            raise ConfigError(f"relax.update_every must be null or in [1, algo.inference_steps={steps}], got {k!r}")
+        _positive(cfg, "inference.steps", 1, strict=False)
+        _positive(cfg, "inference.step_size")
+        k, steps = cfg.relax.update_every, cfg.inference.steps
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= steps):
+            raise ConfigError(f"relax.update_every must be null or in [1, inference.steps={steps}], got {k!r}")
         if cfg.relax.variance not in ("fixed", "neuron", "layer"):
             raise ConfigError(f"relax.variance must be fixed, neuron or layer, got {cfg.relax.variance!r}")
 
@@ -88,7 +88,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     """The resolved settings that determine a run's numbers."""
     keys = [k for k in cfg.keys() if k != "hydra" and k != "sweep_name"]
     if cfg.algo.name == "bp":
-        keys = [k for k in keys if k != "relax"]
+        keys = [k for k in keys if k not in ("relax", "inference")]
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
     for dotted in NOT_IDENTITY:
         _drop(container, dotted)
@@ -109,6 +109,20 @@ def duplicate_target(cfg: DictConfig) -> Optional[str]:
     if not is_bp_duplicate(cfg):
         return None
     return f"{paper_name(cfg)}_{cfg.dataset.name}"
+
+
+# Config groups whose option names are numbers (relax=2 means conf/relax/2.yaml). Hydra parses `relax=2` as the integer
+# 2 and refuses it as a group choice, so such values are quoted before Hydra sees them.
+NUMERIC_CHOICE_GROUPS = ("relax",)
+
+
+def quote_numeric_choices(override: str) -> str:
+    """``relax=none,2,23`` -> ``relax=none,'2','23'``; anything else is returned unchanged."""
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("+~") not in NUMERIC_CHOICE_GROUPS:
+        return override
+    items = [f"'{item}'" if item.strip().isdigit() else item for item in value.split(",")]
+    return f"{key}={','.join(items)}"
 
 
 def register_resolvers() -> None:

@@ -16,7 +16,8 @@ class MLP(nn.Module):
     """``depth`` hidden layers (``depth + 1`` weight matrices), hidden activation, linear output.
 
     ``init="xavier"`` draws Glorot-uniform weights with the activation's gain (keeps an 8-layer tanh net's signal
-    alive at initialisation) and zero biases; ``init="torch"`` keeps ``nn.Linear``'s default.
+    alive at initialisation; gain 1 for the linear output) and zero biases; ``init="torch"`` keeps ``nn.Linear``'s
+    default.
     """
 
     def __init__(
@@ -37,8 +38,8 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
         if init == "xavier":
             gain = 1.0 if activation == "linear" else nn.init.calculate_gain(activation)
-            for layer in self.layers:
-                nn.init.xavier_uniform_(layer.weight, gain=gain)
+            for i, layer in enumerate(self.layers):
+                nn.init.xavier_uniform_(layer.weight, gain=gain if i < len(self.layers) - 1 else 1.0)
                 nn.init.zeros_(layer.bias)
 
     @property

@@ -8,6 +8,7 @@ also gets a ``DIVERGED`` marker.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pcsweep.config import ConfigError, duplicate_target, paper_name, run_dir_name, validate
+from pcsweep.config import ConfigError, duplicate_target, paper_name, validate
 from pcsweep.data import DatasetError, TensorDataModule, check_available, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
@@ -32,6 +33,13 @@ def fail(message: str) -> None:
     """One line on stderr and a non-zero exit, before any work: no traceback for a user's typo."""
     print(f"pcsweep: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def quiet_lightning() -> None:
+    """A sweep prints one table, not ten copies of Lightning's start-up chatter (warnings still show)."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 def resolve_data_dir(cfg: DictConfig) -> Path:
@@ -62,8 +70,8 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
         return BPModule(**common)
     return PCModule(
         **common,
-        inference_steps=cfg.algo.inference_steps,
-        inference_step_size=cfg.algo.inference_step_size,
+        inference_steps=cfg.inference.steps,
+        inference_step_size=cfg.inference.step_size,
         update_every=cfg.relax.update_every,
         variance=cfg.relax.variance,
         log_variance_min=cfg.relax.log_variance_min,
@@ -97,6 +105,7 @@ def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str) -> d
 
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     """Train (or resume, or skip) the run ``cfg`` describes; returns its summary."""
+    quiet_lightning()
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
         validate(cfg)

@@ -39,7 +39,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for entry in manifest:
         if entry["status"] == "duplicate":
-            rows.append({"model": " ".join(entry["overrides"]), "status": f"skipped: duplicate of {entry.get('duplicate_of') or entry.get('run_dir')}"})
+            rows.append({"model": entry["model"], "dataset": entry["dataset"], "status": f"skipped: duplicate of {entry['duplicate_of']}"})
             continue
         summary_path = sweep_dir / entry["run_dir"] / "summary.json"
         if summary_path.is_file():

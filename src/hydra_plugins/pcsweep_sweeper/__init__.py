@@ -44,7 +44,7 @@ class FilteringLauncher(Launcher):
         self.inner.setup(**kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from pcsweep.config import ConfigError, duplicate_target, run_dir_name, validate
+        from pcsweep.config import ConfigError, duplicate_target, paper_name, run_dir_name, validate
         from pcsweep.data import DatasetError, check_available
         from pcsweep.run import finished_summary, fail, resolve_data_dir
 
@@ -60,17 +60,19 @@ class FilteringLauncher(Launcher):
             except (ConfigError, DatasetError) as exc:
                 fail(f"{label}: {exc}")
             run_dir = run_dir_name(cfg)
+            entry = {"overrides": list(overrides), "model": paper_name(cfg), "dataset": cfg.dataset.name}
             target = duplicate_target(cfg)
             if target is not None:
-                print(f"[pcsweep] skipped {label}: duplicate of {target} (BP has no conditions to relax)", flush=True)
-                entries.append({"overrides": list(overrides), "status": "duplicate", "duplicate_of": target})
+                entry["model"] += f" relax={cfg.relax.name}"
+                print(f"[pcsweep] skipped {entry['model']}: duplicate of {target} (BP has no conditions to relax)", flush=True)
+                entries.append({**entry, "status": "duplicate", "duplicate_of": target})
                 continue
             if run_dir in seen:
-                print(f"[pcsweep] skipped {label}: same config as {seen[run_dir]}", flush=True)
-                entries.append({"overrides": list(overrides), "status": "duplicate", "run_dir": run_dir})
+                print(f"[pcsweep] skipped {label}: same run as {seen[run_dir]}", flush=True)
+                entries.append({**entry, "status": "duplicate", "duplicate_of": run_dir})
                 continue
             seen[run_dir] = label
-            entry = {"overrides": list(overrides), "run_dir": run_dir}
+            entry["run_dir"] = run_dir
             done = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir)
             if done is not None:
                 print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
@@ -93,6 +95,13 @@ class PcsweepSweeper(BasicSweeper):
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = FilteringLauncher(self.launcher, self)
+
+    def split_arguments(self, overrides: Any, max_batch_size: Optional[int]) -> List[List[List[str]]]:
+        """BasicSweeper's expansion, with numeric group choices re-quoted (``relax=2`` -> ``relax='2'``)."""
+        from pcsweep.config import quote_numeric_choices
+
+        batches = BasicSweeper.split_arguments(overrides, max_batch_size)
+        return [[[quote_numeric_choices(o) for o in job] for job in batch] for batch in batches]
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         pass  # FilteringLauncher composes (and so validates) every job itself

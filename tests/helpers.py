@@ -1,0 +1,23 @@
+"""Running the real command line in a scratch folder, with the config shrunk to seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# the same model family, small: every twin still runs its full code path
+SMALL = ["width=24", "depth=3", "epochs=2", "inference.steps=16", "batch_size=128"]
+
+
+def pcsweep(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pcsweep", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

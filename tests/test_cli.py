@@ -1,0 +1,123 @@
+"""The command line as users type it: the default sweep, the paper's grid, bad input, divergence, re-runs."""
+
+import csv
+import json
+
+import pytest
+
+from helpers import SMALL, pcsweep
+
+TWINS = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
+
+
+def run_folders(sweep_dir):
+    return sorted(p.name for p in sweep_dir.iterdir() if (p / "summary.json").is_file())
+
+
+def test_default_multirun_trains_the_five_twins_and_prints_the_table(tmp_path):
+    result = pcsweep(tmp_path, "-m", *SMALL)
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "multirun" / "default"
+    names = run_folders(sweep)
+    assert sorted(n.split("_digits-")[0] for n in names) == sorted(f"{t.split('_')[0]}_24_3{t[2:]}" for t in TWINS)
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("[pcsweep] skipped bp_24_3 relax=")]
+    assert len(skipped) == 3  # bp x relax=2,3,23
+    for name in names:
+        run = sweep / name
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "complete" and summary["epochs"] == 2
+        assert 0.0 <= summary["final_test_acc"] <= 1.0 and summary["final_train_loss"] > 0
+        assert (run / "config.yaml").is_file() and (run / "weights.pt").is_file()
+        assert (run / "metrics.csv").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    # the table: header and one line per trained model, also saved as summary.csv
+    assert "final acc" in result.stdout and "train time [s]" in result.stdout
+    for twin in TWINS:
+        expected = twin.replace("pc_rc", "pc_24_3_rc") if "rc" in twin else f"{twin}_24_3"
+        assert any(line.startswith(expected + " ") for line in result.stdout.splitlines()), expected
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert len(rows) == 8 and sum(r["status"] == "complete" for r in rows) == 5
+
+
+@pytest.mark.slow
+def test_the_paper_grid_command_works_as_typed(tmp_path):
+    """`-m algo=bp,pc relax=none,2,3,23 width=256,1024` (shrunk in depth, epochs and T): 10 runs, 6 skipped."""
+    result = pcsweep(
+        tmp_path, "-m", "algo=bp,pc", "relax=none,2,3,23", "width=256,1024", "depth=2", "epochs=1", "inference.steps=8"
+    )
+    assert result.returncode == 0, result.stderr
+    names = run_folders(tmp_path / "multirun" / "default")
+    assert len(names) == 10
+    assert {n.split("_digits-")[0] for n in names} == {
+        f"{algo}_{w}_2{rc}" for w in (256, 1024) for algo, rc in
+        [("bp", ""), ("pc", ""), ("pc", "_rc2"), ("pc", "_rc3"), ("pc", "_rc23")]
+    }
+    assert sum(line.startswith("[pcsweep] skipped bp_") for line in result.stdout.splitlines()) == 6
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [("algo=foo", "algo"), ("relax=5", "relax"), ("dataset=cifar", "dataset")],
+)
+def test_unknown_choices_list_the_options(tmp_path, override, expected):
+    result = pcsweep(tmp_path, override)
+    assert result.returncode != 0
+    assert f"Could not find '{expected}/" in result.stderr and "Available options" in result.stderr
+    assert not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("width=0", "width must be > 0, got 0"),
+        ("depth=0", "depth must be >= 1, got 0"),
+        ("inference.steps=0", "inference.steps must be >= 1, got 0"),
+        ("relax.update_every=0", "relax.update_every must be null or in [1, inference.steps=256], got 0"),
+        ("relax.update_every=300", "relax.update_every must be null or in [1, inference.steps=256], got 300"),
+        ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
+        ("batch_size=0", "batch_size must be > 0, got 0"),
+    ],
+)
+def test_invalid_numbers_fail_in_one_line_before_training(tmp_path, override, message):
+    result = pcsweep(tmp_path, override)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"pcsweep: error: {message}"]
+    assert not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_an_invalid_job_stops_the_whole_sweep_before_any_training(tmp_path):
+    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "width=24,0")
+    assert result.returncode != 0
+    assert "width must be > 0, got 0" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tmp_path):
+    result = pcsweep(tmp_path, "-m", *SMALL, "algo=pc,bp", "inference.step_size=1e6")
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "multirun" / "default"
+    summaries = {n.split("_digits-")[0]: json.loads((sweep / n / "summary.json").read_text()) for n in run_folders(sweep)}
+    assert summaries["pc_24_3"]["status"] == "diverged" and summaries["pc_24_3"]["diverged"] is True
+    assert (sweep / summaries["pc_24_3"]["run_dir"] / "DIVERGED").is_file()
+    assert summaries["bp_24_3"]["status"] == "complete"
+    assert "diverged" in result.stdout
+
+
+def test_running_a_finished_sweep_again_trains_nothing(tmp_path):
+    first = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc")
+    assert first.returncode == 0, first.stderr
+    sweep = tmp_path / "multirun" / "default"
+    before = {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in run_folders(sweep)}
+    second = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc")
+    assert second.returncode == 0, second.stderr
+    # the default relax=none,2,3,23 applies: bp and the four pc twins, each one line
+    assert sum(line.startswith("[pcsweep] skipped") and "already complete" in line for line in second.stdout.splitlines()) == 5
+    assert "Epoch" not in second.stdout and not list(sweep.glob("*/checkpoints/*.tmp"))
+    assert {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in run_folders(sweep)} == before
+
+
+def test_a_single_bp_run_with_relax_is_skipped_as_duplicate(tmp_path):
+    result = pcsweep(tmp_path, *SMALL, "algo=bp", "relax=3")
+    assert result.returncode == 0, result.stderr
+    assert "duplicate of bp_24_3_digits" in result.stdout
+    assert not list(tmp_path.rglob("metrics.csv"))
