@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from helpers import SMALL, pcsweep
 
@@ -114,6 +115,20 @@ def test_running_a_finished_sweep_again_trains_nothing(tmp_path):
     assert sum(line.startswith("[pcsweep] skipped") and "already complete" in line for line in second.stdout.splitlines()) == 5
     assert "Epoch" not in second.stdout and not list(sweep.glob("*/checkpoints/*.tmp"))
     assert {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in run_folders(sweep)} == before
+
+
+@pytest.mark.parametrize("variance", ["neuron", "layer"])
+def test_cross_entropy_output_and_variance_options_train(tmp_path, variance):
+    result = pcsweep(tmp_path, *SMALL, "relax=23", "output_loss=ce", f"relax.variance={variance}")
+    assert result.returncode == 0, result.stderr
+    (summary_path,) = tmp_path.rglob("summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "complete" and summary["name"] == "pc_24_3_rc23"
+    assert summary["config"]["output_loss"] == "ce" and summary["final_train_loss"] > 0
+    weights = torch.load(summary_path.parent / "weights.pt")
+    log_variances = sorted(k for k in weights if k.startswith("log_variances."))
+    assert len(log_variances) == 3  # hidden layers only: the CE output has no Gaussian variance
+    assert all(weights[k].numel() == (24 if variance == "neuron" else 1) for k in log_variances)
 
 
 def test_a_single_bp_run_with_relax_is_skipped_as_duplicate(tmp_path):

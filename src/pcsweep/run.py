@@ -154,6 +154,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         default_root_dir=run_dir,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
+    resume = f", resuming from {last.relative_to(run_dir)}" if last.is_file() else ""
+    print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})", flush=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
@@ -167,4 +169,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     if model.diverged:
         (run_dir / "DIVERGED").write_text(f"non-finite loss or energy in epoch {trainer.current_epoch}\n")
         print(f"[pcsweep] {run_dir.name}: diverged (non-finite loss or energy); marked, the sweep goes on", flush=True)
+    else:
+        print(f"[pcsweep] {run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
+              f"{summary['train_seconds']:.1f} s of training", flush=True)
     return summary
