@@ -25,6 +25,7 @@ from pcsweep.data import DatasetError, TensorDataModule, check_available, load_d
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
+from pcsweep.tracking import ResumableCSVLogger, trim_metrics
 
 FINISHED = ("complete", "diverged")
 
@@ -137,15 +138,16 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     model = build_model(cfg, dataset.num_features, dataset.num_classes)
     datamodule = TensorDataModule(dataset, cfg.batch_size, seed=cfg.seed)
     history = History()
+    # one file, rewritten after every epoch's validation (save_last alone only mirrors top-k saves)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False
+        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
     )
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=cfg.trainer.precision,
-        logger=L.pytorch.loggers.CSVLogger(run_dir, name="", version=""),
+        logger=ResumableCSVLogger(run_dir),
         callbacks=[history, checkpoints],
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
@@ -154,7 +156,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         default_root_dir=run_dir,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
-    resume = f", resuming from {last.relative_to(run_dir)}" if last.is_file() else ""
+    resume = ""
+    if last.is_file():
+        completed_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+        trim_metrics(run_dir / "metrics.csv", last_epoch=completed_epoch)
+        resume = f", resuming after epoch {completed_epoch} from {last.relative_to(run_dir)}"
     print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})", flush=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
