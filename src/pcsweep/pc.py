@@ -131,6 +131,21 @@ class BatchResult:
     energy_trace: Optional[Tensor] = None  # (T + 1,) mean energy per sample after each step, when asked for
 
 
+def _bind(params: Sequence[Tensor], stack: Optional[Tensor]) -> Tensor:
+    """Make the parameters views of one stacked tensor (values kept), so that a layer-batched product reads them in
+    place and the optimizer's in-place updates land in the stack. Re-binds whenever something (a device move, a
+    dtype cast) gave a parameter storage of its own."""
+    if stack is not None and stack.shape[0] == len(params) and all(
+        p.device == stack.device and p.dtype == stack.dtype and p.data_ptr() == stack[i].data_ptr()
+        for i, p in enumerate(params)
+    ):
+        return stack
+    stack = torch.stack([p.detach() for p in params])
+    for i, p in enumerate(params):
+        p.data = stack[i]
+    return stack
+
+
 class PCEngine:
     """Runs inference and learning for one network; buffers are allocated once per batch size and reused.
 
@@ -138,6 +153,11 @@ class PCEngine:
     updates the weights every k steps from the current activities (relaxed). ``fixed_predictions`` holds every
     prediction at its feedforward value (Rosenbaum's FixedPred), which with ``step_size=1`` and ``>= L`` steps turns
     the weight updates into BP's gradients exactly.
+
+    Speed: the hidden activities of all layers live in one (L-1, B, width) tensor and the equal-shape hidden weight
+    matrices W_2 .. W_{L-1} are views of one (L-2, width, width) stack, so each inference step is a fixed handful of
+    batched kernels (one ``baddbmm`` for all predictions, one for all feedbacks, fused elementwise work over all
+    layers) whatever the depth. The per-layer lists ``x, a, mu, fprime, e, eps, g`` are views into those stacks.
     """
 
     def __init__(
@@ -155,6 +175,12 @@ class PCEngine:
             raise ValueError(f"update_every must be in [1, steps={steps}], got {update_every}")
         if step_size <= 0:
             raise ValueError(f"inference step size must be > 0, got {step_size}")
+        hidden_sizes = set(network.sizes[1:-1])
+        if len(hidden_sizes) != 1:
+            raise ValueError(f"the hidden layers must share one width, got sizes {network.sizes}")
+        hidden_vars = [v is None for v in network.log_variances[:-1]]
+        if any(hidden_vars) and not all(hidden_vars):
+            raise ValueError("hidden layers need a log-variance each, or none at all")
         self.net = network
         self.steps = steps
         self.step_size = step_size
@@ -162,111 +188,140 @@ class PCEngine:
         self.log_variance_min = log_variance_min
         self.fixed_predictions = fixed_predictions
         self._buffers_for: Optional[tuple] = None
+        self._w_stack: Optional[Tensor] = None
+        self._b_stack: Optional[Tensor] = None
+        self._s_stack: Optional[Tensor] = None
         self.refresh_parameters()
+
+    # ----------------------------------------------------------------- parameters
+    @property
+    def _hidden_variances(self) -> bool:
+        return self.net.log_variances[0] is not None
+
+    def refresh_parameters(self) -> None:
+        """Re-derive what depends on the parameters alone; call after every optimizer step."""
+        L = self.net.num_layers
+        with torch.no_grad():
+            if L > 2:
+                self._w_stack = _bind(self.net.weights[1 : L - 1], self._w_stack)
+                self._b_stack = _bind(self.net.biases[1 : L - 1], self._b_stack)
+            if self._hidden_variances:
+                self._s_stack = _bind(self.net.log_variances[: L - 1], self._s_stack)
+                if self.log_variance_min > -math.inf:
+                    self._s_stack.clamp_(min=self.log_variance_min)
+                self._hidden_precision = torch.exp(-self._s_stack).unsqueeze(1)  # (L-1, 1, n or 1)
+            out_var = self.net.log_variances[L - 1]
+            if out_var is not None and self.log_variance_min > -math.inf:
+                out_var.clamp_(min=self.log_variance_min)
+            self._output_precision = None if out_var is None else torch.exp(-out_var)
+        self.precisions: list[Optional[Tensor]] = [
+            self._hidden_precision[l, 0] if self._hidden_variances else None for l in range(L - 1)
+        ] + [self._output_precision]
+        self._input_current = False  # a_1 = W_1 x_0 + b_1 must be recomputed
 
     # ----------------------------------------------------------------- buffers
     def _allocate(self, batch: int, like: Tensor) -> None:
         key = (batch, like.dtype, like.device)
         if self._buffers_for == key:
             return
-        sizes = self.net.sizes
-        L = self.net.num_layers
+        sizes, L = self.net.sizes, self.net.num_layers
+        H, width, n_out = L - 1, sizes[1], sizes[-1]
 
-        def new(n: int) -> Tensor:
-            return torch.empty(batch, n, dtype=like.dtype, device=like.device)
+        def new(*shape: int) -> Tensor:
+            return torch.empty(*shape, dtype=like.dtype, device=like.device)
 
-        # index l = 0..L; entries for l = 0 are unused except x[0]
-        self.x = [new(n) for n in sizes]
-        self.a = [None] + [new(n) for n in sizes[1:]]
-        self.mu = [None] + [new(n) for n in sizes[1:L]] + [None]  # output is linear: mu_L is a_L
-        self.fprime = [None] + [new(n) for n in sizes[1:L]] + [None]
-        self.e = [None] + [new(n) for n in sizes[1:]]
-        self.eps = [None] + [
-            (new(n) if self.net.log_variances[l - 1] is not None or (l == L and self.net.output_loss == "ce") else self.e[l])
-            for l, n in enumerate(sizes[1:], start=1)
-        ]
-        self.g = [None] + [new(n) for n in sizes[1:L]] + [self.eps[L]]
+        self.X, self.A, self.MU, self.FP, self.E, self.G = (new(H, batch, width) for _ in range(6))
+        self.EPS = new(H, batch, width) if self._hidden_variances else self.E
+        self.x0, self.target = new(batch, sizes[0]), new(batch, n_out)
+        self.aL, self.eL = new(batch, n_out), new(batch, n_out)
+        separate = self._output_precision is not None or self.net.output_loss == "ce"
+        self.epsL = new(batch, n_out) if separate else self.eL
+        # per-layer views, indexed by l = 0..L as in the equations
+        hidden = lambda stack: [None] + [stack[l] for l in range(H)]
+        self.x = [self.x0] + [self.X[l] for l in range(H)] + [self.target]
+        self.a = hidden(self.A) + [self.aL]
+        self.mu = hidden(self.MU) + [None]  # the output is linear: mu_L is a_L
+        self.fprime = hidden(self.FP) + [None]
+        self.e = hidden(self.E) + [self.eL]
+        self.eps = hidden(self.EPS) + [self.epsL]
+        self.g = hidden(self.G) + [self.epsL]
         self._buffers_for = key
-
-    def refresh_parameters(self) -> None:
-        """Re-derive what depends on the parameters alone; call after every optimizer step."""
-        self.precisions: list[Optional[Tensor]] = []
-        with torch.no_grad():
-            for log_s in self.net.log_variances:
-                if log_s is None:
-                    self.precisions.append(None)
-                else:
-                    if self.log_variance_min > -math.inf:
-                        log_s.clamp_(min=self.log_variance_min)
-                    self.precisions.append(torch.exp(-log_s))
-        self._input_current = False  # a_1 = W_1 x_0 + b_1 must be recomputed
 
     # ----------------------------------------------------------------- the loop
     @torch.no_grad()
-    def _predict(self, l: int) -> None:
-        """a_l and mu_l, f'(a_l) from the current activities below."""
-        L = self.net.num_layers
-        W, b = self.net.weights[l - 1], self.net.biases[l - 1]
-        if l > 1 or not self._input_current:
-            torch.addmm(b, self.x[l - 1], W.t(), out=self.a[l])
-            if l == 1:
-                self._input_current = True
-        if l < L:
-            act = self.net.activation
-            act.forward(self.a[l], self.mu[l])
-            act.derivative(self.a[l], self.mu[l], self.fprime[l])
+    def _predict(self) -> None:
+        """a_l, mu_l and f'(a_l) for every layer from the current activities."""
+        W, b = self.net.weights, self.net.biases
+        if not self._input_current:  # x_0 is clamped: a_1 changes only with W_1, b_1
+            torch.addmm(b[0], self.x0, W[0].t(), out=self.A[0])
+            self._input_current = True
+        if self._w_stack is not None:
+            torch.baddbmm(self._b_stack.unsqueeze(1), self.X[:-1], self._w_stack.transpose(1, 2), out=self.A[1:])
+        torch.addmm(b[-1], self.X[-1], W[-1].t(), out=self.aL)
+        act = self.net.activation
+        act.forward(self.A, self.MU)
+        act.derivative(self.A, self.MU, self.FP)
 
     @torch.no_grad()
     def compute_errors(self, predict: bool = True) -> None:
         """e_l, eps_l and g_l for every layer at the current activities (and predictions, unless FixedPred)."""
-        L = self.net.num_layers
-        for l in range(1, L + 1):
-            if predict:
-                self._predict(l)
-            prec = self.precisions[l - 1]
-            if l < L:
-                torch.sub(self.x[l], self.mu[l], out=self.e[l])
-                if prec is not None:
-                    torch.mul(self.e[l], prec, out=self.eps[l])
-                torch.mul(self.fprime[l], self.eps[l], out=self.g[l])
-            elif self.net.output_loss == "mse":
-                torch.sub(self.x[L], self.a[L], out=self.e[L])
-                if prec is not None:
-                    torch.mul(self.e[L], prec, out=self.eps[L])
-            else:  # cross-entropy: eps_L = onehot - softmax(a_L); e_L keeps the same (no variance)
-                torch.softmax(self.a[L], dim=1, out=self.eps[L])
-                torch.sub(self.x[L], self.eps[L], out=self.eps[L])
-                self.e[L].copy_(self.eps[L])
+        if predict:
+            self._predict()
+        torch.sub(self.X, self.MU, out=self.E)
+        if self._hidden_variances:
+            torch.mul(self.E, self._hidden_precision, out=self.EPS)
+        torch.mul(self.FP, self.EPS, out=self.G)
+        if self.net.output_loss == "mse":
+            torch.sub(self.target, self.aL, out=self.eL)
+            if self._output_precision is not None:
+                torch.mul(self.eL, self._output_precision, out=self.epsL)
+        else:  # cross-entropy: eps_L = onehot - softmax(a_L); e_L keeps the same (no variance)
+            torch.softmax(self.aL, dim=1, out=self.epsL)
+            torch.sub(self.target, self.epsL, out=self.epsL)
+            self.eL.copy_(self.epsL)
 
     @torch.no_grad()
     def inference_step(self) -> None:
-        """One Jacobi step of gradient descent on the hidden activities (errors must be current)."""
+        """One Jacobi step of gradient descent on all hidden activities at once (errors must be current)."""
         gamma = self.step_size
-        L = self.net.num_layers
-        for l in range(1, L):
-            self.x[l].add_(self.eps[l], alpha=-gamma)
-            self.x[l].addmm_(self.g[l + 1], self.net.weights[l], alpha=gamma)
+        self.X.add_(self.EPS, alpha=-gamma)
+        if self._w_stack is not None:
+            self.X[:-1].baddbmm_(self.G[1:], self._w_stack, alpha=gamma)
+        self.X[-1].addmm_(self.epsL, self.net.weights[-1], alpha=gamma)
 
     @torch.no_grad()
     def energy(self) -> Tensor:
         """Mean energy per sample at the current errors (a 0-d tensor, no host sync)."""
-        L = self.net.num_layers
-        B = self.x[0].shape[0]
-        total = torch.zeros((), dtype=self.x[0].dtype, device=self.x[0].device)
-        for l in range(1, L + 1):
-            if l == L and self.net.output_loss == "ce":
-                logp = torch.log_softmax(self.a[L], dim=1)
-                total = total - (self.x[L] * logp).sum() / B
-                continue
-            prec = self.precisions[l - 1]
-            if prec is None:
-                total = total + 0.5 * self.e[l].pow(2).sum() / B
-            else:
-                log_s = self.net.log_variances[l - 1]
-                n = self.e[l].shape[1]
-                total = total + 0.5 * (self.e[l].pow(2) * prec).sum() / B
-                total = total + 0.5 * log_s.expand(n).sum()
-        return total
+        L, B = self.net.num_layers, self.X.shape[1]
+        if self._hidden_variances:
+            hidden = 0.5 * (self.E.pow(2) * self._hidden_precision).sum() / B
+            hidden = hidden + 0.5 * self._s_stack.expand(L - 1, self.X.shape[2]).sum()
+        else:
+            hidden = 0.5 * self.E.pow(2).sum() / B
+        if self.net.output_loss == "ce":
+            return hidden - (self.target * torch.log_softmax(self.aL, dim=1)).sum() / B
+        if self._output_precision is None:
+            return hidden + 0.5 * self.eL.pow(2).sum() / B
+        log_s = self.net.log_variances[L - 1]
+        output = 0.5 * (self.eL.pow(2) * self._output_precision).sum() / B
+        return hidden + output + 0.5 * log_s.expand(self.eL.shape[1]).sum()
+
+    def _grad_stack(self, params: Sequence[Tensor], name: str) -> Tensor:
+        """A stacked gradient buffer whose slices are the parameters' ``.grad`` (rebuilt if anyone replaced them)."""
+        stack = getattr(self, name, None)
+        if stack is None or stack.shape[1:] != params[0].shape or stack.device != params[0].device or stack.dtype != params[0].dtype:
+            stack = torch.zeros(len(params), *params[0].shape, dtype=params[0].dtype, device=params[0].device)
+            setattr(self, name, stack)
+        for i, p in enumerate(params):
+            if p.grad is None or p.grad.data_ptr() != stack[i].data_ptr():
+                p.grad = stack[i]
+        return stack
+
+    @staticmethod
+    def _grad(p: Tensor) -> Tensor:
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        return p.grad
 
     @torch.no_grad()
     def weight_gradients(self) -> list[Tensor]:
@@ -274,40 +329,47 @@ class PCEngine:
 
         Returns the gradients in the order of ``Network.parameters()``.
         """
-        L = self.net.num_layers
-        B = self.x[0].shape[0]
-        for l in range(1, L + 1):
-            W, b = self.net.weights[l - 1], self.net.biases[l - 1]
-            for p in (W, b):
-                if p.grad is None:
-                    p.grad = torch.empty_like(p)
-            # FixedPred pairs each error with the feedforward activity below it, as backprop does
-            presynaptic = self.mu[l - 1] if self.fixed_predictions and l > 1 else self.x[l - 1]
-            torch.addmm(W.grad, self.g[l].t(), presynaptic, beta=0.0, alpha=-1.0 / B, out=W.grad)
-            torch.sum(self.g[l], dim=0, out=b.grad).mul_(-1.0 / B)
-            log_s = self.net.log_variances[l - 1]
-            if log_s is not None:
-                # mean_b 0.5 * (1 - e^2 / S), summed over the neurons that share one log S
-                per_neuron = 0.5 - 0.5 * (self.e[l].pow(2).mean(dim=0) * self.precisions[l - 1])
-                grad = per_neuron.sum().reshape(log_s.shape) if log_s.numel() == 1 else per_neuron.reshape(log_s.shape)
-                if log_s.grad is None:
-                    log_s.grad = grad.clone()
-                else:
-                    log_s.grad.copy_(grad)
+        L, B = self.net.num_layers, self.X.shape[1]
+        W, b = self.net.weights, self.net.biases
+        scale = -1.0 / B
+        # FixedPred pairs each error with the feedforward activity below it, as backprop does
+        below = self.MU if self.fixed_predictions else self.X
+        torch.addmm(self._grad(W[0]), self.G[0].t(), self.x0, beta=0.0, alpha=scale, out=W[0].grad)
+        torch.sum(self.G[0], dim=0, out=self._grad(b[0])).mul_(scale)
+        if self._w_stack is not None:
+            gw = self._grad_stack(W[1 : L - 1], "_w_grad")
+            torch.baddbmm(gw, self.G[1:].transpose(1, 2), below[:-1], beta=0.0, alpha=scale, out=gw)
+            torch.sum(self.G[1:], dim=1, out=self._grad_stack(b[1 : L - 1], "_b_grad")).mul_(scale)
+        torch.addmm(self._grad(W[-1]), self.epsL.t(), below[-1], beta=0.0, alpha=scale, out=W[-1].grad)
+        torch.sum(self.epsL, dim=0, out=self._grad(b[-1])).mul_(scale)
+        if self._hidden_variances:
+            gs = self._grad_stack(self.net.log_variances[: L - 1], "_s_grad")
+            # mean_b 0.5 * (1 - e^2 / S), summed over the neurons that share one log S
+            per_neuron = 0.5 - 0.5 * self.E.pow(2).mean(dim=1) * self._hidden_precision.squeeze(1)
+            gs.copy_(per_neuron if gs.shape[-1] == per_neuron.shape[-1] else per_neuron.sum(-1, keepdim=True))
+        out_var = self.net.log_variances[L - 1]
+        if out_var is not None:
+            per_neuron = 0.5 - 0.5 * self.eL.pow(2).mean(dim=0) * self._output_precision
+            self._grad(out_var).copy_(per_neuron.sum().reshape(out_var.shape) if out_var.numel() == 1 else per_neuron)
         return [p.grad for p in self.net.parameters()]
 
     @torch.no_grad()
     def feedforward_init(self, inputs: Tensor, target: Tensor) -> None:
         """x_l <- mu_l for every layer, then clamp x_L to the target. Hidden errors are now exactly zero."""
         self._allocate(inputs.shape[0], inputs)
-        self.x[0].copy_(inputs)
-        self._input_current = False
-        L = self.net.num_layers
-        for l in range(1, L + 1):
-            self._predict(l)
-            if l < L:
-                self.x[l].copy_(self.mu[l])
-        self.x[L].copy_(target)
+        self.refresh_parameters()  # cheap; catches parameters moved, cast or reloaded since the last batch
+        self.x0.copy_(inputs)
+        self.target.copy_(target)
+        W, b, act = self.net.weights, self.net.biases, self.net.activation
+        torch.addmm(b[0], self.x0, W[0].t(), out=self.A[0])
+        self._input_current = True
+        for l in range(self.net.num_layers - 1):  # sequential: each layer needs the one below
+            if l > 0:
+                torch.addmm(b[l], self.X[l - 1], W[l].t(), out=self.A[l])
+            act.forward(self.A[l], self.MU[l])
+            self.X[l].copy_(self.MU[l])
+        act.derivative(self.A, self.MU, self.FP)
+        torch.addmm(b[-1], self.X[-1], W[-1].t(), out=self.aL)
 
     def train_batch(
         self,
