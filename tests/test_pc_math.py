@@ -9,7 +9,14 @@ from pcsweep import reference as ref
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -192,3 +199,40 @@ def test_log_variance_floor_is_enforced():
     engine = PCEngine(net, steps=2, step_size=0.1, log_variance_min=-2.0)
     assert log_vars[0].min().item() == -2.0
     assert torch.allclose(engine.precisions[0], torch.exp(torch.tensor(2.0)).expand_as(engine.precisions[0]))
+
+
+@pytest.mark.parametrize("update_every", [None, 8])
+def test_inference_tolerance_stops_early_and_still_updates(update_every):
+    _, _, net = make_net(depth=4)
+    x, y = batch(size=16)
+    full = PCEngine(copy.deepcopy(net), steps=400, step_size=0.1, update_every=update_every)
+    early = PCEngine(net, steps=400, step_size=0.1, update_every=update_every, tolerance=1e-3, check_every=8)
+    assert full.train_batch(x, y, apply_update=lambda: None).steps_used == 400
+    updates = []
+    result = early.train_batch(x, y, apply_update=lambda: updates.append(1), trace_energy=True)
+    assert result.steps_used < 400 and result.steps_used % 8 == 0
+    assert len(result.energy_trace) == result.steps_used + 1 and len(updates) == result.updates >= 1
+    trace = result.energy_trace
+    last, before = trace[-1].item(), trace[-9].item()
+    assert abs(before - last) <= 1e-3 * abs(before)  # it stopped because the energy had settled ...
+    assert abs(trace[-17].item() - before) > 1e-3 * abs(trace[-17].item())  # ... and not a check earlier
+
+
+@pytest.mark.parametrize("twin", [(None, None), (4, None), (None, "neuron"), (4, "neuron")])
+def test_engine_equals_reference_in_float32(twin):
+    """float32 runs of the same algorithm differ by rounding only (relative 1e-4 on every parameter)."""
+    update_every, variance = twin
+    _, _, net64 = make_net(variance)
+    net = copy.deepcopy(net64)
+    for p in net.parameters():
+        p.data = p.data.float()
+    ref_net = copy.deepcopy(net)
+    x, y = (t.float() for t in batch())
+    for impl, network in ((PCEngine, net), (ref.AutogradPC, ref_net)):
+        opt = torch.optim.SGD(network.parameters(), lr=0.05)
+        engine = impl(network, steps=16, step_size=0.1, update_every=update_every)
+        for _ in range(2):
+            engine.train_batch(x, y, apply_update=opt.step)
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        assert a.dtype == torch.float32
+        assert rel(a.detach().double(), b.detach().double()) <= 1e-5

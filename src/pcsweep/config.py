@@ -54,6 +54,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.algo.name == "pc":
         _positive(cfg, "inference.steps", 1, strict=False)
         _positive(cfg, "inference.step_size")
+        _positive(cfg, "inference.check_every", 1, strict=False)
+        if cfg.inference.tolerance is not None:
+            _positive(cfg, "inference.tolerance")
         k, steps = cfg.relax.update_every, cfg.inference.steps
         if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= steps):
             raise ConfigError(f"relax.update_every must be null or in [1, inference.steps={steps}], got {k!r}")

@@ -42,9 +42,10 @@ class TwinModule(L.LightningModule):
         self.variance_weight_decay = variance_weight_decay
         self.log_variances: Optional[torch.nn.ParameterList] = None
         num_classes = mlp.sizes[-1]
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss = MeanMetric()
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # per-epoch training means; updated every batch, logged once per epoch (self.log per batch is costly)
+        self.train_means = torch.nn.ModuleDict({"loss": MeanMetric()})
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.diverged = False
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -68,19 +69,26 @@ class TwinModule(L.LightningModule):
             self.diverged = True
             self.trainer.should_stop = True
 
-    def log_train(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
-        self.train_acc(logits, labels)
-        self.train_loss(loss.detach())
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+    def record_train(self, batch_idx: int, loss: Tensor, logits: Tensor, labels: Tensor, **means: Tensor) -> None:
+        """Accumulate this batch into the epoch's means; log the step loss every ``log_every_n_steps`` batches."""
+        self.train_acc.update(logits, labels)
+        self.train_means["loss"].update(loss.detach())
+        for name, value in means.items():
+            self.train_means[name].update(value.detach())
+        if batch_idx % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     def epoch_train_metrics(self) -> dict[str, float]:
-        """This epoch's training means so far (read before Lightning resets them at the epoch's end)."""
-        metrics = {"train_loss": self.train_loss, "train_acc": self.train_acc}
-        if hasattr(self, "train_energy"):
-            metrics["train_energy"] = self.train_energy
+        """This epoch's training means so far (``train_loss``, ``train_acc``, ...): what ``on_train_epoch_end`` logs."""
+        metrics = {f"train_{name}": m for name, m in self.train_means.items()}
+        metrics["train_acc"] = self.train_acc
         return {name: float(m.compute()) for name, m in metrics.items() if m.update_count > 0}
+
+    def on_train_epoch_end(self) -> None:
+        values = self.epoch_train_metrics()
+        self.log_dict({f"train/{name[len('train_'):]}": value for name, value in values.items()}, on_epoch=True)
+        for metric in [self.train_acc, *self.train_means.values()]:
+            metric.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, labels = batch
@@ -103,7 +111,7 @@ class BPModule(TwinModule):
         self.check_finite(loss)
         if self.diverged:
             return None  # skips the optimizer step
-        self.log_train(loss, logits, labels)
+        self.record_train(batch_idx, loss, logits, labels)
         return loss
 
 
@@ -122,6 +130,8 @@ class PCModule(TwinModule):
         update_every: Optional[int] = None,
         variance: str = "fixed",
         log_variance_min: float = -math.inf,
+        inference_tolerance: Optional[float] = None,
+        inference_check_every: int = 8,
     ) -> None:
         super().__init__(mlp, optimizer, output_loss, weight_decay, variance_weight_decay)
         self.automatic_optimization = False
@@ -133,8 +143,12 @@ class PCModule(TwinModule):
             step_size=inference_step_size,
             update_every=update_every,
             log_variance_min=log_variance_min,
+            tolerance=inference_tolerance,
+            check_every=inference_check_every,
         )
-        self.train_energy = MeanMetric()
+        self.train_means["energy"] = MeanMetric()  # after the last inference step: did inference converge?
+        self.train_means["energy_start"] = MeanMetric()  # right after the output is clamped
+        self.train_means["inference_steps"] = MeanMetric()  # T, or fewer with an inference tolerance
 
     def on_fit_start(self) -> None:
         self.engine.refresh_parameters()  # after a checkpoint restore or a device move
@@ -146,7 +160,6 @@ class PCModule(TwinModule):
         self.check_finite(result.loss, result.energy_end)
         if self.diverged:
             return
-        self.log_train(result.loss, result.logits, labels)
-        self.train_energy(result.energy_end)
-        self.log("train/energy_start", result.energy_start, on_step=False, on_epoch=True)
-        self.log("train/energy", self.train_energy, on_step=False, on_epoch=True)
+        self.record_train(batch_idx, result.loss, result.logits, labels,
+                          energy=result.energy_end, energy_start=result.energy_start,
+                          inference_steps=torch.tensor(float(result.steps_used)))

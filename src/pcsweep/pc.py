@@ -49,7 +49,7 @@ ACTIVATIONS: dict[str, Activation] = {
         "tanh",
         torch.tanh,
         lambda a, out: torch.tanh(a, out=out),
-        lambda a, fa, out: torch.addcmul(torch.ones_like(fa[:1]), fa, fa, value=-1.0, out=out),
+        lambda a, fa, out: torch.addcmul(out.fill_(1.0), fa, fa, value=-1.0, out=out),
     ),
     "sigmoid": Activation(
         "sigmoid",
@@ -129,6 +129,7 @@ class BatchResult:
     energy_end: Tensor  # mean energy per sample after the last inference step (before the last weight update)
     updates: int  # weight updates applied
     energy_trace: Optional[Tensor] = None  # (T + 1,) mean energy per sample after each step, when asked for
+    steps_used: int = 0  # inference steps run (fewer than T only when a tolerance stopped inference early)
 
 
 def _bind(params: Sequence[Tensor], stack: Optional[Tensor]) -> Tensor:
@@ -152,7 +153,8 @@ class PCEngine:
     ``update_every=None`` is condition 2 enforced (one weight update after ``steps`` inference steps); an integer k
     updates the weights every k steps from the current activities (relaxed). ``fixed_predictions`` holds every
     prediction at its feedforward value (Rosenbaum's FixedPred), which with ``step_size=1`` and ``>= L`` steps turns
-    the weight updates into BP's gradients exactly.
+    the weight updates into BP's gradients exactly. ``tolerance`` (off by default: the paper's condition 2 is a fixed
+    T) ends inference early once the energy stops changing.
 
     Speed: the hidden activities of all layers live in one (L-1, B, width) tensor and the equal-shape hidden weight
     matrices W_2 .. W_{L-1} are views of one (L-2, width, width) stack, so each inference step is a fixed handful of
@@ -168,6 +170,8 @@ class PCEngine:
         update_every: Optional[int] = None,
         log_variance_min: float = -math.inf,
         fixed_predictions: bool = False,
+        tolerance: Optional[float] = None,
+        check_every: int = 8,
     ) -> None:
         if steps < 1:
             raise ValueError(f"inference steps must be >= 1, got {steps}")
@@ -187,6 +191,11 @@ class PCEngine:
         self.update_every = update_every
         self.log_variance_min = log_variance_min
         self.fixed_predictions = fixed_predictions
+        if tolerance is not None and not tolerance > 0:
+            raise ValueError(f"inference tolerance must be > 0 or None, got {tolerance}")
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.tolerance, self.check_every = tolerance, check_every
         self._buffers_for: Optional[tuple] = None
         self._w_stack: Optional[Tensor] = None
         self._b_stack: Optional[Tensor] = None
@@ -381,29 +390,40 @@ class PCEngine:
         """Feedforward init, clamp, ``steps`` inference steps with weight updates on schedule.
 
         ``apply_update`` is called after the gradients are written to ``.grad`` (typically ``optimizer.step``).
+        With a ``tolerance``, inference ends early once the energy's relative change over ``check_every`` steps falls
+        below it (one host sync per check); a last weight update is then made from the converged activities.
         """
         self.feedforward_init(inputs, target)
         self.compute_errors(predict=False)  # predictions are current from the feedforward pass
-        logits = self.a[self.net.num_layers].clone()
+        logits = self.aL.clone()
         loss = output_loss(logits, target, self.net.output_loss)
         energy_start = self.energy()
         trace = [energy_start] if trace_energy else None
         every = self.update_every or self.steps
-        updates = 0
+        updates, steps_used, last_checked = 0, self.steps, energy_start
+        energy_end = energy_start
         for t in range(1, self.steps + 1):
             self.inference_step()
             self.compute_errors(predict=not self.fixed_predictions)
             if trace is not None:
                 trace.append(self.energy())
-            if t == self.steps:  # before the last weight update changes the parameters it depends on
+            converged = False
+            if self.tolerance is not None and t % self.check_every == 0 and t < self.steps:
+                current = trace[-1] if trace is not None else self.energy()
+                converged = bool((last_checked - current).abs() <= self.tolerance * last_checked.abs())
+                last_checked = current
+            if t == self.steps or converged:  # before the last weight update changes what the energy depends on
                 energy_end = trace[-1] if trace is not None else self.energy()
-            if t % every == 0:
+            if t % every == 0 or converged:
                 self.weight_gradients()
                 apply_update()
                 self.refresh_parameters()
                 updates += 1
-                if t < self.steps:
+                if t < self.steps and not converged:
                     self.compute_errors(predict=not self.fixed_predictions)
+            if converged:
+                steps_used = t
+                break
         return BatchResult(
             loss=loss,
             logits=logits,
@@ -411,4 +431,5 @@ class PCEngine:
             energy_end=energy_end,
             updates=updates,
             energy_trace=torch.stack(trace) if trace is not None else None,
+            steps_used=steps_used,
         )

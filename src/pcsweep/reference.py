@@ -83,4 +83,4 @@ class AutogradPC:
                         p.grad = g
                     apply_update()
                     updates += 1
-        return BatchResult(loss, logits, energy_start, energy_end, updates)
+        return BatchResult(loss, logits, energy_start, energy_end, updates, steps_used=self.steps)

@@ -73,6 +73,8 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
         **common,
         inference_steps=cfg.inference.steps,
         inference_step_size=cfg.inference.step_size,
+        inference_tolerance=cfg.inference.tolerance,
+        inference_check_every=cfg.inference.check_every,
         update_every=cfg.relax.update_every,
         variance=cfg.relax.variance,
         log_variance_min=cfg.relax.log_variance_min,

@@ -1,0 +1,322 @@
+"""``python -m pcsweep.bench``: how fast PC trains here, against the floor, the reference and the pipeline, in one run.
+
+For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses;
+the matmul floor (exactly the products that batch needs, ``torch.mm`` into preallocated tensors, timed alone in
+this run) and the efficiency floor/actual; the PC/BP time ratio beside the FLOP ratio; the speedup over the plain
+autograd implementation of the same energy (``pcsweep.reference``); and the pipeline's cost (one epoch through the
+Lightning module versus the raw engine on the same batches). Speed claims are ratios measured in the same run; the
+absolute numbers are for comparing machines (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.pc import PCEngine, output_loss
+from pcsweep.reference import AutogradPC
+
+TWINS = {  # name -> (update every k?, trainable variance?)
+    "pc": (False, False),
+    "pc_rc2": (True, False),
+    "pc_rc3": (False, True),
+    "pc_rc23": (True, True),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Setup:
+    width: int
+    depth: int
+    batch: int
+    steps: int
+    every: int
+    n_in: int
+    n_out: int
+    device: torch.device
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.n_in] + [self.width] * self.depth + [self.n_out]
+
+
+def make_batch(setup: Setup, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(setup.batch, setup.n_in, generator=gen)
+    y = F.one_hot(torch.randint(0, setup.n_out, (setup.batch,), generator=gen), setup.n_out).float()
+    return x.to(setup.device), y.to(setup.device)
+
+
+def make_twin(setup: Setup, twin: str, seed: int = 0):
+    """(mlp, log_variances, network, update_every) for one twin, on the device."""
+    every, variance = TWINS[twin]
+    torch.manual_seed(seed)
+    mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out).to(setup.device)
+    log_vars = make_log_variances(mlp.sizes, "neuron", "mse").to(setup.device) if variance else None
+    return mlp, log_vars, mlp.as_pc_network(list(log_vars) if log_vars else None, "mse"), (setup.every if every else None)
+
+
+def sgd(mlp, log_vars, lr: float = 1e-3) -> torch.optim.Optimizer:
+    params = list(mlp.parameters()) + (list(log_vars) if log_vars is not None else [])
+    return torch.optim.SGD(params, lr=lr)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs and floor
+def matmul_shapes(setup: Setup, updates: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every product one PC training batch needs, as the engine schedules them.
+
+    Feedforward: every layer once. Each step: predictions of layers 2..L (x_0 is clamped, so W_1 x_0 is reused
+    until W_1 changes) and feedbacks into layers 1..L-1 (W_1^T is never needed). Each update: the L weight
+    gradients, then the predictions again (the weights changed), W_1 x_0 included unless it was the last step.
+    """
+    s, B = setup.sizes, setup.batch
+    L = len(s) - 1
+    forward_all = [(B, s[l - 1], s[l]) for l in range(1, L + 1)]
+    forward_step = forward_all[1:]
+    feedback = [(B, s[l + 1], s[l]) for l in range(1, L)]
+    grads = [(s[l], B, s[l - 1]) for l in range(1, L + 1)]
+    shapes = forward_all + setup.steps * (forward_step + feedback) + updates * grads
+    shapes += (updates - 1) * forward_all  # re-predict after every update but the last
+    return shapes
+
+
+def flops(shapes: list[tuple[int, int, int]]) -> float:
+    return float(sum(2 * m * k * n for m, k, n in shapes))
+
+
+def bp_flops(setup: Setup) -> float:
+    s, B = setup.sizes, setup.batch
+    fwd = sum(2 * B * a * b for a, b in zip(s[:-1], s[1:]))
+    first = 2 * B * s[0] * s[1]
+    return fwd + (2 * fwd - first)  # backward: weight grads for all, input grads for all but the first layer
+
+
+def matmul_floor(shapes: list[tuple[int, int, int]], device: torch.device, repeats: int) -> float:
+    """Time exactly these products with torch.mm into preallocated outputs, nothing else."""
+    distinct = {}
+    for shape in shapes:
+        distinct[shape] = distinct.get(shape, 0) + 1
+    total = 0.0
+    for (m, k, n), count in distinct.items():
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        out = torch.empty(m, n, device=device)
+        reps = max(5, min(200, int(2e8 / (2 * m * k * n))))
+
+        def run(a=a, b=b, out=out, reps=reps):
+            for _ in range(reps):
+                torch.mm(a, b, out=out)
+
+        total += count * median_seconds(run, device, repeats) / reps
+    return total
+
+
+def best_matmul_rate(device: torch.device, quick: bool) -> tuple[float, str]:
+    """The best GFLOP/s torch.mm reaches here over a few shapes (square and the engine's skinny ones)."""
+    shapes = [(1024, 1024, 1024), (64, 1024, 1024), (512, 1024, 1024)] + ([] if quick else [(2048, 2048, 2048)])
+    best, best_shape = 0.0, ""
+    for m, k, n in shapes:
+        a, b, out = torch.randn(m, k, device=device), torch.randn(k, n, device=device), torch.empty(m, n, device=device)
+        seconds = median_seconds(lambda: torch.mm(a, b, out=out), device, 5 if quick else 11)
+        rate = 2 * m * k * n / seconds / 1e9
+        if rate > best:
+            best, best_shape = rate, f"{m}x{k}x{n}"
+    return best, best_shape
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+def time_engine(setup: Setup, twin: str, repeats: int) -> tuple[float, int]:
+    mlp, log_vars, net, every = make_twin(setup, twin)
+    engine = PCEngine(net, steps=setup.steps, step_size=0.05, update_every=every, log_variance_min=-2.0)
+    opt = sgd(mlp, log_vars)
+    x, y = make_batch(setup)
+    result = engine.train_batch(x, y, opt.step)
+    return median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats), result.updates
+
+
+def time_reference(setup: Setup, twin: str, repeats: int) -> float:
+    mlp, log_vars, net, every = make_twin(setup, twin)
+    engine = AutogradPC(net, steps=setup.steps, step_size=0.05, update_every=every)
+    opt = sgd(mlp, log_vars)
+    x, y = make_batch(setup)
+    return median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats, warmup=1)
+
+
+def time_bp(setup: Setup, repeats: int) -> float:
+    mlp, log_vars, _, _ = make_twin(setup, "pc")
+    opt = sgd(mlp, None)
+    x, y = make_batch(setup)
+
+    def step():
+        opt.zero_grad()
+        output_loss(mlp(x), y, "mse").backward()
+        opt.step()
+
+    return median_seconds(step, setup.device, repeats * 5, warmup=3)
+
+
+def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float]:
+    """One epoch of ``batches`` batches: through the Lightning PC module, and through the raw engine."""
+    import lightning as L
+
+    from pcsweep.data import Dataset, Split, TensorBatches, TensorDataModule
+    from pcsweep.models import PCModule
+    from pcsweep.run import quiet_lightning
+
+    quiet_lightning()
+
+    n = batches * setup.batch
+    gen = torch.Generator().manual_seed(1)
+    split = Split(torch.rand(n, setup.n_in, generator=gen), torch.randint(0, setup.n_out, (n,), generator=gen))
+    dataset = Dataset("bench", split, Split(split.inputs[: setup.batch], split.labels[: setup.batch]), setup.n_out)
+    every, variance = TWINS[twin]
+
+    def module() -> PCModule:
+        torch.manual_seed(0)
+        mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out)
+        return PCModule(mlp, optimizer=lambda params: torch.optim.SGD(params, lr=1e-3), inference_steps=setup.steps,
+                        inference_step_size=0.05, update_every=setup.every if every else None,
+                        variance="neuron" if variance else "fixed", log_variance_min=-2.0)
+
+    class EpochClock(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            _sync(setup.device)
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            _sync(setup.device)
+            self.seconds = time.perf_counter() - self.start
+
+    clock = EpochClock()
+    trainer = L.Trainer(max_epochs=1, accelerator=setup.device.type, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock])
+    trainer.fit(module(), datamodule=TensorDataModule(dataset, setup.batch, seed=0))
+    lightning_seconds = clock.seconds
+
+    raw = module().to(setup.device)
+    opt = torch.optim.SGD(raw.configure_optimizers().param_groups, lr=1e-3)
+    batches_on_device = TensorBatches(split.to(setup.device), setup.batch, shuffle=True, seed=0)
+    one_hot = lambda labels: F.one_hot(labels, setup.n_out).float()
+    _sync(setup.device)
+    start = time.perf_counter()
+    for inputs, labels in batches_on_device:
+        raw.engine.train_batch(inputs, one_hot(labels), opt.step)
+    _sync(setup.device)
+    return lightning_seconds, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else args.repeats
+    rate, rate_shape = best_matmul_rate(device, args.quick)
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "device": str(device), "threads": torch.get_num_threads(),
+                    "best_matmul_gflops": rate, "best_matmul_shape": rate_shape},
+        "settings": {k: getattr(args, k) for k in ("widths", "depth", "batch", "steps", "every", "input", "quick")},
+        "widths": {},
+    }
+    print(f"pcsweep.bench  torch {torch.__version__}  {device}  {torch.get_num_threads()} threads  "
+          f"best torch.mm rate {rate:.0f} GFLOP/s ({rate_shape})")
+    print(f"MLP {args.input} -> {args.depth} x width -> 10, batch {args.batch}, T = {args.steps}, relax 2 every "
+          f"{args.every}, float32, SGD; median of {repeats}\n")
+    header = (f"{'model':<16}{'ms/batch':>10}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}{'PC/BP time':>11}"
+              f"{'PC/BP FLOP':>11}{'vs autograd':>12}")
+    for width in args.widths:
+        setup = Setup(width, args.depth, args.batch, args.steps, args.every, args.input, 10, device)
+        bp_seconds = time_bp(setup, repeats)
+        entry = {"bp_ms": bp_seconds * 1e3, "bp_gflop": bp_flops(setup) / 1e9, "twins": {}}
+        print(f"width {width}: bp {bp_seconds * 1e3:.2f} ms/batch")
+        print(header)
+        for twin in args.twins:
+            seconds, updates = time_engine(setup, twin, repeats)
+            shapes = matmul_shapes(setup, updates)
+            floor = matmul_floor(shapes, device, 3 if args.quick else 5)
+            ref_seconds = time_reference(setup, twin, 1 if args.quick else 2) if not args.no_reference else math.nan
+            work = flops(shapes)
+            row = {
+                "ms_per_batch": seconds * 1e3, "floor_ms": floor * 1e3, "efficiency": floor / seconds,
+                "gflops": work / seconds / 1e9, "updates": updates, "pc_bp_time": seconds / bp_seconds,
+                "pc_bp_flops": work / bp_flops(setup), "reference_ms": ref_seconds * 1e3,
+                "speedup_vs_autograd": ref_seconds / seconds,
+            }
+            entry["twins"][twin] = row
+            speedup = f"{row['speedup_vs_autograd']:>11.2f}x" if not math.isnan(ref_seconds) else f"{'-':>12}"
+            print(f"{twin + '_' + str(width) + '_' + str(args.depth):<16}{row['ms_per_batch']:>10.1f}"
+                  f"{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
+                  f"{row['pc_bp_time']:>10.0f}x{row['pc_bp_flops']:>10.0f}x{speedup}")
+        if not args.no_pipeline:
+            twin = args.twins[0]
+            lightning_s, raw_s = time_pipeline(setup, twin, args.pipeline_batches)
+            entry["pipeline"] = {"twin": twin, "batches": args.pipeline_batches, "lightning_s": lightning_s,
+                                 "raw_s": raw_s, "overhead": lightning_s / raw_s - 1}
+            print(f"pipeline ({twin}, {args.pipeline_batches} batches): Lightning epoch {lightning_s:.2f} s, raw engine "
+                  f"{raw_s:.2f} s, overhead {100 * (lightning_s / raw_s - 1):+.1f}%")
+        print()
+        report["widths"][str(width)] = entry
+    return report
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pcsweep.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--depth", type=int, default=8, help="hidden layers")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=64, help="inference steps T")
+    parser.add_argument("--every", type=int, default=8, help="relax 2: a weight update every k steps")
+    parser.add_argument("--input", type=int, default=784, help="input features (784: MNIST)")
+    parser.add_argument("--twins", nargs="+", default=list(TWINS), choices=list(TWINS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--pipeline-batches", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke test")
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) autograd reference")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the Lightning pipeline measurement")
+    parser.add_argument("--json", help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"results written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
