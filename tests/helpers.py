@@ -13,6 +13,7 @@ SMALL = ["width=24", "depth=3", "epochs=2", "inference.steps=16", "batch_size=12
 
 def pcsweep(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v != ""}  # "" in ``env`` unsets a variable
     return subprocess.run(
         [sys.executable, "-m", "pcsweep", *args],
         cwd=cwd,

@@ -19,7 +19,7 @@ from pcsweep.pc import ACTIVATIONS, OUTPUT_LOSSES
 
 # Top-level keys that never change a run's numbers: left out of its identity.
 NOT_IDENTITY = ("hydra", "sweep_name", "trainer.progress_bar", "trainer.log_every_n_steps", "dataset.data_dir",
-                "dataset.download", "dataset.mirrors")
+                "dataset.download", "dataset.mirrors", "logger", "tracking")
 
 
 class ConfigError(ValueError):
@@ -75,6 +75,13 @@ def paper_name(cfg: DictConfig) -> str:
     if cfg.algo.name == "pc" and str(cfg.relax.name) != "none":
         name += f"_rc{cfg.relax.name}"
     return name
+
+
+def twin_name(cfg: DictConfig) -> str:
+    """The twin without its size: bp, pc, pc_rc2, pc_rc3, pc_rc23 (the W&B job type)."""
+    if cfg.algo.name == "pc" and str(cfg.relax.name) != "none":
+        return f"pc_rc{cfg.relax.name}"
+    return str(cfg.algo.name)
 
 
 def _drop(container: dict, dotted: str) -> None:

@@ -132,6 +132,8 @@ class PCModule(TwinModule):
         log_variance_min: float = -math.inf,
         inference_tolerance: Optional[float] = None,
         inference_check_every: int = 8,
+        trace_energy: bool = False,
+        alignment_every: int = 0,
     ) -> None:
         super().__init__(mlp, optimizer, output_loss, weight_decay, variance_weight_decay)
         self.automatic_optimization = False
@@ -149,17 +151,51 @@ class PCModule(TwinModule):
         self.train_means["energy"] = MeanMetric()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = MeanMetric()  # right after the output is clamped
         self.train_means["inference_steps"] = MeanMetric()  # T, or fewer with an inference tolerance
+        self.trace_energy, self.alignment_every = trace_energy, alignment_every
+        self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
 
     def on_fit_start(self) -> None:
         self.engine.refresh_parameters()  # after a checkpoint restore or a device move
 
+    def bp_gradients(self, inputs: Tensor, target: Tensor) -> list[Tensor]:
+        """BP's gradient of the same loss for every weight matrix, at the current weights (nothing is updated)."""
+        weights = [layer.weight for layer in self.mlp.layers]
+        with torch.enable_grad():
+            return list(torch.autograd.grad(output_loss(self.mlp(inputs), target, self.loss_kind), weights))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, labels = batch
+        target = self.one_hot(labels)
         optimizer = self.optimizers()
-        result = self.engine.train_batch(inputs, self.one_hot(labels), apply_update=optimizer.step)
+        align = self.alignment_every > 0 and batch_idx % self.alignment_every == 0
+        bp_grads = self.bp_gradients(inputs, target) if align else None
+        first_update: list[Tensor] = []
+
+        def apply_update() -> None:
+            if align and not first_update:  # the first PC update starts from the same weights as BP's gradient
+                first_update.extend(-layer.weight.grad.clone() for layer in self.mlp.layers)
+            optimizer.step()
+
+        trace = self.trace_energy and batch_idx == 0
+        result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
         self.check_finite(result.loss, result.energy_end)
         if self.diverged:
             return
         self.record_train(batch_idx, result.loss, result.logits, labels,
                           energy=result.energy_end, energy_start=result.energy_start,
                           inference_steps=torch.tensor(float(result.steps_used)))
+        if trace:
+            self.latest_energy_trace = result.energy_trace
+        if align:
+            self.log_alignment(bp_grads, first_update, result.logits, target, batch_idx)
+
+    def log_alignment(self, bp_grads, pc_updates, logits, target, batch_idx) -> None:
+        """Condition 1 and the result, measured: cos(PC update, -BP gradient) per layer, and the output error."""
+        from pcsweep.tracking import batch_step, log_direct
+
+        metrics = {
+            f"align/cos_W{l + 1}": float(F.cosine_similarity(pc.flatten(), -bp.flatten(), dim=0))
+            for l, (pc, bp) in enumerate(zip(pc_updates, bp_grads))
+        }
+        metrics["align/output_error"] = float((target - logits).norm(dim=1).mean())
+        log_direct(self, metrics, step=batch_step(self.trainer, batch_idx))

@@ -20,12 +20,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pcsweep.config import ConfigError, duplicate_target, paper_name, validate
+from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
 from pcsweep.data import DatasetError, TensorDataModule, check_available, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
-from pcsweep.tracking import ResumableCSVLogger, trim_metrics
+from pcsweep.tracking import EnergyTraces, ResumableCSVLogger, WeightHistograms, start_wandb, trim_metrics
 
 FINISHED = ("complete", "diverged")
 
@@ -78,6 +78,8 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
         update_every=cfg.relax.update_every,
         variance=cfg.relax.variance,
         log_variance_min=cfg.relax.log_variance_min,
+        trace_energy=cfg.tracking.energy_trace,
+        alignment_every=cfg.tracking.alignment_every,
     )
 
 
@@ -144,36 +146,59 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
     )
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        precision=cfg.trainer.precision,
-        logger=ResumableCSVLogger(run_dir),
-        callbacks=[history, checkpoints],
-        enable_progress_bar=cfg.trainer.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        default_root_dir=run_dir,
-    )
+    callbacks = [history, WeightHistograms(run_dir, cfg.tracking.histogram_every)]
+    if cfg.algo.name == "pc" and cfg.tracking.energy_trace:
+        callbacks.append(EnergyTraces(run_dir, cfg.tracking.energy_tolerance))
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = ""
     if last.is_file():
         completed_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
         trim_metrics(run_dir / "metrics.csv", last_epoch=completed_epoch)
         resume = f", resuming after epoch {completed_epoch} from {last.relative_to(run_dir)}"
-    print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})", flush=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
-        trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
 
-    status = "diverged" if model.diverged else "complete"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
-               run_dir / "weights.pt")
-    summary = _summary(cfg, run_dir, history, status)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    loggers: list = [ResumableCSVLogger(run_dir)]
+    wandb_run = None
+    if cfg.logger.name == "wandb":
+        name = f"{paper_name(cfg)}_{cfg.dataset.name}"
+        wandb_run = start_wandb(
+            cfg.logger, run_dir, name=name, group=cfg.tracking.group or cfg.sweep_name, job_type=twin_name(cfg),
+            tags=[cfg.dataset.name, f"width={cfg.width}", f"depth={cfg.depth}", f"relax={cfg.relax.name}"],
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        loggers.append(L.pytorch.loggers.WandbLogger(experiment=wandb_run))
+    succeeded = False
+    try:
+        trainer = L.Trainer(
+            max_epochs=cfg.epochs,
+            accelerator=cfg.trainer.accelerator,
+            devices=1,
+            precision=cfg.trainer.precision,
+            logger=loggers,
+            callbacks=callbacks + [checkpoints],
+            enable_progress_bar=cfg.trainer.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=cfg.trainer.log_every_n_steps,
+            default_root_dir=run_dir,
+        )
+        print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})",
+              flush=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+
+        status = "diverged" if model.diverged else "complete"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
+                   run_dir / "weights.pt")
+        summary = _summary(cfg, run_dir, history, status)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in summary.items() if k not in ("history", "config")})
+        succeeded = True
+    finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=0 if succeeded else 1)
     if model.diverged:
         (run_dir / "DIVERGED").write_text(f"non-finite loss or energy in epoch {trainer.current_epoch}\n")
         print(f"[pcsweep] {run_dir.name}: diverged (non-finite loss or energy); marked, the sweep goes on", flush=True)

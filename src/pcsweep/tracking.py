@@ -1,11 +1,20 @@
-"""Loggers that survive a resume: a run's ``metrics.csv`` keeps the epochs it already finished."""
+"""What a run records: the CSV log (kept across resumes), W&B (never hangs), histograms and PC diagnostics."""
 
 from __future__ import annotations
 
 import csv
+import json
+import netrc
+import os
+import secrets
+import socket
 from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import CSVLogger
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -46,3 +55,184 @@ def trim_metrics(path: Path | str, last_epoch: int) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept)
+
+
+# ------------------------------------------------------------------------------------------------ W&B
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+def wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
+
+
+def has_api_key() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host (where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(urlparse(wandb_base_url()).hostname or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def server_reachable(url: str, timeout: float) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``WANDB_MODE`` wins; ``auto`` is online with an API key and offline without."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if mode == "auto":
+        return "online" if has_api_key() else "offline"
+    return mode
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One W&B run per run folder: the id is made once and kept, so a resumed run continues its W&B run."""
+    path = run_dir / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(6)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+_online_failed = False  # once W&B could not be reached, the rest of this process's runs go offline at once
+
+
+def start_wandb(logger_cfg, run_dir: Path, **init_kwargs: Any):
+    """``wandb.init`` that never hangs: no key -> offline; an unreachable server -> offline, after a bounded wait."""
+    global _online_failed
+    import wandb
+
+    mode = resolve_wandb_mode(logger_cfg.mode)
+    if mode == "online" and _online_failed:
+        mode = "offline"
+    timeout = float(logger_cfg.init_timeout)
+    kwargs = dict(project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), id=_wandb_id(run_dir),
+                  resume="allow", **init_kwargs)
+    settings = wandb.Settings(init_timeout=timeout, silent=True)
+    if mode == "online" and not server_reachable(wandb_base_url(), min(timeout, 10.0)):
+        print(f"[pcsweep] W&B server {wandb_base_url()} unreachable: logging offline", flush=True)
+        mode, _online_failed = "offline", True
+    try:
+        run = wandb.init(mode=mode, settings=settings, **kwargs)
+    except Exception as exc:  # wandb raises several types on network and auth trouble
+        if mode != "online":
+            raise
+        print(f"[pcsweep] W&B online start failed ({type(exc).__name__}): logging offline", flush=True)
+        wandb.teardown()  # the half-started online run still holds its id in W&B's service process
+        mode, _online_failed = "offline", True
+        run = wandb.init(mode=mode, settings=settings, **kwargs)
+    if mode == "offline":
+        print(f"[pcsweep] W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*", flush=True)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+def batch_step(trainer: L.Trainer, batch_idx: int) -> int:
+    """The x-axis of per-batch logs: training batches seen so far (also across resumes)."""
+    return trainer.current_epoch * trainer.num_training_batches + batch_idx
+
+
+def log_direct(pl_module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
+    """Log now to every logger, outside Lightning's every-n-steps cadence (for sparse diagnostics)."""
+    metrics = {**metrics, "epoch": float(pl_module.current_epoch)}  # the CSV log is trimmed by epoch on resume
+    for logger in pl_module.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def wandb_runs(trainer: L.Trainer) -> list:
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def histogram(values: torch.Tensor, bins: int = 64) -> dict[str, Any]:
+    values = values.detach().float().flatten().cpu()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        hi = lo + 1e-12
+    return {"min": lo, "max": hi, "counts": torch.histc(values, bins=bins, min=lo, max=hi).long().tolist()}
+
+
+class WeightHistograms(L.Callback):
+    """Every ``every`` epochs: a histogram of each layer's weights (and variances Σ for rc3/rc23) to W&B and to
+    ``histograms.json`` in the run folder."""
+
+    def __init__(self, run_dir: Path, every: int = 1) -> None:
+        self.path, self.every = Path(run_dir) / "histograms.json", every
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if not self.every or (epoch + 1) % self.every or trainer.sanity_checking:
+            return
+        tensors = {f"weights/W{l + 1}": layer.weight for l, layer in enumerate(pl_module.mlp.layers)}
+        if pl_module.log_variances is not None:
+            tensors.update({f"variances/S{l + 1}": torch.exp(s) for l, s in enumerate(pl_module.log_variances)})
+        record = {"epoch": epoch, **{name: histogram(t) for name, t in tensors.items()}}
+        history = json.loads(self.path.read_text()) if self.path.is_file() else []
+        history = [h for h in history if h["epoch"] < epoch] + [record]  # a resumed epoch replaces its old entry
+        self.path.write_text(json.dumps(history))
+        runs = wandb_runs(trainer)
+        if runs:
+            import wandb
+
+            data = {name: wandb.Histogram(t.detach().float().cpu().numpy()) for name, t in tensors.items()}
+            for run in runs:
+                run.log({**data, "epoch": epoch, "trainer/global_step": batch_step(trainer, 0)})
+
+
+class EnergyTraces(L.Callback):
+    """Condition 2 measured: the inference energy at every step of each epoch's first batch (PC twins), with the
+    step at which its relative change first fell below ``tolerance``; kept in ``energy_traces.json`` and plotted
+    in W&B as one line per epoch."""
+
+    def __init__(self, run_dir: Path, tolerance: float = 1e-4) -> None:
+        self.path, self.tolerance = Path(run_dir) / "energy_traces.json", tolerance
+        self.traces: dict[str, list[float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trace = getattr(pl_module, "latest_energy_trace", None)
+        if trace is None:
+            return
+        pl_module.latest_energy_trace = None
+        values = trace.detach().cpu().tolist()
+        epoch = trainer.current_epoch
+        self.traces[str(epoch)] = values
+        self.path.write_text(json.dumps({"tolerance": self.tolerance, "traces": self.traces}))
+        converged = steps_to_tolerance(values, self.tolerance)
+        log_direct(pl_module, {"inference/steps_to_tolerance": float(converged if converged is not None else len(values)),
+                               "inference/energy_first": values[0], "inference/energy_last": values[-1]},
+                   step=batch_step(trainer, batch_idx))
+        runs = wandb_runs(trainer)
+        if runs:
+            import wandb
+
+            epochs = sorted(self.traces, key=int)
+            plot = wandb.plot.line_series(xs=list(range(len(values))), ys=[self.traces[e] for e in epochs],
+                                          keys=[f"epoch {e}" for e in epochs], title="Inference energy, first batch",
+                                          xname="inference step")
+            for run in runs:
+                run.log({"inference/energy_trace": plot, "trainer/global_step": batch_step(trainer, batch_idx)})
+
+    def state_dict(self) -> dict:
+        return {"traces": self.traces}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.traces = dict(state_dict["traces"])
+
+
+def steps_to_tolerance(trace: list[float], tolerance: float) -> Optional[int]:
+    """The first inference step whose relative energy change is below ``tolerance`` (None if none is)."""
+    for t in range(1, len(trace)):
+        previous = trace[t - 1]
+        if abs(previous - trace[t]) <= tolerance * abs(previous):
+            return t
+    return None

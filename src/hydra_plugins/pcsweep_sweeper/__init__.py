@@ -7,6 +7,7 @@ whatever launcher is configured, so the same filtering happens locally and on SL
 """
 
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class FilteringLauncher(Launcher):
                 entries.append({**entry, "status": "finished"})
                 continue
             entries.append({**entry, "status": "launched"})
-            to_launch.append(list(overrides))
+            to_launch.append(list(overrides) + [f"++tracking.group={self.sweeper.sweep_id}"])
         self.sweeper.manifest.extend(entries)
         self.sweeper.write_manifest()
         if not to_launch:
@@ -91,6 +92,13 @@ class PcsweepSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.manifest: List[dict] = []
+
+    def sweep(self, arguments: List[str]) -> Any:
+        # one id per multirun, the same when the same sweep is run again (resumed): the W&B group
+        spec = sorted(self._parse_config() + list(arguments))
+        digest = hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:6]
+        self.sweep_id = f"{self.config.sweep_name}-{digest}"
+        return super().sweep(arguments)
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
