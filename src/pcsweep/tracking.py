@@ -50,7 +50,7 @@ def trim_metrics(path: Path | str, last_epoch: int) -> None:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         fields, rows = reader.fieldnames or [], list(reader)
-    kept = [row for row in rows if row.get("epoch", "") != "" and int(row["epoch"]) <= last_epoch]
+    kept = [row for row in rows if row.get("epoch", "") != "" and float(row["epoch"]) <= last_epoch]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -145,7 +145,7 @@ def batch_step(trainer: L.Trainer, batch_idx: int) -> int:
 
 def log_direct(pl_module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
     """Log now to every logger, outside Lightning's every-n-steps cadence (for sparse diagnostics)."""
-    metrics = {**metrics, "epoch": float(pl_module.current_epoch)}  # the CSV log is trimmed by epoch on resume
+    metrics = {**metrics, "epoch": pl_module.current_epoch}  # the CSV log is trimmed by epoch on resume
     for logger in pl_module.loggers:
         logger.log_metrics(metrics, step=step)
 
@@ -155,10 +155,13 @@ def wandb_runs(trainer: L.Trainer) -> list:
 
 
 def histogram(values: torch.Tensor, bins: int = 64) -> dict[str, Any]:
-    values = values.detach().float().flatten().cpu()
+    values = values.detach().double().flatten().cpu()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return {"min": 0.0, "max": 1.0, "counts": [0] * bins}
     lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        hi = lo + 1e-12
+    if hi - lo <= 1e-9 * max(1.0, abs(lo)):
+        lo, hi = lo - 1e-6 * max(1.0, abs(lo)), hi + 1e-6 * max(1.0, abs(hi))
     return {"min": lo, "max": hi, "counts": torch.histc(values, bins=bins, min=lo, max=hi).long().tolist()}
 
 
@@ -171,12 +174,13 @@ class WeightHistograms(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if not self.every or (epoch + 1) % self.every or trainer.sanity_checking:
+        if not self.every or (epoch + 1) % self.every or trainer.sanity_checking or pl_module.diverged:
             return
         tensors = {f"weights/W{l + 1}": layer.weight for l, layer in enumerate(pl_module.mlp.layers)}
         if pl_module.log_variances is not None:
             tensors.update({f"variances/S{l + 1}": torch.exp(s) for l, s in enumerate(pl_module.log_variances)})
-        record = {"epoch": epoch, **{name: histogram(t) for name, t in tensors.items()}}
+        hists = {name: histogram(t) for name, t in tensors.items()}
+        record = {"epoch": epoch, **hists}
         history = json.loads(self.path.read_text()) if self.path.is_file() else []
         history = [h for h in history if h["epoch"] < epoch] + [record]  # a resumed epoch replaces its old entry
         self.path.write_text(json.dumps(history))
@@ -184,7 +188,9 @@ class WeightHistograms(L.Callback):
         if runs:
             import wandb
 
-            data = {name: wandb.Histogram(t.detach().float().cpu().numpy()) for name, t in tensors.items()}
+            # from our own bins: numpy's refuses a range as narrow as a barely-trained variance's
+            data = {name: wandb.Histogram(np_histogram=(h["counts"], torch.linspace(h["min"], h["max"], len(h["counts"]) + 1).tolist()))
+                    for name, h in hists.items()}
             for run in runs:
                 run.log({**data, "epoch": epoch, "trainer/global_step": batch_step(trainer, 0)})
 
