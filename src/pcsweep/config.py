@@ -18,7 +18,8 @@ from pcsweep.mlp import INITS
 from pcsweep.pc import ACTIVATIONS, OUTPUT_LOSSES
 
 # Top-level keys that never change a run's numbers: left out of its identity.
-NOT_IDENTITY = ("hydra", "sweep_name", "trainer.progress_bar", "trainer.log_every_n_steps", "dataset.data_dir",
+NOT_IDENTITY = ("hydra", "sweep_name", "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.gpu_slots",
+                "dataset.data_dir",
                 "dataset.download", "dataset.mirrors", "logger", "tracking")
 
 
@@ -136,6 +137,16 @@ def quote_numeric_choices(override: str) -> str:
 
 
 def register_resolvers() -> None:
-    """``${pcsweep.run_dir:}`` names a run's folder from the whole config (used by hydra.run/sweep dirs)."""
+    """``${pcsweep.run_dir:}`` names a run's folder from the whole config (used by hydra.run/sweep dirs);
+    ``${pcsweep.gpu_count:}`` counts the local GPUs (launcher=gpus)."""
     if not OmegaConf.has_resolver("pcsweep.run_dir"):
         OmegaConf.register_new_resolver("pcsweep.run_dir", lambda *, _root_: run_dir_name(_root_))
+    if not OmegaConf.has_resolver("pcsweep.gpu_count"):
+        OmegaConf.register_new_resolver("pcsweep.gpu_count", gpu_count)
+
+
+def gpu_count() -> int:
+    """Parallel jobs for launcher=gpus: one per visible GPU, at least one."""
+    import torch
+
+    return max(1, torch.cuda.device_count())

@@ -7,6 +7,7 @@ also gets a ``DIVERGED`` marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
+from pcsweep.devices import training_devices
 from pcsweep.data import DatasetError, TensorDataModule, check_available, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
@@ -167,11 +169,16 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         )
         loggers.append(L.pytorch.loggers.WandbLogger(experiment=wandb_run))
     succeeded = False
+    stack = contextlib.ExitStack()
+    lock_dir = run_dir.parent / ".gpu_slots"
     try:
+        devices = stack.enter_context(training_devices(cfg.trainer.accelerator, cfg.trainer.gpu_slots, lock_dir))
+        accelerator, device_ids, plugins = devices
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
-            accelerator=cfg.trainer.accelerator,
-            devices=1,
+            accelerator=accelerator,
+            devices=device_ids,
+            plugins=plugins,
             precision=cfg.trainer.precision,
             logger=loggers,
             callbacks=callbacks + [checkpoints],
@@ -197,6 +204,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             wandb_run.summary.update({k: v for k, v in summary.items() if k not in ("history", "config")})
         succeeded = True
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
+        stack.close()  # gives the GPU slot back
         if wandb_run is not None:
             wandb_run.finish(exit_code=0 if succeeded else 1)
     if model.diverged:

@@ -10,6 +10,7 @@ whatever launcher is configured, so the same filtering happens locally and on SL
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -21,6 +22,12 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+
+def fail(message: str) -> None:
+    from pcsweep.run import fail as pcsweep_fail
+
+    pcsweep_fail(message)
 
 MANIFEST = "sweep_runs.json"
 
@@ -47,8 +54,12 @@ class FilteringLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from pcsweep.config import ConfigError, duplicate_target, paper_name, run_dir_name, validate
         from pcsweep.data import DatasetError, check_available
-        from pcsweep.run import finished_summary, fail, resolve_data_dir
+        from pcsweep.run import finished_summary, resolve_data_dir
 
+        slurm = "SlurmLauncher" in str(self.sweeper.config.hydra.launcher.get("_target_", ""))
+        if slurm and shutil.which("sbatch") is None:
+            fail("launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's login node "
+                 "(or launcher=local)")
         loader = self.sweeper.hydra_context.config_loader
         entries, to_launch, seen = [], [], {}
         for overrides in job_overrides:
@@ -85,7 +96,20 @@ class FilteringLauncher(Launcher):
         self.sweeper.write_manifest()
         if not to_launch:
             return []
-        return self.inner.launch(to_launch, initial_job_idx=initial_job_idx)
+        if not slurm:
+            return self.inner.launch(to_launch, initial_job_idx=initial_job_idx)
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            return self.inner.launch(to_launch, initial_job_idx=initial_job_idx)
+        except (FailedJobError, UncompletedJobError) as exc:  # FailedJobError is the narrower: a job raised
+            message = str(exc).strip()
+            if "sbatch: error" in message and "Traceback" not in message:  # refused at submission: SLURM's words
+                fail("SLURM refused the jobs: " + " ".join(message.split()))
+            if isinstance(exc, FailedJobError):
+                raise
+            fail(f"a SLURM job ended unfinished ({message.splitlines()[0]}); run the same command again: "
+                 "finished runs are skipped and interrupted ones resume from their checkpoints")
 
 
 class PcsweepSweeper(BasicSweeper):
