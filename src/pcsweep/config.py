@@ -20,7 +20,7 @@ from pcsweep.pc import ACTIVATIONS, OUTPUT_LOSSES
 # Top-level keys that never change a run's numbers: left out of its identity.
 NOT_IDENTITY = ("hydra", "sweep_name", "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.gpu_slots",
                 "dataset.data_dir",
-                "dataset.download", "dataset.mirrors", "logger", "tracking")
+                "dataset.download", "dataset.mirrors", "logger", "tracking", "report")
 
 
 class ConfigError(ValueError):

@@ -83,6 +83,14 @@ class SweepSummaryCallback(Callback):
         rows = sweep_rows(sweep_dir)
         write_csv(rows, sweep_dir / "summary.csv")
         print(f"\n{format_table(rows)}\n\n[pcsweep] table saved to {sweep_dir / 'summary.csv'}", flush=True)
+        if config.report.auto and any(row.get("status") == "complete" for row in rows):
+            from pcsweep.report import build_report, log_to_wandb
+
+            html_path = build_report(sweep_dir, tuple(config.report.spans), config.report.resolution,
+                                     config.report.samples, landscapes=config.report.landscapes)
+            print(f"[pcsweep] report: {html_path}", flush=True)
+            if config.logger.name == "wandb":
+                log_to_wandb(html_path, sweep_dir, config.logger)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)

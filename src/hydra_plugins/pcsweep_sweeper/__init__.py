@@ -141,4 +141,4 @@ class PcsweepSweeper(BasicSweeper):
     def write_manifest(self) -> None:
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / MANIFEST).write_text(json.dumps({"runs": self.manifest}, indent=1))
+        (sweep_dir / MANIFEST).write_text(json.dumps({"sweep_id": self.sweep_id, "runs": self.manifest}, indent=1))
