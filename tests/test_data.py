@@ -1,7 +1,6 @@
 """Datasets without torchvision or the internet: idx files we generate, a download server on 127.0.0.1."""
 
 import functools
-import gzip
 import hashlib
 import http.server
 import json

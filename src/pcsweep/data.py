@@ -167,7 +167,7 @@ def check_available(name: str, data_dir: Path | str, download: bool) -> None:
         raise DatasetError(
             f"{name} files not found in {Path(data_dir).resolve()}: missing "
             + ", ".join(f"{m}[.gz]" for m in missing)
-            + f"; put them there or add dataset.download=true"
+            + "; put them there or add dataset.download=true"
         )
 
 

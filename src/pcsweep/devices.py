@@ -7,7 +7,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 
 @contextlib.contextmanager

@@ -19,10 +19,6 @@ from pcsweep.pc import PCEngine, output_loss
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
-class Diverged(RuntimeError):
-    """The loss or the energy stopped being finite."""
-
-
 class TwinModule(L.LightningModule):
     """What both twins share: the MLP, the output loss, the feedforward test pass and the optimizer set-up."""
 

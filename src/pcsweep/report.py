@@ -12,11 +12,10 @@ import argparse
 import base64
 import html
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import matplotlib
 

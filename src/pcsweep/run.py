@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
@@ -30,6 +32,16 @@ from pcsweep.models import BPModule, PCModule, TwinModule
 from pcsweep.tracking import EnergyTraces, ResumableCSVLogger, WeightHistograms, start_wandb, trim_metrics
 
 FINISHED = ("complete", "diverged")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write the checkpoint beside its final name, then rename: a kill mid-write leaves the previous one intact."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
 
 
 def fail(message: str) -> None:
@@ -178,7 +190,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             max_epochs=cfg.epochs,
             accelerator=accelerator,
             devices=device_ids,
-            plugins=plugins,
+            plugins=plugins + [AtomicCheckpointIO()],
             precision=cfg.trainer.precision,
             logger=loggers,
             callbacks=callbacks + [checkpoints],
