@@ -238,14 +238,16 @@ def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: in
     weights = [state[f"mlp.layers.{l}.weight"].double() for l in range(L)]
     biases = [state[f"mlp.layers.{l}.bias"].double() for l in range(L)]
 
-    def progress(done: int, total: int) -> None:
-        if not quiet and (done == total or done % max(1, total // 4) < 64):
-            print(f"\r[pcsweep.report] landscape {run.label} span {span:g}: {done}/{total} points", end="",
-                  file=sys.stderr, flush=True)
+    interactive = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:  # a live counter on a terminal, one line per landscape in a log
+        if not quiet and (interactive or done == total):
+            print(f"{chr(13) if interactive else ''}[pcsweep.report] landscape {run.label} span {span:g}: "
+                  f"{done}/{total} points", end="" if interactive else "\n", file=sys.stderr, flush=True)
 
     result = landscape(weights, biases, inputs, target, cfg.activation, cfg.output_loss, span=span,
                        resolution=resolution, seed=seed, progress=progress).to_dict()
-    if not quiet:
+    if not quiet and interactive:
         print(file=sys.stderr)
     torch.save(result, cache)
     return result

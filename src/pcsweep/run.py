@@ -55,6 +55,7 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
 
 
 def resolve_data_dir(cfg: DictConfig) -> Path:

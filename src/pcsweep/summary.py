@@ -49,18 +49,21 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
+SECONDS = ("train_seconds", "time_to_90")
+
+
+def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:.1f}" if key in SECONDS else f"{value:.4f}"
     return str(value)
 
 
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
     rows = list(rows)
     headers = [title for _, title in COLUMNS]
-    cells = [[_fmt(row.get(key)) for key, _ in COLUMNS] for row in rows]
+    cells = [[_fmt(key, row.get(key)) for key, _ in COLUMNS] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
