@@ -257,7 +257,6 @@ class PCEngine:
         self._buffers_for = key
 
     # ----------------------------------------------------------------- the loop
-    @torch.no_grad()
     def _predict(self) -> None:
         """a_l, mu_l and f'(a_l) for every layer from the current activities."""
         W, b = self.net.weights, self.net.biases
@@ -274,6 +273,15 @@ class PCEngine:
     @torch.no_grad()
     def compute_errors(self, predict: bool = True) -> None:
         """e_l, eps_l and g_l for every layer at the current activities (and predictions, unless FixedPred)."""
+        self._errors(predict)
+
+    @torch.no_grad()
+    def inference_step(self) -> None:
+        """One Jacobi step of gradient descent on all hidden activities at once (errors must be current)."""
+        self._step()
+
+    # the loop's bodies, undecorated: train_batch enters no_grad once instead of twice per step (~5% at width 256)
+    def _errors(self, predict: bool) -> None:
         if predict:
             self._predict()
         torch.sub(self.X, self.MU, out=self.E)
@@ -289,9 +297,7 @@ class PCEngine:
             torch.sub(self.target, self.epsL, out=self.epsL)
             self.eL.copy_(self.epsL)
 
-    @torch.no_grad()
-    def inference_step(self) -> None:
-        """One Jacobi step of gradient descent on all hidden activities at once (errors must be current)."""
+    def _step(self) -> None:
         gamma = self.step_size
         self.X.add_(self.EPS, alpha=-gamma)
         if self._w_stack is not None:
@@ -393,8 +399,13 @@ class PCEngine:
         With a ``tolerance``, inference ends early once the energy's relative change over ``check_every`` steps falls
         below it (one host sync per check); a last weight update is then made from the converged activities.
         """
+        with torch.no_grad():
+            return self._train_batch(inputs, target, apply_update, trace_energy)
+
+    def _train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None],
+                     trace_energy: bool) -> BatchResult:
         self.feedforward_init(inputs, target)
-        self.compute_errors(predict=False)  # predictions are current from the feedforward pass
+        self._errors(predict=False)  # predictions are current from the feedforward pass
         logits = self.aL.clone()
         loss = output_loss(logits, target, self.net.output_loss)
         energy_start = self.energy()
@@ -403,8 +414,8 @@ class PCEngine:
         updates, steps_used, last_checked = 0, self.steps, energy_start
         energy_end = energy_start
         for t in range(1, self.steps + 1):
-            self.inference_step()
-            self.compute_errors(predict=not self.fixed_predictions)
+            self._step()
+            self._errors(predict=not self.fixed_predictions)
             if trace is not None:
                 trace.append(self.energy())
             converged = False
@@ -420,7 +431,7 @@ class PCEngine:
                 self.refresh_parameters()
                 updates += 1
                 if t < self.steps and not converged:
-                    self.compute_errors(predict=not self.fixed_predictions)
+                    self._errors(predict=not self.fixed_predictions)
             if converged:
                 steps_used = t
                 break
