@@ -106,10 +106,12 @@ def test_three_jobs_make_three_wandb_runs_in_one_group_and_one_summary(tmp_path)
     result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "relax=none,2", env=WANDB_OFFLINE)
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
-    runs = [read_run(f)["run"] for d in sweep.iterdir() if d.is_dir() for f in offline_runs(d)]
+    runs = [read_run(f)["run"] for d in sweep.iterdir() if d.is_dir() and d.name != "report" for f in offline_runs(d)]
     assert len(runs) == 3 and len({r.run_id for r in runs}) == 3
     assert len({r.run_group for r in runs}) == 1 and runs[0].run_group.startswith("default-")
     assert sorted(r.job_type for r in runs) == ["bp", "pc", "pc_rc2"]
+    (report,) = [read_run(f)["run"] for f in offline_runs(sweep / "report")]  # the report's figures, same group
+    assert report.job_type == "report" and report.run_group == runs[0].run_group
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 4 and [r["status"] for r in rows].count("complete") == 3
     assert sum(r["status"].startswith("skipped") for r in rows) == 1

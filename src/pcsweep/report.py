@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
@@ -179,32 +180,31 @@ def figure_curves(sweep: Sweep, out: Path, select=None, suffix: str = "") -> lis
             sns.lineplot(data=part, x="epoch", y=column, hue="model", hue_order=order, palette=_palette(order),
                          errorbar=("ci", 95), marker="o", ax=ax)
             ax.set_title(column.capitalize())
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if "loss" in column and (part[column].dropna() > 0).all():
                 ax.set_yscale("log")
             ax.legend(title=None, fontsize=8)
-        fig.suptitle(f"{dataset}, width {width}")
+        seeds = part.groupby("model")["seed"].nunique().max()
+        fig.suptitle(f"{dataset}, width {width}" + (f" (mean, 95% CI over {seeds} seeds)" if seeds > 1 else ""))
         fig.tight_layout()
         paths.append(_save(fig, out / f"curves_{dataset}_{width}{suffix}.png"))
     return paths
 
 
 def figure_weights(sweep: Sweep, out: Path) -> list[Path]:
-    """Fig 5: distributions of the first two and the last two weight layers, per model (first seed)."""
+    """Fig 5: distributions of the first two and the last two weight layers, per model (seeds pooled)."""
     paths = []
-    by_group: dict[tuple, dict[str, Run]] = {}
-    for run in sweep.finished:
-        by_group.setdefault(run.group[:2], {}).setdefault(run.label, run)
-    for (dataset, width), runs in by_group.items():
+    for (dataset, width), runs in _by_model(sweep).items():
         order = _order(runs)
-        first = _weights(runs[order[0]])
-        L = len(first)
+        L = len(_weights(runs[order[0]][0]))
         layers = sorted({0, 1, L - 2, L - 1})
         fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.6))
         palette = _palette(order)
         for ax, l in zip(axes, layers):
             for model in order:
-                values = _weights(runs[model])[l].flatten().numpy()
-                sns.kdeplot(values, ax=ax, label=model, color=palette[model], fill=False, bw_adjust=0.8, cut=0)
+                values = torch.cat([_weights(run)[l].flatten() for run in runs[model]]).numpy()
+                seeds = f" ({len(runs[model])} seeds)" if len(runs[model]) > 1 else ""
+                sns.kdeplot(values, ax=ax, label=model + seeds, color=palette[model], fill=False, bw_adjust=0.8, cut=0)
             ax.set_title(f"W{l + 1}" + (" (output)" if l == L - 1 else " (first)" if l == 0 else ""))
             ax.set_xlabel("weight")
         axes[0].legend(fontsize=8)
@@ -212,6 +212,15 @@ def figure_weights(sweep: Sweep, out: Path) -> list[Path]:
         fig.tight_layout()
         paths.append(_save(fig, out / f"weights_{dataset}_{width}.png"))
     return paths
+
+
+def _by_model(sweep: Sweep, select=None) -> dict[tuple, dict[str, list[Run]]]:
+    """Finished runs by (dataset, width), then by label; several runs under one label are seeds."""
+    groups: dict[tuple, dict[str, list[Run]]] = {}
+    for run in sweep.finished:
+        if select is None or run.label in select:
+            groups.setdefault(run.group[:2], {}).setdefault(run.label, []).append(run)
+    return groups
 
 
 def _weights(run: Run) -> list[torch.Tensor]:
@@ -255,31 +264,33 @@ def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: in
 
 def figure_landscapes(sweep: Sweep, out: Path, spans=(1.0, 0.1), resolution: int = 41, samples: int = 1000,
                       seed: int = 0, select=None, suffix: str = "", quiet: bool = False) -> list[Path]:
-    """Figs 4 and 7: per model, contour plots (wide and zoomed) and a 3-D surface of the wide view."""
+    """Figs 4 and 7: per model, contour plots (wide and zoomed) and a 3-D surface of the wide view; with several
+    seeds, the mean of their log-loss surfaces."""
     paths = []
-    by_group: dict[tuple, dict[str, Run]] = {}
-    for run in sweep.finished:
-        if select is None or run.label in select:
-            by_group.setdefault(run.group[:2], {}).setdefault(run.label, run)
-    for (dataset, width), runs in by_group.items():
+    for (dataset, width), runs in _by_model(sweep, select).items():
         order = _order(runs)
         fig = plt.figure(figsize=(4.2 * len(order), 3 * 4.0))
         for col, model in enumerate(order):
-            views = [run_landscape(runs[model], span, resolution, samples, seed, quiet) for span in spans]
+            views = []
+            for span in spans:
+                per_seed = [run_landscape(run, span, resolution, samples, seed, quiet) for run in runs[model]]
+                mean = torch.stack([torch.log10(v["losses"].clamp_min(1e-12)) for v in per_seed]).mean(0)
+                views.append({"alphas": per_seed[0]["alphas"], "betas": per_seed[0]["betas"], "log_losses": mean})
+            seeds = f", mean of {len(runs[model])} seeds" if len(runs[model]) > 1 else ""
             for row, (span, view) in enumerate(zip(spans, views)):
                 ax = fig.add_subplot(3, len(order), row * len(order) + col + 1)
                 a, b = torch.meshgrid(view["alphas"], view["betas"], indexing="ij")
-                z = torch.log10(view["losses"].clamp_min(1e-12))
+                z = view["log_losses"]
                 contour = ax.contourf(a.numpy(), b.numpy(), z.numpy(), levels=30, cmap="viridis")
                 ax.contour(a.numpy(), b.numpy(), z.numpy(), levels=10, colors="white", linewidths=0.4)
                 ax.plot(0, 0, "r*", markersize=8)
                 fig.colorbar(contour, ax=ax, label="log10 loss")
-                ax.set_title(f"{model}\n{'zoomed ' if row else ''}[-{span:g}, {span:g}]²", fontsize=9)
+                ax.set_title(f"{model}{seeds}\n{'zoomed ' if row else ''}[-{span:g}, {span:g}]²", fontsize=9)
                 ax.set_xlabel("direction 1")
                 ax.set_ylabel("direction 2")
             ax3 = fig.add_subplot(3, len(order), 2 * len(order) + col + 1, projection="3d")
             a, b = torch.meshgrid(views[0]["alphas"], views[0]["betas"], indexing="ij")
-            z = torch.log10(views[0]["losses"].clamp_min(1e-12))
+            z = views[0]["log_losses"]
             ax3.plot_surface(a.numpy(), b.numpy(), z.numpy(), cmap="viridis", linewidth=0, antialiased=True)
             ax3.set_title(f"{model}: surface", fontsize=9)
             ax3.set_zlabel("log10 loss")
