@@ -9,7 +9,6 @@ whatever launcher is configured, so the same filtering happens locally and on SL
 
 import hashlib
 import json
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,6 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig
-
-log = logging.getLogger(__name__)
-
 
 def fail(message: str) -> None:
     from pcsweep.run import fail as pcsweep_fail
