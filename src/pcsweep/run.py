@@ -143,10 +143,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         print(f"[pcsweep] {run_dir.name}: already {done['status']}, nothing to train", flush=True)
         return done
 
-    if cfg.dataset.name != "digits":
-        cfg.dataset.data_dir = str(resolve_data_dir(cfg))
-    try:
+    try:  # before any training: a missing dataset is one line, not a traceback
         if cfg.dataset.name != "digits":
+            cfg.dataset.data_dir = str(resolve_data_dir(cfg))
             check_available(cfg.dataset.name, cfg.dataset.data_dir, cfg.dataset.get("download", False))
         dataset = load_dataset(cfg.dataset)
     except DatasetError as exc:
