@@ -150,9 +150,6 @@ class PCModule(TwinModule):
         self.trace_energy, self.alignment_every = trace_energy, alignment_every
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
 
-    def on_fit_start(self) -> None:
-        self.engine.refresh_parameters()  # after a checkpoint restore or a device move
-
     def bp_gradients(self, inputs: Tensor, target: Tensor) -> list[Tensor]:
         """BP's gradient of the same loss for every weight matrix, at the current weights (nothing is updated)."""
         weights = [layer.weight for layer in self.mlp.layers]
@@ -169,7 +166,7 @@ class PCModule(TwinModule):
 
         def apply_update() -> None:
             if align and not first_update:  # the first PC update starts from the same weights as BP's gradient
-                first_update.extend(-layer.weight.grad.clone() for layer in self.mlp.layers)
+                first_update.extend(layer.weight.grad.clone() for layer in self.mlp.layers)
             optimizer.step()
 
         trace = self.trace_energy and batch_idx == 0
@@ -185,13 +182,13 @@ class PCModule(TwinModule):
         if align:
             self.log_alignment(bp_grads, first_update, result.logits, target, batch_idx)
 
-    def log_alignment(self, bp_grads, pc_updates, logits, target, batch_idx) -> None:
-        """Condition 1 and the result, measured: cos(PC update, -BP gradient) per layer, and the output error."""
+    def log_alignment(self, bp_grads, pc_grads, logits, target, batch_idx) -> None:
+        """Condition 1 and the result, measured: cos(PC gradient, BP gradient) per layer, and the output error."""
         from pcsweep.tracking import batch_step, log_direct
 
         metrics = {
-            f"align/cos_W{l + 1}": float(F.cosine_similarity(pc.flatten(), -bp.flatten(), dim=0))
-            for l, (pc, bp) in enumerate(zip(pc_updates, bp_grads))
+            f"align/cos_W{l + 1}": float(F.cosine_similarity(pc.flatten(), bp.flatten(), dim=0))
+            for l, (pc, bp) in enumerate(zip(pc_grads, bp_grads))
         }
         metrics["align/output_error"] = float((target - logits).norm(dim=1).mean())
         log_direct(self, metrics, step=batch_step(self.trainer, batch_idx))

@@ -33,6 +33,13 @@ TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
 PALETTE = dict(zip(TWIN_ORDER, sns.color_palette("deep", 5)))
 
 
+def twin_of(label: str) -> str:
+    """``pc_256_8_rc2 wd=1e-06`` -> ``pc_rc2``; ``bp_256_8`` -> ``bp``."""
+    name = label.split(" ")[0]
+    algo = name.split("_")[0]
+    return f"{algo}_rc{name.split('_rc')[1]}" if "_rc" in name else algo
+
+
 @dataclass
 class Run:
     path: Path
@@ -45,9 +52,7 @@ class Run:
 
     @property
     def twin(self) -> str:
-        name = self.summary["name"]
-        algo, rest = name.split("_", 1)
-        return f"{algo}_rc{name.split('_rc')[1]}" if "_rc" in name else algo
+        return twin_of(self.name)
 
     @property
     def label(self) -> str:
@@ -119,7 +124,7 @@ def curves_frame(sweep: Sweep) -> pd.DataFrame:
 
 def _order(models) -> list[str]:
     def key(model: str):
-        twin = model.split("_")[0] if "_rc" not in model else "pc_rc" + model.split("_rc")[1].split(" ")[0]
+        twin = twin_of(model)
         return (TWIN_ORDER.index(twin) if twin in TWIN_ORDER else 99, model)
 
     return sorted(set(models), key=key)
@@ -129,9 +134,7 @@ def _palette(models) -> dict:
     colors = sns.color_palette("deep", max(len(models), 5))
     by_twin = {}
     for model in models:
-        twin = model.split(" ")[0]
-        twin = "pc_rc" + twin.split("_rc")[1] if "_rc" in twin else twin.split("_")[0]
-        by_twin.setdefault(twin, []).append(model)
+        by_twin.setdefault(twin_of(model), []).append(model)
     palette = {}
     for twin, members in by_twin.items():
         base = PALETTE.get(twin, colors[len(palette) % len(colors)])

@@ -7,7 +7,6 @@ also gets a ``DIVERGED`` marker.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
 from pcsweep.devices import training_devices
-from pcsweep.data import DatasetError, TensorDataModule, check_available, load_dataset
+from pcsweep.data import DatasetError, TensorDataModule, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
@@ -143,10 +142,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         print(f"[pcsweep] {run_dir.name}: already {done['status']}, nothing to train", flush=True)
         return done
 
-    try:  # before any training: a missing dataset is one line, not a traceback
+    try:  # before any training: a missing dataset is one line, not a traceback (load_dataset checks the files)
         if cfg.dataset.name != "digits":
             cfg.dataset.data_dir = str(resolve_data_dir(cfg))
-            check_available(cfg.dataset.name, cfg.dataset.data_dir, cfg.dataset.get("download", False))
         dataset = load_dataset(cfg.dataset)
     except DatasetError as exc:
         fail(str(exc))
@@ -166,7 +164,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = ""
     if last.is_file():
-        completed_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+        # mmap: only the epoch is read here; Lightning loads the tensors once, in fit
+        completed_epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]
         trim_metrics(run_dir / "metrics.csv", last_epoch=completed_epoch)
         resume = f", resuming after epoch {completed_epoch} from {last.relative_to(run_dir)}"
 
@@ -181,31 +180,31 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         )
         loggers.append(L.pytorch.loggers.WandbLogger(experiment=wandb_run))
     succeeded = False
-    stack = contextlib.ExitStack()
-    lock_dir = run_dir.parent / ".gpu_slots"
     try:
-        devices = stack.enter_context(training_devices(cfg.trainer.accelerator, cfg.trainer.gpu_slots, lock_dir))
-        accelerator, device_ids, plugins = devices
-        trainer = L.Trainer(
-            max_epochs=cfg.epochs,
-            accelerator=accelerator,
-            devices=device_ids,
-            plugins=plugins + [AtomicCheckpointIO()],
-            precision=cfg.trainer.precision,
-            logger=loggers,
-            callbacks=callbacks + [checkpoints],
-            enable_progress_bar=cfg.trainer.progress_bar,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=cfg.trainer.log_every_n_steps,
-            default_root_dir=run_dir,
-        )
-        print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})",
-              flush=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
-            trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+        # holds a GPU slot (launcher=gpus) until training ends
+        with training_devices(cfg.trainer.accelerator, cfg.trainer.gpu_slots, run_dir.parent / ".gpu_slots") as (
+            accelerator, device_ids, plugins
+        ):
+            trainer = L.Trainer(
+                max_epochs=cfg.epochs,
+                accelerator=accelerator,
+                devices=device_ids,
+                plugins=plugins + [AtomicCheckpointIO()],
+                precision=cfg.trainer.precision,
+                logger=loggers,
+                callbacks=callbacks + [checkpoints],
+                enable_progress_bar=cfg.trainer.progress_bar,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                log_every_n_steps=cfg.trainer.log_every_n_steps,
+                default_root_dir=run_dir,
+            )
+            print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})",
+                  flush=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
+                trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
 
         status = "diverged" if model.diverged else "complete"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
@@ -216,7 +215,6 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             wandb_run.summary.update({k: v for k, v in summary.items() if k not in ("history", "config")})
         succeeded = True
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
-        stack.close()  # gives the GPU slot back
         if wandb_run is not None:
             wandb_run.finish(exit_code=0 if succeeded else 1)
     if model.diverged:
