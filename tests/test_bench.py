@@ -63,3 +63,41 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
         assert row["speedup_vs_autograd"] > 0 and row["pc_bp_flops"] > 1
     assert width["twins"]["pc_rc2"]["updates"] == 2 and width["twins"]["pc"]["updates"] == 1
     assert width["pipeline"]["lightning_s"] > 0 and width["pipeline"]["raw_s"] > 0
+
+
+def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypatch, capsys):
+    setup = bench.Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
+    runs = {"": {"pcx_version": "0.6.3", "jax_version": "0.4.38", "ms_per_batch": {"converged": 30.0, "every": 12.0}},
+            "--xla_cpu_use_thunk_runtime=false": {"pcx_version": "0.6.3", "jax_version": "0.4.38",
+                                                  "ms_per_batch": {"converged": 20.0, "every": 40.0}}}
+    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags: runs[flags])
+    peer = bench.time_pcx(setup, 2, 3, "scan")
+    assert peer["best"] == {"converged": {"ms_per_batch": 20.0, "runtime": "legacy"},
+                            "every": {"ms_per_batch": 12.0, "runtime": "default"}}
+    monkeypatch.setattr(bench, "run_pcx", lambda *args: {"error": "pcx missing"})
+    assert bench.time_pcx(setup, 2, 3, "scan")["error"] == "pcx missing"
+    other = bench.Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
+    assert "784 inputs" in bench.time_pcx(other, 2, 3, "scan")["error"]
+
+    # in the report: each schedule's best beside the twin that does the same work
+    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags: runs[flags])
+    report = bench.main(["--widths", "16", "--depth", "2", "--steps", "8", "--every", "4", "--quick",
+                         "--no-reference", "--no-pipeline", "--twins", "pc", "pc_rc2", "--peers"])
+    twins = report["widths"]["16"]["twins"]
+    assert twins["pc"]["pcx_ms"] == 20.0 and twins["pc_rc2"]["pcx_ms"] == 12.0
+    assert twins["pc"]["speedup_vs_pcx"] == pytest.approx(20.0 / twins["pc"]["ms_per_batch"])
+    assert "legacy XLA runtime" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_pcx_peer_runs_and_agrees_with_plain_jax():
+    pytest.importorskip("pcx", reason="the peer library is an optional extra: pip install 'pcsweep[peers]'")
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, "-m", "pcsweep.peers.pcx_mlp", "--check"], capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr
+    setup = bench.Setup(width=32, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
+    peer = bench.run_pcx(setup, threads=1, repeats=2, loop="scan", xla_flags="")
+    assert peer["pcx_version"] == "0.6.3" and peer["width"] == 32
+    assert set(peer["ms_per_batch"]) == {"converged", "every"} and min(peer["ms_per_batch"].values()) > 0

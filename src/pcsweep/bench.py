@@ -1,11 +1,12 @@
 """``python -m pcsweep.bench``: how fast PC trains here, against the floor, the reference and the pipeline, in one run.
 
-For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses;
-the matmul floor (exactly the products that batch needs, each by the fastest kernel this machine has for its
-shape, timed alone in this run) and the efficiency floor/actual; the PC/BP time ratio beside the FLOP ratio; the speedup over the plain
-autograd implementation of the same energy (``pcsweep.reference``); and the pipeline's cost (one epoch through the
-Lightning module versus the raw engine on the same batches). Speed claims are ratios measured in the same run; the
-absolute numbers are for comparing machines (``--json``).
+For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses
+(and of the all-batched products plan beside it); the matmul floor (exactly the products that batch needs, each by
+the fastest kernel this machine has for its shape, timed alone in this run) and the efficiency floor/actual; the
+PC/BP time ratio beside the FLOP ratio; the speedup over the plain autograd implementation of the same energy
+(``pcsweep.reference``); the pipeline's cost (one epoch through the Lightning module versus the raw engine on the
+same batches); and with ``--peers``, PCX on the same workload under each XLA CPU runtime. Speed claims are ratios
+measured in the same run; the absolute numbers are for comparing machines (``--json``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -258,6 +262,42 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float]:
     return min(lightning_seconds), min(raw_seconds)
 
 
+# ------------------------------------------------------------------------------------------------ peers
+XLA_RUNTIMES = {"default": "", "legacy": "--xla_cpu_use_thunk_runtime=false"}  # perf-notes: each wins somewhere
+PEER_SCHEDULES = {"converged": "pc", "every": "pc_rc2"}  # PCX schedule -> our twin with the same work
+
+
+def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str) -> dict:
+    """One ``pcsweep.peers.pcx_mlp`` process (a fresh XLA, its own flags); its JSON, or ``{"error": line}``."""
+    command = [sys.executable, "-m", "pcsweep.peers.pcx_mlp", "--width", str(setup.width), "--depth",
+               str(setup.depth), "--batch", str(setup.batch), "--steps", str(setup.steps), "--every", str(setup.every),
+               "--step-size", "0.05", "--repeats", str(repeats), "--threads", str(threads), "--loop", loop]
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit code {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_pcx(setup: Setup, threads: int, repeats: int, loop: str) -> dict:
+    """PCX on the same workload under each XLA CPU runtime; the best per schedule is its figure."""
+    from pcsweep.peers.pcx_mlp import IN_DIM, OUT_DIM
+
+    if (setup.n_in, setup.n_out) != (IN_DIM, OUT_DIM):
+        return {"error": f"the PCX peer is written for {IN_DIM} inputs and {OUT_DIM} outputs (MNIST)"}
+    runs = {name: run_pcx(setup, threads, repeats, loop, flags) for name, flags in XLA_RUNTIMES.items()}
+    ok = {name: r for name, r in runs.items() if "error" not in r}
+    if not ok:
+        return {"error": next(iter(runs.values()))["error"], "runs": runs}
+    best = {}
+    for schedule in PEER_SCHEDULES:
+        runtime = min(ok, key=lambda name: ok[name]["ms_per_batch"][schedule])
+        best[schedule] = {"ms_per_batch": ok[runtime]["ms_per_batch"][schedule], "runtime": runtime}
+    version = next(iter(ok.values()))
+    return {"pcx": version["pcx_version"], "jax": version["jax_version"], "loop": loop, "best": best, "runs": runs}
+
+
 # ------------------------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
@@ -311,6 +351,21 @@ def run(args: argparse.Namespace) -> dict:
                                  "raw_s": raw_s, "overhead": lightning_s / raw_s - 1}
             print(f"pipeline ({twin}, {args.pipeline_batches} batches): Lightning epoch {lightning_s:.2f} s, raw engine "
                   f"{raw_s:.2f} s, overhead {100 * (lightning_s / raw_s - 1):+.1f}%")
+        if args.peers:
+            peer = time_pcx(setup, torch.get_num_threads(), repeats, args.peer_loop)
+            entry["pcx"] = peer
+            if "error" in peer:
+                print(f"PCX: not measured: {peer['error']}")
+            for schedule, twin in PEER_SCHEDULES.items():
+                if "error" in peer or twin not in entry["twins"]:
+                    continue
+                best = peer["best"][schedule]
+                ours = entry["twins"][twin]["ms_per_batch"]
+                entry["twins"][twin]["pcx_ms"] = best["ms_per_batch"]
+                entry["twins"][twin]["speedup_vs_pcx"] = best["ms_per_batch"] / ours
+                print(f"PCX {peer['pcx']} (jax {peer['jax']}, {schedule}, {best['runtime']} XLA runtime, "
+                      f"{peer['loop']}ed loop): {best['ms_per_batch']:.1f} ms/batch; {twin} is "
+                      f"{best['ms_per_batch'] / ours:.2f}x faster")
         print()
         report["widths"][str(width)] = entry
     return report
@@ -334,6 +389,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke test")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) autograd reference")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Lightning pipeline measurement")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time PCX on the same workload (needs pip install 'pcsweep[peers]'; minutes of XLA "
+                             "compilation)")
+    parser.add_argument("--peer-loop", choices=("unroll", "scan"), default="unroll",
+                        help="PCX's T loop: unrolled as in its examples, or a scan (compiles in seconds)")
     parser.add_argument("--json", help="also write the results to this file")
     return parser.parse_args(argv)
 
