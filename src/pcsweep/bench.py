@@ -1,7 +1,7 @@
 """``python -m pcsweep.bench``: how fast PC trains here, against the floor, the reference and the pipeline, in one run.
 
 For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses
-(and of the all-batched products plan beside it); the matmul floor (exactly the products that batch needs, each by
+; the matmul floor (exactly the products that batch needs, each by
 the fastest kernel this machine has for its shape, timed alone in this run) and the efficiency floor/actual; the
 PC/BP time ratio beside the FLOP ratio; the speedup over the plain autograd implementation of the same energy
 (``pcsweep.reference``); the pipeline's cost (one epoch through the Lightning module versus the raw engine on the
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pcsweep.mlp import MLP, make_log_variances
-from pcsweep.pc import PRODUCT_PLANS, PCEngine, mkl_packing_available, output_loss
+from pcsweep.pc import PCEngine, output_loss
 from pcsweep.reference import AutogradPC
 
 TWINS = {  # name -> (update every k?, trainable variance?)
@@ -129,7 +129,7 @@ def product_kernels(m: int, k: int, n: int, device: torch.device) -> dict[str, C
     a, b, out = torch.randn(m, k, device=device), torch.randn(k, n, device=device), torch.empty(m, n, device=device)
     b_t = b.t().contiguous()
     kernels = {"mm": lambda: torch.mm(a, b, out=out), "mm_t": lambda: torch.mm(a, b_t.t(), out=out)}
-    if mkl_packing_available(a):
+    if device.type == "cpu" and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = torch.ops.mkl._mkl_reorder_linear_weight(b_t, m)
         kernels["mkl_packed"] = lambda: torch.ops.mkl._mkl_linear(a, packed, b_t, None, m)
     return kernels
@@ -168,16 +168,14 @@ def best_matmul_rate(device: torch.device, quick: bool) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------------------------ measurements
-def time_engine(setup: Setup, twin: str, repeats: int, products: str = "auto") -> tuple[float, int, str]:
-    """(seconds per training batch, weight updates per batch, the products plan the engine took)."""
+def time_engine(setup: Setup, twin: str, repeats: int) -> tuple[float, int]:
+    """(seconds per training batch, weight updates per batch)."""
     mlp, log_vars, net, every = make_twin(setup, twin)
-    engine = PCEngine(net, steps=setup.steps, step_size=0.05, update_every=every, log_variance_min=-2.0,
-                      products=products)
+    engine = PCEngine(net, steps=setup.steps, step_size=0.05, update_every=every, log_variance_min=-2.0)
     opt = sgd(mlp, log_vars)
     x, y = make_batch(setup)
     result = engine.train_batch(x, y, opt.step)
-    seconds = median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats)
-    return seconds, result.updates, engine.plan
+    return median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats), result.updates
 
 
 def time_reference(setup: Setup, twin: str, repeats: int) -> float:
@@ -316,8 +314,8 @@ def run(args: argparse.Namespace) -> dict:
           f"best torch.mm rate {rate:.0f} GFLOP/s ({rate_shape})")
     print(f"MLP {args.input} -> {args.depth} x width -> 10, batch {args.batch}, T = {args.steps}, relax 2 every "
           f"{args.every}, float32, SGD; median of {repeats}\n")
-    header = (f"{'model':<16}{'plan':>8}{'ms/batch':>10}{'batched':>9}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}"
-              f"{'PC/BP time':>11}{'PC/BP FLOP':>11}{'vs autograd':>12}")
+    header = (f"{'model':<16}{'ms/batch':>10}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}{'PC/BP time':>11}"
+              f"{'PC/BP FLOP':>11}{'vs autograd':>12}")
     for width in args.widths:
         setup = Setup(width, args.depth, args.batch, args.steps, args.every, args.input, 10, device)
         bp_seconds = time_bp(setup, repeats)
@@ -325,24 +323,21 @@ def run(args: argparse.Namespace) -> dict:
         print(f"width {width}: bp {bp_seconds * 1e3:.2f} ms/batch")
         print(header)
         for twin in args.twins:
-            seconds, updates, plan = time_engine(setup, twin, repeats, args.products)
-            # the same batch with every hidden product batched, to show what the plan is worth
-            batched = seconds if plan == "batched" else time_engine(setup, twin, repeats, "batched")[0]
+            seconds, updates = time_engine(setup, twin, repeats)
             shapes = matmul_shapes(setup, updates)
             floor = matmul_floor(shapes, device, 3 if args.quick else 5)
             ref_seconds = time_reference(setup, twin, 1 if args.quick else 2) if not args.no_reference else math.nan
             work = flops(shapes)
             row = {
-                "ms_per_batch": seconds * 1e3, "plan": plan, "batched_ms": batched * 1e3, "floor_ms": floor * 1e3,
-                "efficiency": floor / seconds,
+                "ms_per_batch": seconds * 1e3, "floor_ms": floor * 1e3, "efficiency": floor / seconds,
                 "gflops": work / seconds / 1e9, "updates": updates, "pc_bp_time": seconds / bp_seconds,
                 "pc_bp_flops": work / bp_flops(setup), "reference_ms": ref_seconds * 1e3,
                 "speedup_vs_autograd": ref_seconds / seconds,
             }
             entry["twins"][twin] = row
             speedup = f"{row['speedup_vs_autograd']:>11.2f}x" if not math.isnan(ref_seconds) else f"{'-':>12}"
-            print(f"{twin + '_' + str(width) + '_' + str(args.depth):<16}{plan:>8}{row['ms_per_batch']:>10.1f}"
-                  f"{row['batched_ms']:>9.1f}{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
+            print(f"{twin + '_' + str(width) + '_' + str(args.depth):<16}{row['ms_per_batch']:>10.1f}"
+                  f"{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
                   f"{row['pc_bp_time']:>10.0f}x{row['pc_bp_flops']:>10.0f}x{speedup}")
         if not args.no_pipeline:
             twin = args.twins[0]
@@ -381,8 +376,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--input", type=int, default=784, help="input features (784: MNIST)")
     parser.add_argument("--twins", nargs="+", default=list(TWINS), choices=list(TWINS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--products", default="auto", choices=PRODUCT_PLANS,
-                        help="how the engine runs the hidden products (auto: what training uses)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--pipeline-batches", type=int, default=30)

@@ -29,14 +29,6 @@ import torch
 from torch import Tensor
 
 OUTPUT_LOSSES = ("mse", "ce")
-PRODUCT_PLANS = ("auto", "batched", "mkl")
-MKL_MIN_WIDTH = 512  # measured (python -m pcsweep.bench --products): per-layer MKL wins from here up, batched below
-
-
-def mkl_packing_available(like: Tensor) -> bool:
-    """Whether MKL's packed-weight GEMM (the one ``torch.jit.freeze`` uses for Linear) can run for this tensor."""
-    return (like.device.type == "cpu" and like.dtype == torch.float32 and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, "_mkl_linear"))
 
 
 @dataclass(frozen=True)
@@ -164,13 +156,6 @@ class PCEngine:
     the weight updates into BP's gradients exactly. ``tolerance`` (off by default: the paper's condition 2 is a fixed
     T) ends inference early once the energy stops changing.
 
-    ``products`` picks how the hidden layers' two products per step run. ``"batched"``: one ``baddbmm`` for all
-    predictions and one for all feedbacks (best on GPUs and for narrow layers). ``"mkl"`` (float32 on an MKL CPU):
-    predictions through weights packed once per update by MKL, feedbacks one ``addmm_`` per layer; on skinny
-    (batch x width x width) products both run at the best rate measured here, ~15% above ``baddbmm``.
-    ``"auto"`` takes ``"mkl"`` where it is available and the width is at least ``MKL_MIN_WIDTH``. The choice is a
-    fixed rule, not a timing, so the same run always takes the same arithmetic (resumes stay bitwise).
-
     Speed: the hidden activities of all layers live in one (L-1, B, width) tensor and the equal-shape hidden weight
     matrices W_2 .. W_{L-1} are views of one (L-2, width, width) stack, so each inference step is a fixed handful of
     batched kernels (one ``baddbmm`` for all predictions, one for all feedbacks, fused elementwise work over all
@@ -187,10 +172,7 @@ class PCEngine:
         fixed_predictions: bool = False,
         tolerance: Optional[float] = None,
         check_every: int = 8,
-        products: str = "auto",
     ) -> None:
-        if products not in PRODUCT_PLANS:
-            raise ValueError(f"unknown products plan {products!r}; choose one of {PRODUCT_PLANS}")
         if steps < 1:
             raise ValueError(f"inference steps must be >= 1, got {steps}")
         if update_every is not None and not 1 <= update_every <= steps:
@@ -214,10 +196,6 @@ class PCEngine:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.tolerance, self.check_every = tolerance, check_every
-        self.products = products
-        self.plan = "batched"  # resolved per batch shape, dtype and device in _allocate
-        self._packed: Optional[list[Tensor]] = None  # MKL-packed W_2 .. W_{L-1}, when the plan is "mkl"
-        self._packed_for: Optional[tuple] = None  # (stack version, batch) the packing was made for
         self._buffers_for: Optional[tuple] = None
         self._w_stack: Optional[Tensor] = None
         self._b_stack: Optional[Tensor] = None
@@ -277,26 +255,6 @@ class PCEngine:
         self.eps = hidden(self.EPS) + [self.epsL]
         self.g = hidden(self.G) + [self.epsL]
         self._buffers_for = key
-        self.plan = self._resolve_plan(like)
-
-    def _resolve_plan(self, like: Tensor) -> str:
-        if self._w_stack is None:  # one hidden layer: no equal-shape products to plan
-            return "batched"
-        mkl = mkl_packing_available(like)
-        if self.products == "auto":
-            return "mkl" if mkl and self.net.sizes[1] >= MKL_MIN_WIDTH else "batched"
-        if self.products == "mkl" and not mkl:
-            raise ValueError(f"products='mkl' needs float32 on a CPU with MKL, got {like.dtype} on {like.device}")
-        return self.products
-
-    def _pack_hidden_weights(self) -> None:
-        """MKL-pack W_2 .. W_{L-1} for the predictions, once per change of the weights (an update, a load)."""
-        batch = self.X.shape[1]
-        key = (tuple(w._version for w in self.net.weights[1:-1]), self._w_stack._version, self._w_stack.data_ptr(),
-               batch)
-        if self._packed_for != key:
-            self._packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, batch) for w in self._w_stack]
-            self._packed_for = key
 
     # ----------------------------------------------------------------- the loop
     def _predict(self) -> None:
@@ -305,25 +263,12 @@ class PCEngine:
         if not self._input_current:  # x_0 is clamped: a_1 changes only with W_1, b_1
             torch.addmm(b[0], self.x0, W[0].t(), out=self.A[0])
             self._input_current = True
-        if self.plan == "mkl":
-            for l in range(self._w_stack.shape[0]):
-                self._predict_hidden(l)
-        elif self._w_stack is not None:
+        if self._w_stack is not None:
             torch.baddbmm(self._b_stack.unsqueeze(1), self.X[:-1], self._w_stack.transpose(1, 2), out=self.A[1:])
         torch.addmm(b[-1], self.X[-1], W[-1].t(), out=self.aL)
         act = self.net.activation
         act.forward(self.A, self.MU)
         act.derivative(self.A, self.MU, self.FP)
-
-    def _predict_hidden(self, l: int) -> None:
-        """a_{l+2} from x_{l+1} alone (hidden weight l of the stack), as the plan computes it."""
-        if self.plan == "mkl":
-            self._pack_hidden_weights()
-            a = torch.ops.mkl._mkl_linear(self.X[l], self._packed[l], self._w_stack[l], self._b_stack[l],
-                                          self.X.shape[1])
-            self.A[l + 1].copy_(a)
-        else:
-            torch.addmm(self._b_stack[l], self.X[l], self._w_stack[l].t(), out=self.A[l + 1])
 
     @torch.no_grad()
     def compute_errors(self, predict: bool = True) -> None:
@@ -355,10 +300,7 @@ class PCEngine:
     def _step(self) -> None:
         gamma = self.step_size
         self.X.add_(self.EPS, alpha=-gamma)
-        if self.plan == "mkl":
-            for l in range(self._w_stack.shape[0]):
-                self.X[l].addmm_(self.G[l + 1], self._w_stack[l], alpha=gamma)
-        elif self._w_stack is not None:
+        if self._w_stack is not None:
             self.X[:-1].baddbmm_(self.G[1:], self._w_stack, alpha=gamma)
         self.X[-1].addmm_(self.epsL, self.net.weights[-1], alpha=gamma)
 
@@ -438,7 +380,7 @@ class PCEngine:
         self._input_current = True
         for l in range(self.net.num_layers - 1):  # sequential: each layer needs the one below
             if l > 0:
-                self._predict_hidden(l - 1)
+                torch.addmm(b[l], self.X[l - 1], W[l].t(), out=self.A[l])
             act.forward(self.A[l], self.MU[l])
             self.X[l].copy_(self.MU[l])
         act.derivative(self.A, self.MU, self.FP)
