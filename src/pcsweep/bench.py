@@ -98,17 +98,21 @@ def matmul_shapes(setup: Setup, updates: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of every product one PC training batch needs, as the engine schedules them.
 
     Feedforward: every layer once. Each step: predictions of layers 2..L (x_0 is clamped, so W_1 x_0 is reused
-    until W_1 changes) and feedbacks into layers 1..L-1 (W_1^T is never needed). Each update: the L weight
-    gradients, then the predictions again (the weights changed), W_1 x_0 included unless it was the last step.
+    until W_1 changes) and feedbacks into layers 1..L-1 (W_1^T is never needed); until the first update, only
+    those above the error front (step t moves the top t hidden layers). Each update: the L weight gradients,
+    then the predictions again (the weights changed), W_1 x_0 included unless it was the last step.
     """
     s, B = setup.sizes, setup.batch
     L = len(s) - 1
     forward_all = [(B, s[l - 1], s[l]) for l in range(1, L + 1)]
-    forward_step = forward_all[1:]
-    feedback = [(B, s[l + 1], s[l]) for l in range(1, L)]
+    first_update = setup.steps // updates
+    shapes = list(forward_all)
+    for t in range(1, setup.steps + 1):
+        lo = max(L - 1 - t, 0) if t <= first_update else 0  # the lowest hidden row (x_{lo+1}) step t moves
+        shapes += [(B, s[l - 1], s[l]) for l in range(lo + 2, L + 1)]  # predictions whose input moved
+        shapes += [(B, s[l + 1], s[l]) for l in range(lo + 1, L - 1)] + [(B, s[L], s[L - 1])]  # nonzero feedbacks
     grads = [(s[l], B, s[l - 1]) for l in range(1, L + 1)]
-    shapes = forward_all + setup.steps * (forward_step + feedback) + updates * grads
-    shapes += (updates - 1) * forward_all  # re-predict after every update but the last
+    shapes += updates * grads + (updates - 1) * forward_all  # re-predict after every update but the last
     return shapes
 
 

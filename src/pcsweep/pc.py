@@ -257,18 +257,19 @@ class PCEngine:
         self._buffers_for = key
 
     # ----------------------------------------------------------------- the loop
-    def _predict(self) -> None:
-        """a_l, mu_l and f'(a_l) for every layer from the current activities."""
+    def _predict(self, lo: int = 0) -> None:
+        """a_l, mu_l and f'(a_l) for every layer from the current activities (hidden rows below ``lo`` unchanged)."""
         W, b = self.net.weights, self.net.biases
         if not self._input_current:  # x_0 is clamped: a_1 changes only with W_1, b_1
             torch.addmm(b[0], self.x0, W[0].t(), out=self.A[0])
             self._input_current = True
-        if self._w_stack is not None:
-            torch.baddbmm(self._b_stack.unsqueeze(1), self.X[:-1], self._w_stack.transpose(1, 2), out=self.A[1:])
+        if self._w_stack is not None and lo < self._w_stack.shape[0]:
+            torch.baddbmm(self._b_stack[lo:].unsqueeze(1), self.X[lo:-1], self._w_stack[lo:].transpose(1, 2),
+                          out=self.A[lo + 1 :])
         torch.addmm(b[-1], self.X[-1], W[-1].t(), out=self.aL)
         act = self.net.activation
-        act.forward(self.A, self.MU)
-        act.derivative(self.A, self.MU, self.FP)
+        act.forward(self.A[lo:], self.MU[lo:])
+        act.derivative(self.A[lo:], self.MU[lo:], self.FP[lo:])
 
     @torch.no_grad()
     def compute_errors(self, predict: bool = True) -> None:
@@ -281,13 +282,16 @@ class PCEngine:
         self._step()
 
     # the loop's bodies, undecorated: train_batch enters no_grad once instead of twice per step (~5% at width 256)
-    def _errors(self, predict: bool) -> None:
+    # ``lo``: the lowest hidden row (x_{lo+1}) the last step moved. After the feedforward init the hidden errors are
+    # exactly zero and the error front moves down one layer per step, so for the first L-1 steps of a batch the rows
+    # below it hold exact zeros (errors) and unchanged values (activities, predictions): no work is spent on them.
+    def _errors(self, predict: bool, lo: int = 0) -> None:
         if predict:
-            self._predict()
-        torch.sub(self.X, self.MU, out=self.E)
+            self._predict(lo)
+        torch.sub(self.X[lo:], self.MU[lo:], out=self.E[lo:])
         if self._hidden_variances:
-            torch.mul(self.E, self._hidden_precision, out=self.EPS)
-        torch.mul(self.FP, self.EPS, out=self.G)
+            torch.mul(self.E[lo:], self._hidden_precision[lo:], out=self.EPS[lo:])
+        torch.mul(self.FP[lo:], self.EPS[lo:], out=self.G[lo:])
         if self.net.output_loss == "mse":
             torch.sub(self.target, self.aL, out=self.eL)
             if self._output_precision is not None:
@@ -297,11 +301,11 @@ class PCEngine:
             torch.sub(self.target, self.epsL, out=self.epsL)
             self.eL.copy_(self.epsL)
 
-    def _step(self) -> None:
+    def _step(self, lo: int = 0) -> None:
         gamma = self.step_size
-        self.X.add_(self.EPS, alpha=-gamma)
-        if self._w_stack is not None:
-            self.X[:-1].baddbmm_(self.G[1:], self._w_stack, alpha=gamma)
+        self.X[lo:].add_(self.EPS[lo:], alpha=-gamma)
+        if self._w_stack is not None and lo < self._w_stack.shape[0]:
+            self.X[lo:-1].baddbmm_(self.G[lo + 1 :], self._w_stack[lo:], alpha=gamma)
         self.X[-1].addmm_(self.epsL, self.net.weights[-1], alpha=gamma)
 
     @torch.no_grad()
@@ -413,9 +417,11 @@ class PCEngine:
         every = self.update_every or self.steps
         updates, steps_used, last_checked = 0, self.steps, energy_start
         energy_end = energy_start
+        front = self.X.shape[0]  # no hidden row has moved yet
         for t in range(1, self.steps + 1):
-            self._step()
-            self._errors(predict=not self.fixed_predictions)
+            front = max(front - 1, 0)  # this step moves rows front.. (the error above reaches one row further down)
+            self._step(front)
+            self._errors(predict=not self.fixed_predictions, lo=front)
             if trace is not None:
                 trace.append(self.energy())
             converged = False
@@ -429,6 +435,7 @@ class PCEngine:
                 self.weight_gradients()
                 apply_update()
                 self.refresh_parameters()
+                front = 0  # new weights: every prediction changed
                 updates += 1
                 if t < self.steps and not converged:
                     self._errors(predict=not self.fixed_predictions)
