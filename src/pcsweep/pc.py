@@ -132,6 +132,34 @@ class BatchResult:
     steps_used: int = 0  # inference steps run (fewer than T only when a tolerance stopped inference early)
 
 
+@dataclass
+class _Rows:
+    """Views of the hidden stacks from row ``lo`` up (``below``: rows lo..H-2, ``above``: lo+1..H-1), built once
+    per buffer or parameter change: a view costs a few microseconds, as much as a whole elementwise kernel at
+    width 256, and a step would otherwise make ~25 of them."""
+
+    x: Tensor
+    a: Tensor
+    mu: Tensor
+    fp: Tensor
+    e: Tensor
+    eps: Tensor
+    g: Tensor
+    x_below: Tensor
+    a_above: Tensor
+    g_above: Tensor
+
+
+@dataclass
+class _ParamRows:
+    """The hidden parameters from row ``lo`` up, in the shapes the loop's kernels take (None without a stack)."""
+
+    w: Optional[Tensor]  # (rows, n, n): feedback x_below += g_above @ w
+    w_t: Optional[Tensor]  # its transpose: prediction a_above = b + x_below @ w_t
+    b: Optional[Tensor]  # (rows, 1, n)
+    precision: Optional[Tensor]  # (rows, 1, n or 1), with trainable variances
+
+
 def _bind(params: Sequence[Tensor], stack: Optional[Tensor]) -> Tensor:
     """Make the parameters views of one stacked tensor (values kept), so that a layer-batched product reads them in
     place and the optimizer's in-place updates land in the stack. Re-binds whenever something (a device move, a
@@ -200,6 +228,7 @@ class PCEngine:
         self._w_stack: Optional[Tensor] = None
         self._b_stack: Optional[Tensor] = None
         self._s_stack: Optional[Tensor] = None
+        self._precision_base: Optional[Tensor] = None  # exp(-log S) of the hidden layers, updated in place
         self.refresh_parameters()
 
     # ----------------------------------------------------------------- parameters
@@ -218,15 +247,40 @@ class PCEngine:
                 self._s_stack = _bind(self.net.log_variances[: L - 1], self._s_stack)
                 if self.log_variance_min > -math.inf:
                     self._s_stack.clamp_(min=self.log_variance_min)
-                self._hidden_precision = torch.exp(-self._s_stack).unsqueeze(1)  # (L-1, 1, n or 1)
+                base = self._precision_base
+                if base is None or base.shape != self._s_stack.shape or base.device != self._s_stack.device \
+                        or base.dtype != self._s_stack.dtype:
+                    base = self._precision_base = torch.empty_like(self._s_stack)
+                    self._hidden_precision = base.unsqueeze(1)  # (L-1, 1, n or 1)
+                torch.exp(-self._s_stack, out=base)
             out_var = self.net.log_variances[L - 1]
             if out_var is not None and self.log_variance_min > -math.inf:
                 out_var.clamp_(min=self.log_variance_min)
             self._output_precision = None if out_var is None else torch.exp(-out_var)
-        self.precisions: list[Optional[Tensor]] = [
-            self._hidden_precision[l, 0] if self._hidden_variances else None for l in range(L - 1)
-        ] + [self._output_precision]
+        W = self.net.weights
+        views_of = tuple(t.data_ptr() for t in (W[0], W[-1], self._w_stack, self._b_stack, self._precision_base)
+                         if t is not None)
+        if views_of != getattr(self, "_param_views_of", None):  # once, and after anything moved the parameters
+            self._param_views_of = views_of
+            self._build_param_views()
+        self.precisions: list[Optional[Tensor]] = self._hidden_precisions + [self._output_precision]
         self._input_current = False  # a_1 = W_1 x_0 + b_1 must be recomputed
+
+    def _build_param_views(self) -> None:
+        W, L, stack = self.net.weights, self.net.num_layers, self._w_stack
+        self._w_in_t, self._w_out, self._w_out_t = W[0].t(), W[-1], W[-1].t()
+        self._hidden_precisions = [
+            self._hidden_precision[l, 0] if self._hidden_variances else None for l in range(L - 1)
+        ]
+        self._param_rows = [
+            _ParamRows(
+                w=None if stack is None else stack[lo:],
+                w_t=None if stack is None else stack[lo:].transpose(1, 2),
+                b=None if stack is None else self._b_stack[lo:].unsqueeze(1),
+                precision=self._hidden_precision[lo:] if self._hidden_variances else None,
+            )
+            for lo in range(L - 1)
+        ]
 
     # ----------------------------------------------------------------- buffers
     def _allocate(self, batch: int, like: Tensor) -> None:
@@ -254,22 +308,28 @@ class PCEngine:
         self.e = hidden(self.E) + [self.eL]
         self.eps = hidden(self.EPS) + [self.epsL]
         self.g = hidden(self.G) + [self.epsL]
+        self.x_top = self.X[H - 1]
+        self._rows = [
+            _Rows(self.X[lo:], self.A[lo:], self.MU[lo:], self.FP[lo:], self.E[lo:], self.EPS[lo:], self.G[lo:],
+                  self.X[lo:-1], self.A[lo + 1 :], self.G[lo + 1 :])
+            for lo in range(H)
+        ]
         self._buffers_for = key
 
     # ----------------------------------------------------------------- the loop
     def _predict(self, lo: int = 0) -> None:
         """a_l, mu_l and f'(a_l) for every layer from the current activities (hidden rows below ``lo`` unchanged)."""
-        W, b = self.net.weights, self.net.biases
+        b = self.net.biases
+        rows, params = self._rows[lo], self._param_rows[lo]
         if not self._input_current:  # x_0 is clamped: a_1 changes only with W_1, b_1
-            torch.addmm(b[0], self.x0, W[0].t(), out=self.A[0])
+            torch.addmm(b[0], self.x0, self._w_in_t, out=self.A[0])
             self._input_current = True
-        if self._w_stack is not None and lo < self._w_stack.shape[0]:
-            torch.baddbmm(self._b_stack[lo:].unsqueeze(1), self.X[lo:-1], self._w_stack[lo:].transpose(1, 2),
-                          out=self.A[lo + 1 :])
-        torch.addmm(b[-1], self.X[-1], W[-1].t(), out=self.aL)
+        if params.w is not None and rows.x_below.shape[0]:
+            torch.baddbmm(params.b, rows.x_below, params.w_t, out=rows.a_above)
+        torch.addmm(b[-1], self.x_top, self._w_out_t, out=self.aL)
         act = self.net.activation
-        act.forward(self.A[lo:], self.MU[lo:])
-        act.derivative(self.A[lo:], self.MU[lo:], self.FP[lo:])
+        act.forward(rows.a, rows.mu)
+        act.derivative(rows.a, rows.mu, rows.fp)
 
     @torch.no_grad()
     def compute_errors(self, predict: bool = True) -> None:
@@ -288,10 +348,11 @@ class PCEngine:
     def _errors(self, predict: bool, lo: int = 0) -> None:
         if predict:
             self._predict(lo)
-        torch.sub(self.X[lo:], self.MU[lo:], out=self.E[lo:])
+        rows = self._rows[lo]
+        torch.sub(rows.x, rows.mu, out=rows.e)
         if self._hidden_variances:
-            torch.mul(self.E[lo:], self._hidden_precision[lo:], out=self.EPS[lo:])
-        torch.mul(self.FP[lo:], self.EPS[lo:], out=self.G[lo:])
+            torch.mul(rows.e, self._param_rows[lo].precision, out=rows.eps)
+        torch.mul(rows.fp, rows.eps, out=rows.g)
         if self.net.output_loss == "mse":
             torch.sub(self.target, self.aL, out=self.eL)
             if self._output_precision is not None:
@@ -302,11 +363,11 @@ class PCEngine:
             self.eL.copy_(self.epsL)
 
     def _step(self, lo: int = 0) -> None:
-        gamma = self.step_size
-        self.X[lo:].add_(self.EPS[lo:], alpha=-gamma)
-        if self._w_stack is not None and lo < self._w_stack.shape[0]:
-            self.X[lo:-1].baddbmm_(self.G[lo + 1 :], self._w_stack[lo:], alpha=gamma)
-        self.X[-1].addmm_(self.epsL, self.net.weights[-1], alpha=gamma)
+        gamma, rows, w = self.step_size, self._rows[lo], self._param_rows[lo].w
+        rows.x.add_(rows.eps, alpha=-gamma)
+        if w is not None and rows.x_below.shape[0]:
+            rows.x_below.baddbmm_(rows.g_above, w, alpha=gamma)
+        self.x_top.addmm_(self.epsL, self._w_out, alpha=gamma)
 
     @torch.no_grad()
     def energy(self) -> Tensor:
