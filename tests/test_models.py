@@ -46,3 +46,24 @@ def test_relax_settings_reach_the_engine():
     assert rc2.engine.update_every == 8 and rc2.log_variances is None
     assert rc3.engine.update_every is None and [p.shape[0] for p in rc3.log_variances] == [32, 32, 32, 10]
     assert not pc.automatic_optimization and build_model(twin_cfg("bp"), 64, 10).automatic_optimization
+
+
+def test_epoch_means_are_exact_over_batches_recorded_in_groups():
+    """Batches reach torchmetrics in groups; the epoch's means and accuracy equal plain per-batch arithmetic,
+    including a partial group at the end (70 batches, groups of 32)."""
+    model = build_model(twin_cfg("pc"), 64, 10)
+    model._trainer = type("FakeTrainer", (), {"log_every_n_steps": 10**9})()  # no step logging in this test
+    gen = torch.Generator().manual_seed(0)
+    losses, energies, correct = [], [], 0
+    for i in range(1, 71):
+        logits, labels = torch.randn(8, 10, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        loss, energy = torch.rand((), generator=gen), torch.rand((), generator=gen)
+        model.record_train(i, loss, logits, labels, energy=energy)
+        losses.append(loss.item())
+        energies.append(energy.item())
+        correct += int((logits.argmax(1) == labels).sum())
+    metrics = model.epoch_train_metrics()
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / 70, rel=1e-6)
+    assert metrics["train_energy"] == pytest.approx(sum(energies) / 70, rel=1e-6)
+    assert metrics["train_acc"] == pytest.approx(correct / (70 * 8), rel=1e-6)
+    assert not model._unrecorded

@@ -256,11 +256,12 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float]:
         trainer.fit(module(), datamodule=TensorDataModule(dataset, setup.batch, seed=0))
         return clock.seconds
 
-    # alternate, so that neither side gets all the warm caches: the best of two each
+    # alternate which goes first, so that neither side gets all the warm caches or one phase of the machine's
+    # drift (+-10% over minutes here): the best of three each
     raw_seconds, lightning_seconds = [], []
-    for _ in range(2):
-        raw_seconds.append(raw_epoch())
-        lightning_seconds.append(lightning_epoch())
+    for round in range(3):
+        for epoch in (raw_epoch, lightning_epoch)[:: 1 if round % 2 == 0 else -1]:
+            (raw_seconds if epoch is raw_epoch else lightning_seconds).append(epoch())
     return min(lightning_seconds), min(raw_seconds)
 
 
