@@ -56,6 +56,11 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
         assert row["speedup_vs_autograd"] > 0 and row["pc_bp_flops"] > 1
     assert width["twins"]["pc_rc2"]["updates"] == 2 and width["twins"]["pc"]["updates"] == 1
     assert width["pipeline"]["lightning_s"] > 0 and width["pipeline"]["raw_s"] > 0
+    grid = report["paper_grid"]
+    assert grid["runs"] == 2 * 5  # 2 datasets x (bp + 4 PC twins) at the one width measured
+    batches = 2 * 20 * 938
+    expected = (width["bp_ms"] + sum(r["ms_per_batch"] for r in width["twins"].values()) * 256 / 8) / 1e3 * batches
+    assert grid["hours"] == pytest.approx(expected / 3600)
 
 
 def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypatch, capsys):

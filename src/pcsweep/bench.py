@@ -1,12 +1,12 @@
 """``python -m pcsweep.bench``: how fast PC trains here, against the floor, the reference and the pipeline, in one run.
 
-For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses
-; the matmul floor (exactly the products that batch needs, each by
-the fastest kernel this machine has for its shape, timed alone in this run) and the efficiency floor/actual; the
-PC/BP time ratio beside the FLOP ratio; the speedup over the plain autograd implementation of the same energy
-(``pcsweep.reference``); the pipeline's cost (one epoch through the Lightning module versus the raw engine on the
-same batches); and with ``--peers``, PCX on the same workload under each XLA CPU runtime. Speed claims are ratios
-measured in the same run; the absolute numbers are for comparing machines (``--json``).
+For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses;
+the matmul floor (exactly the products that batch needs, each by the fastest kernel this machine has for its shape,
+timed alone in this run) and the efficiency floor/actual; the PC/BP time ratio beside the FLOP ratio; the speedup
+over the plain autograd implementation of the same energy (``pcsweep.reference``); the pipeline's cost (one epoch
+through the Lightning module versus the raw engine on the same batches); and with ``--peers``, PCX on the same
+workload under each XLA CPU runtime. Speed claims are ratios measured in the same run; the absolute numbers are
+for comparing machines (``--json``).
 """
 
 from __future__ import annotations
@@ -259,8 +259,8 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float]:
     # alternate which goes first, so that neither side gets all the warm caches or one phase of the machine's
     # drift (+-10% over minutes here): the best of three each
     raw_seconds, lightning_seconds = [], []
-    for round in range(3):
-        for epoch in (raw_epoch, lightning_epoch)[:: 1 if round % 2 == 0 else -1]:
+    for rounds in range(3):
+        for epoch in (raw_epoch, lightning_epoch)[:: 1 if rounds % 2 == 0 else -1]:
             (raw_seconds if epoch is raw_epoch else lightning_seconds).append(epoch())
     return min(lightning_seconds), min(raw_seconds)
 
@@ -368,7 +368,28 @@ def run(args: argparse.Namespace) -> dict:
                       f"{best['ms_per_batch'] / ours:.2f}x faster")
         print()
         report["widths"][str(width)] = entry
+    report["paper_grid"] = paper_grid_hours(report, args.steps)
+    grid = report["paper_grid"]
+    print(f"paper grid projected on this device: {grid['hours']:.1f} h ({grid['runs']} runs: the twins measured here "
+          f"at widths {', '.join(map(str, args.widths))}, on 2 datasets, 20 epochs of 938 batches, T = 256; "
+          f"time taken as linear in T)")
     return report
+
+
+PAPER_GRID = {"datasets": 2, "epochs": 20, "batches_per_epoch": 938, "steps": 256}  # MNIST/FashionMNIST, batch 64
+
+
+def paper_grid_hours(report: dict, steps: int) -> dict:
+    """Wall time of the paper's grid (every measured width x twin, BP included, on both datasets) from this run's
+    ms per batch, scaled from this run's T to the paper's (the work per step is constant, so time is ~linear in T)."""
+    batches = PAPER_GRID["datasets"] * PAPER_GRID["epochs"] * PAPER_GRID["batches_per_epoch"]
+    seconds, runs = 0.0, 0
+    for entry in report["widths"].values():
+        seconds += entry["bp_ms"] / 1e3 * batches
+        pc_ms = sum(row["ms_per_batch"] for row in entry["twins"].values())
+        seconds += pc_ms / 1e3 * batches * PAPER_GRID["steps"] / steps
+        runs += PAPER_GRID["datasets"] * (1 + len(entry["twins"]))
+    return {"hours": seconds / 3600, "runs": runs, **PAPER_GRID}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -44,7 +44,7 @@ class TwinModule(L.LightningModule):
         self.variance_weight_decay = variance_weight_decay
         self.log_variances: Optional[torch.nn.ParameterList] = None
         num_classes = mlp.sizes[-1]
-        # per-epoch training means; updated every batch, logged once per epoch (self.log per batch is costly)
+        # per-epoch training means; recorded in groups of batches, logged once per epoch (self.log per batch is costly)
         self.train_means = torch.nn.ModuleDict({"loss": batch_mean()})
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)

@@ -229,6 +229,7 @@ class PCEngine:
         self._b_stack: Optional[Tensor] = None
         self._s_stack: Optional[Tensor] = None
         self._precision_base: Optional[Tensor] = None  # exp(-log S) of the hidden layers, updated in place
+        self._param_views_of: Optional[tuple] = None  # the storages the loop's parameter views were made from
         self.refresh_parameters()
 
     # ----------------------------------------------------------------- parameters
@@ -260,7 +261,7 @@ class PCEngine:
         W = self.net.weights
         views_of = tuple(t.data_ptr() for t in (W[0], W[-1], self._w_stack, self._b_stack, self._precision_base)
                          if t is not None)
-        if views_of != getattr(self, "_param_views_of", None):  # once, and after anything moved the parameters
+        if views_of != self._param_views_of:  # once, and again after anything moved the parameters
             self._param_views_of = views_of
             self._build_param_views()
         self.precisions: list[Optional[Tensor]] = self._hidden_precisions + [self._output_precision]
