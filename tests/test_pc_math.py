@@ -236,3 +236,25 @@ def test_engine_equals_reference_in_float32(twin):
     for a, b in zip(net.parameters(), ref_net.parameters()):
         assert a.dtype == torch.float32
         assert rel(a.detach().double(), b.detach().double()) <= 1e-5
+
+
+def test_weight_changes_made_outside_the_engine_reach_its_predictions():
+    """What the engine derives from the weights (stacked views, a transposed copy for narrow layers) follows any
+    in-place change, as load_state_dict makes, and is not redone when nothing changed."""
+    _, _, net = make_net(depth=4)
+    x, y = batch()
+    engine = PCEngine(net, steps=3, step_size=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine.train_batch(x, y, apply_update=opt.step)
+    with torch.no_grad():
+        for w in net.weights:
+            w.mul_(0.5)
+    engine.feedforward_init(x, y)
+    engine.compute_errors()
+    fresh = PCEngine(copy.deepcopy(net), steps=3, step_size=0.1)
+    fresh.feedforward_init(x, y)
+    fresh.compute_errors()
+    assert torch.equal(engine.A, fresh.A) and torch.equal(engine.G, fresh.G)
+    copied = engine._w_t_stack.clone()
+    engine.refresh_parameters()
+    assert engine._w_t_version is not None and torch.equal(engine._w_t_stack, copied)
