@@ -258,3 +258,23 @@ def test_weight_changes_made_outside_the_engine_reach_its_predictions():
     copied = engine._w_t_stack.clone()
     engine.refresh_parameters()
     assert engine._w_t_version is not None and torch.equal(engine._w_t_stack, copied)
+
+
+def test_wide_layers_balanced_over_threads_equal_the_reference():
+    """Wide layers batch a multiple of the thread count and split the rest (3 hidden matrices on 2 threads: 2
+    batched, 1 in row blocks); the arithmetic is the same as the autograd reference's, to 1e-10."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, _, net = make_net(sizes=(12, 514, 5), depth=4)
+        ref_net = copy.deepcopy(net)
+        x, y = batch()
+        engine = PCEngine(net, steps=6, step_size=0.1, update_every=3)
+        reference = ref.AutogradPC(ref_net, steps=6, step_size=0.1, update_every=3)
+        for impl, network in ((engine, net), (reference, ref_net)):
+            impl.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
+        assert engine._param_rows[0].balanced == 2
+        for a, b in zip(net.parameters(), ref_net.parameters()):
+            assert rel(a.detach(), b.detach()) <= 1e-10
+    finally:
+        torch.set_num_threads(threads)
