@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 
 OUTPUT_LOSSES = ("mse", "ce")
-TRANSPOSED_COPY_MAX_WIDTH = 512  # see PCEngine._refresh_transposed_weights
+# CPU layers up to this width predict from a transposed weight copy (_refresh_transposed_weights); wider ones batch
+# their products in multiples of the thread count (_build_param_views). Both rules measured with pcsweep.bench.
+NARROW_MAX_WIDTH = 512
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ class PCEngine:
     matrices W_2 .. W_{L-1} are views of one (L-2, width, width) stack, so each inference step is a fixed handful of
     batched kernels (one ``baddbmm`` for all predictions, one for all feedbacks, fused elementwise work over all
     layers) whatever the depth. The per-layer lists ``x, a, mu, fprime, e, eps, g`` are views into those stacks.
+    Until the first weight update of a batch only the layers above the error front are computed (the rest are
+    exact zeros or unchanged). On a CPU, narrow layers predict from a transposed copy of the stack and wide ones
+    batch their products in multiples of the thread count (``NARROW_MAX_WIDTH``); neither changes the arithmetic
+    beyond float rounding.
     """
 
     def __init__(
@@ -277,7 +283,7 @@ class PCEngine:
         against its layout: 250 vs 185 us a step at width 256); the copy is redone only when the weights changed.
         Wide layers go without: the product's layouts cost the same there and the copy is slow (28 ms at 1024)."""
         stack = self._w_stack
-        if stack.device.type != "cpu" or stack.shape[-1] > TRANSPOSED_COPY_MAX_WIDTH:
+        if stack.device.type != "cpu" or stack.shape[-1] > NARROW_MAX_WIDTH:
             self._w_t_stack = None
             return
         version = (stack.data_ptr(), stack._version) + tuple(w._version for w in self.net.weights[1:-1])
@@ -308,7 +314,7 @@ class PCEngine:
         # and split the rest; narrow ones keep one kernel (a call costs more than the imbalance there).
         self._threads = torch.get_num_threads()
         rows = 0 if stack is None else stack.shape[0]
-        if (stack is not None and stack.device.type == "cpu" and stack.shape[-1] > TRANSPOSED_COPY_MAX_WIDTH
+        if (stack is not None and stack.device.type == "cpu" and stack.shape[-1] > NARROW_MAX_WIDTH
                 and self._threads > 1 and rows % self._threads and stack.shape[1] % self._threads == 0):
             self._param_rows[0].balanced = rows - rows % self._threads
 
