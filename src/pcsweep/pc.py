@@ -361,10 +361,13 @@ class PCEngine:
             torch.addmm(b[0], self.x0, self._w_in_t, out=self.A[0])
             self._input_current = True
         if params.w is not None and rows.x_below.shape[0]:
-            n = params.balanced or rows.x_below.shape[0]
-            torch.baddbmm(params.b[:n], rows.x_below[:n], params.w_t[:n], out=rows.a_above[:n])
-            for j in range(n, rows.x_below.shape[0]):  # the rest, each split into one row block of W per thread
-                self._predict_in_blocks(rows.x_below[j], params.w[j], params.b[j, 0], rows.a_above[j])
+            if not params.balanced:
+                torch.baddbmm(params.b, rows.x_below, params.w_t, out=rows.a_above)
+            else:
+                n = params.balanced
+                torch.baddbmm(params.b[:n], rows.x_below[:n], params.w_t[:n], out=rows.a_above[:n])
+                for j in range(n, rows.x_below.shape[0]):  # the rest, each split into one row block of W per thread
+                    self._predict_in_blocks(rows.x_below[j], params.w[j], params.b[j, 0], rows.a_above[j])
         torch.addmm(b[-1], self.x_top, self._w_out_t, out=self.aL)
         act = self.net.activation
         act.forward(rows.a, rows.mu)
@@ -409,13 +412,16 @@ class PCEngine:
             self.eL.copy_(self.epsL)
 
     def _step(self, lo: int = 0) -> None:
-        gamma, rows, w = self.step_size, self._rows[lo], self._param_rows[lo].w
+        gamma, rows, params = self.step_size, self._rows[lo], self._param_rows[lo]
         rows.x.add_(rows.eps, alpha=-gamma)
-        if w is not None and rows.x_below.shape[0]:
-            n = self._param_rows[lo].balanced or rows.x_below.shape[0]
-            rows.x_below[:n].baddbmm_(rows.g_above[:n], w[:n], alpha=gamma)
-            for j in range(n, rows.x_below.shape[0]):  # the rest one by one: MKL spreads a single product itself
-                rows.x_below[j].addmm_(rows.g_above[j], w[j], alpha=gamma)
+        if params.w is not None and rows.x_below.shape[0]:
+            if not params.balanced:
+                rows.x_below.baddbmm_(rows.g_above, params.w, alpha=gamma)
+            else:
+                n = params.balanced
+                rows.x_below[:n].baddbmm_(rows.g_above[:n], params.w[:n], alpha=gamma)
+                for j in range(n, rows.x_below.shape[0]):  # the rest one by one: MKL spreads one product itself
+                    rows.x_below[j].addmm_(rows.g_above[j], params.w[j], alpha=gamma)
         self.x_top.addmm_(self.epsL, self._w_out, alpha=gamma)
 
     @torch.no_grad()
