@@ -381,14 +381,14 @@ def run(args: argparse.Namespace) -> dict:
                 entry["twins"][twin]["speedup_vs_pcx"] = best["ms_per_batch"] / ours
                 print(f"PCX {peer['pcx']} (jax {peer['jax']}, {schedule}, {best['runtime']} XLA runtime, "
                       f"{peer['loop']}ed loop): {best['ms_per_batch']:.1f} ms/batch; {twin} is "
-                      f"{best['ms_per_batch'] / ours:.2f}x faster")
+                      f"{entry['twins'][twin]['speedup_vs_pcx']:.2f}x faster")
         print()
         report["widths"][str(width)] = entry
     report["paper_grid"] = paper_grid_hours(report, args.steps)
     grid = report["paper_grid"]
     print(f"paper grid projected on this device: {grid['hours']:.1f} h ({grid['runs']} runs: the twins measured here "
-          f"at widths {', '.join(map(str, args.widths))}, on 2 datasets, 20 epochs of 938 batches, T = 256; "
-          f"time taken as linear in T)")
+          f"at widths {', '.join(map(str, args.widths))}, on {grid['datasets']} datasets, {grid['epochs']} epochs of "
+          f"{grid['batches_per_epoch']} batches, T = {grid['steps']}; time taken as linear in T)")
     return report
 
 

@@ -164,6 +164,13 @@ class _ParamRows:
     balanced: int = 0  # batch the first this many rows only (a multiple of the CPU threads); 0: batch them all
 
 
+def _reuse(buffer: Optional[Tensor], like: Tensor) -> Tensor:
+    """``buffer`` if it can hold a tensor like ``like`` (shape, dtype, device), else a new empty one."""
+    if buffer is not None and buffer.shape == like.shape and buffer.dtype == like.dtype and buffer.device == like.device:
+        return buffer
+    return torch.empty_like(like)
+
+
 def _bind(params: Sequence[Tensor], stack: Optional[Tensor]) -> Tensor:
     """Make the parameters views of one stacked tensor (values kept), so that a layer-batched product reads them in
     place and the optimizer's in-place updates land in the stack. Re-binds whenever something (a device move, a
@@ -259,11 +266,9 @@ class PCEngine:
                 self._s_stack = _bind(self.net.log_variances[: L - 1], self._s_stack)
                 if self.log_variance_min > -math.inf:
                     self._s_stack.clamp_(min=self.log_variance_min)
-                base = self._precision_base
-                if base is None or base.shape != self._s_stack.shape or base.device != self._s_stack.device \
-                        or base.dtype != self._s_stack.dtype:
-                    base = self._precision_base = torch.empty_like(self._s_stack)
-                    self._hidden_precision = base.unsqueeze(1)  # (L-1, 1, n or 1)
+                base = _reuse(self._precision_base, self._s_stack)
+                if base is not self._precision_base:
+                    self._precision_base, self._hidden_precision = base, base.unsqueeze(1)  # (L-1, 1, n or 1)
                 torch.exp(-self._s_stack, out=base)
             out_var = self.net.log_variances[L - 1]
             if out_var is not None and self.log_variance_min > -math.inf:
@@ -287,8 +292,9 @@ class PCEngine:
             self._w_t_stack = None
             return
         version = (stack.data_ptr(), stack._version) + tuple(w._version for w in self.net.weights[1:-1])
-        if self._w_t_stack is None or self._w_t_stack.shape != stack.shape or self._w_t_stack.dtype != stack.dtype:
-            self._w_t_stack, self._w_t_version = torch.empty_like(stack), None
+        reused = _reuse(self._w_t_stack, stack)
+        if reused is not self._w_t_stack:
+            self._w_t_stack, self._w_t_version = reused, None
         if version != self._w_t_version:
             self._w_t_stack.copy_(stack.transpose(1, 2))
             self._w_t_version = version
