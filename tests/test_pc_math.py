@@ -54,6 +54,7 @@ def test_local_gradients_equal_autograd_of_the_energy(loss, variance, activation
     with torch.no_grad():  # move the hidden activities off the feedforward point: every error term is live
         for l in range(1, net.num_layers):
             engine.x[l].add_(0.3 * torch.randn_like(engine.x[l]))
+    engine.activities_changed()
     engine.compute_errors()
     ours = engine.weight_gradients()
     theirs = ref.parameter_gradients(net, engine.x)
@@ -65,6 +66,12 @@ def test_local_gradients_equal_autograd_of_the_energy(loss, variance, activation
         local = engine.eps[l] - engine.g[l + 1] @ net.weights[l]
         assert rel(local, activity[l - 1]) <= 1e-8
     assert engine.energy().item() == pytest.approx(ref.energy_per_sample(net, engine.x).mean().item(), rel=1e-12)
+    error_only = ref.energy_per_sample(net, engine.x, log_variance_term=False).mean().item()
+    assert engine.error_energy().item() == pytest.approx(error_only, rel=1e-12)
+    assert engine.layer_error_energies().sum().item() == pytest.approx(error_only, rel=1e-12)
+    if variance is not None:  # the log-variance term is what separates the two
+        assert engine.log_variance_energy().item() != 0
+        assert engine.energy().item() == pytest.approx(error_only + engine.log_variance_energy().item(), rel=1e-12)
 
 
 def bp_gradients(mlp, x, y, loss="mse"):

@@ -128,11 +128,13 @@ class BatchResult:
 
     loss: Tensor  # output loss of the feedforward pass, before any update (the same number BP reports)
     logits: Tensor  # feedforward prediction, before any update
-    energy_start: Tensor  # mean energy per sample right after the output is clamped
-    energy_end: Tensor  # mean energy per sample after the last inference step (before the last weight update)
+    energy_start: Tensor  # mean ERROR energy per sample right after the output is clamped (no log-variance term)
+    energy_end: Tensor  # mean error energy per sample after the last inference step (before the last weight update)
     updates: int  # weight updates applied
-    energy_trace: Optional[Tensor] = None  # (T + 1,) mean energy per sample after each step, when asked for
+    energy_trace: Optional[Tensor] = None  # (T + 1,) mean error energy per sample after each step, when asked for
     steps_used: int = 0  # inference steps run (fewer than T only when a tolerance stopped inference early)
+    energy_rises: Optional[Tensor] = None  # checks (every check_every steps) at which the error energy had risen
+    log_variance_energy: Optional[Tensor] = None  # 0.5 sum log S at the end: the constant the error energy leaves out
 
 
 @dataclass
@@ -247,6 +249,9 @@ class PCEngine:
         self._w_t_stack: Optional[Tensor] = None  # a contiguous copy of the stack's transpose (narrow CPU layers)
         self._w_t_version: Optional[tuple] = None  # the weights it was copied from
         self._param_views_of: Optional[tuple] = None  # the storages the loop's parameter views were made from
+        # The error front: hidden rows below it still hold their feedforward activities, predictions and exactly
+        # zero errors, so nothing recomputes them (recomputing through another kernel could round differently).
+        self._front = 0
         self.refresh_parameters()
 
     # ----------------------------------------------------------------- parameters
@@ -282,6 +287,7 @@ class PCEngine:
             self._build_param_views()
         self.precisions: list[Optional[Tensor]] = self._hidden_precisions + [self._output_precision]
         self._input_current = False  # a_1 = W_1 x_0 + b_1 must be recomputed
+        self._front = 0  # new parameters: every prediction is stale
 
     def _refresh_transposed_weights(self) -> None:
         """On a CPU, narrow layers predict faster from a contiguous copy of the stack's transpose (x @ W^T reads W
@@ -388,13 +394,20 @@ class PCEngine:
 
     @torch.no_grad()
     def compute_errors(self, predict: bool = True) -> None:
-        """e_l, eps_l and g_l for every layer at the current activities (and predictions, unless FixedPred)."""
-        self._errors(predict)
+        """e_l, eps_l and g_l at the current activities (and predictions, unless FixedPred), for every row at or
+        above the error front; the rows below it are exactly at their feedforward values and keep e = 0."""
+        self._errors(predict, lo=min(self._front, self.X.shape[0] - 1))
 
     @torch.no_grad()
     def inference_step(self) -> None:
-        """One Jacobi step of gradient descent on all hidden activities at once (errors must be current)."""
-        self._step()
+        """One Jacobi step of gradient descent on all hidden activities at once (errors must be current); moves the
+        error front down one row."""
+        self._front = max(self._front - 1, 0)
+        self._step(self._front)
+
+    def activities_changed(self) -> None:
+        """Call after writing ``x`` by hand: the next ``compute_errors`` recomputes every prediction."""
+        self._front = 0
 
     # the loop's bodies, undecorated: train_batch enters no_grad once instead of twice per step (~5% at width 256)
     # ``lo``: the lowest hidden row (x_{lo+1}) the last step moved. After the feedforward init the hidden errors are
@@ -430,22 +443,45 @@ class PCEngine:
                     rows.x_below[j].addmm_(rows.g_above[j], params.w[j], alpha=gamma)
         self.x_top.addmm_(self.epsL, self._w_out, alpha=gamma)
 
+    def _error_energy(self) -> Tensor:
+        """Mean error energy per sample, sum_l e_l^2 / (2 S_l), from the current errors: e . eps, so no temporary."""
+        B = self.X.shape[1]
+        hidden = torch.dot(self.E.view(-1), self.EPS.view(-1))
+        if self.net.output_loss == "ce":
+            return 0.5 * hidden / B - (self.target * torch.log_softmax(self.aL, dim=1)).sum() / B
+        return 0.5 * (hidden + torch.dot(self.eL.view(-1), self.epsL.view(-1))) / B
+
+    @torch.no_grad()
+    def error_energy(self) -> Tensor:
+        """Mean error energy per sample at the current errors (a 0-d tensor, no host sync): what inference lowers,
+        comparable across twins (the log-variance term is a constant during inference)."""
+        return self._error_energy()
+
+    @torch.no_grad()
+    def log_variance_energy(self) -> Tensor:
+        """0.5 sum_l sum_i log S_{l,i}: the rest of the energy (zero with fixed variances)."""
+        L, n = self.net.num_layers, self.net.sizes
+        total = torch.zeros((), dtype=self.net.weights[0].dtype, device=self.net.weights[0].device)
+        for l, log_s in enumerate(self.net.log_variances):
+            if log_s is not None:
+                total = total + 0.5 * log_s.expand(n[l + 1]).sum()
+        return total
+
     @torch.no_grad()
     def energy(self) -> Tensor:
-        """Mean energy per sample at the current errors (a 0-d tensor, no host sync)."""
-        L, B = self.net.num_layers, self.X.shape[1]
-        if self._hidden_variances:
-            hidden = 0.5 * (self.E.pow(2) * self._hidden_precision).sum() / B
-            hidden = hidden + 0.5 * self._s_stack.expand(L - 1, self.X.shape[2]).sum()
-        else:
-            hidden = 0.5 * self.E.pow(2).sum() / B
+        """Mean energy per sample at the current errors: error energy plus the log-variance term."""
+        return self._error_energy() + self.log_variance_energy()
+
+    @torch.no_grad()
+    def layer_error_energies(self) -> Tensor:
+        """(L,) mean error energy per sample of each weight layer's error: where the error sits in the network."""
+        B = self.X.shape[1]
+        hidden = 0.5 * (self.E * self.EPS).sum(dim=(1, 2))
         if self.net.output_loss == "ce":
-            return hidden - (self.target * torch.log_softmax(self.aL, dim=1)).sum() / B
-        if self._output_precision is None:
-            return hidden + 0.5 * self.eL.pow(2).sum() / B
-        log_s = self.net.log_variances[L - 1]
-        output = 0.5 * (self.eL.pow(2) * self._output_precision).sum() / B
-        return hidden + output + 0.5 * log_s.expand(self.eL.shape[1]).sum()
+            output = -(self.target * torch.log_softmax(self.aL, dim=1)).sum()
+        else:
+            output = 0.5 * torch.dot(self.eL.view(-1), self.epsL.view(-1))
+        return torch.cat([hidden, output.reshape(1)]) / B
 
     def _grad_stack(self, params: Sequence[Tensor], name: str) -> Tensor:
         """A stacked gradient buffer whose slices are the parameters' ``.grad`` (rebuilt if anyone replaced them)."""
@@ -511,6 +547,9 @@ class PCEngine:
             self.X[l].copy_(self.MU[l])
         act.derivative(self.A, self.MU, self.FP)
         torch.addmm(b[-1], self.X[-1], W[-1].t(), out=self.aL)
+        for buffer in (self.E, self.EPS, self.G):  # x_l = mu_l: the hidden errors are zero by construction
+            buffer.zero_()
+        self._front = self.X.shape[0]  # no hidden row has moved
 
     def train_batch(
         self,
@@ -531,36 +570,39 @@ class PCEngine:
     def _train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None],
                      trace_energy: bool) -> BatchResult:
         self.feedforward_init(inputs, target)
-        self._errors(predict=False)  # predictions are current from the feedforward pass
+        self.compute_errors(predict=False)  # the output's error: the predictions are current from the feedforward pass
         logits = self.aL.clone()
         loss = output_loss(logits, target, self.net.output_loss)
-        energy_start = self.energy()
+        energy_start = self._error_energy()
         trace = [energy_start] if trace_energy else None
         every = self.update_every or self.steps
-        updates, steps_used, last_checked = 0, self.steps, energy_start
+        updates, steps_used = 0, self.steps
+        tolerance_ref = rise_ref = energy_start
+        rises = torch.zeros((), dtype=torch.int64, device=energy_start.device)
         energy_end = energy_start
-        front = self.X.shape[0]  # no hidden row has moved yet
         for t in range(1, self.steps + 1):
-            front = max(front - 1, 0)  # this step moves rows front.. (the error above reaches one row further down)
-            self._step(front)
-            self._errors(predict=not self.fixed_predictions, lo=front)
+            self.inference_step()
+            self.compute_errors(predict=not self.fixed_predictions)
             if trace is not None:
-                trace.append(self.energy())
+                trace.append(self._error_energy())
             converged = False
-            if self.tolerance is not None and t % self.check_every == 0 and t < self.steps:
-                current = trace[-1] if trace is not None else self.energy()
-                converged = bool((last_checked - current).abs() <= self.tolerance * last_checked.abs())
-                last_checked = current
+            if t % self.check_every == 0 or t == self.steps:  # stability watch (and the optional tolerance)
+                current = trace[-1] if trace is not None else self._error_energy()
+                rises += current > rise_ref
+                rise_ref = current
+                if self.tolerance is not None and t % self.check_every == 0 and t < self.steps:
+                    converged = bool((tolerance_ref - current).abs() <= self.tolerance * tolerance_ref.abs())
+                    tolerance_ref = current
             if t == self.steps or converged:  # before the last weight update changes what the energy depends on
-                energy_end = trace[-1] if trace is not None else self.energy()
+                energy_end = trace[-1] if trace is not None else self._error_energy()
             if t % every == 0 or converged:
                 self.weight_gradients()
                 apply_update()
-                self.refresh_parameters()
-                front = 0  # new weights: every prediction changed
+                self.refresh_parameters()  # new weights: every prediction is stale (the front is back at row 0)
                 updates += 1
                 if t < self.steps and not converged:
-                    self._errors(predict=not self.fixed_predictions)
+                    self.compute_errors(predict=not self.fixed_predictions)
+                    rise_ref = self._error_energy()  # rises are counted within inference, not across updates
             if converged:
                 steps_used = t
                 break
@@ -572,4 +614,6 @@ class PCEngine:
             updates=updates,
             energy_trace=torch.stack(trace) if trace is not None else None,
             steps_used=steps_used,
+            energy_rises=rises,
+            log_variance_energy=self.log_variance_energy(),
         )

@@ -14,8 +14,9 @@ from torch import Tensor
 from pcsweep.pc import BatchResult, Network, output_loss
 
 
-def energy_per_sample(net: Network, activities: Sequence[Tensor]) -> Tensor:
-    """E for each sample (shape (B,)), predictions recomputed from ``activities`` (x_0 .. x_L)."""
+def energy_per_sample(net: Network, activities: Sequence[Tensor], log_variance_term: bool = True) -> Tensor:
+    """E for each sample (shape (B,)), predictions recomputed from ``activities`` (x_0 .. x_L); without the
+    0.5 log S term when ``log_variance_term`` is False (the error energy)."""
     L = net.num_layers
     total = torch.zeros(activities[0].shape[0], dtype=activities[0].dtype, device=activities[0].device)
     for l in range(1, L + 1):
@@ -30,7 +31,9 @@ def energy_per_sample(net: Network, activities: Sequence[Tensor]) -> Tensor:
             total = total + 0.5 * e.pow(2).sum(dim=1)
         else:
             n = e.shape[1]
-            total = total + 0.5 * (e.pow(2) * torch.exp(-log_s)).sum(dim=1) + 0.5 * log_s.expand(n).sum()
+            total = total + 0.5 * (e.pow(2) * torch.exp(-log_s)).sum(dim=1)
+            if log_variance_term:
+                total = total + 0.5 * log_s.expand(n).sum()
     return total
 
 
@@ -69,7 +72,7 @@ class AutogradPC:
         with torch.no_grad():
             xs, logits = feedforward_activities(self.net, inputs, target)
         loss = output_loss(logits, target, self.net.output_loss)
-        energy_start = energy_per_sample(self.net, xs).mean().detach()
+        energy_start = energy_per_sample(self.net, xs, log_variance_term=False).mean().detach()
         every = self.update_every or self.steps
         updates = 0
         with torch.enable_grad():
@@ -77,7 +80,7 @@ class AutogradPC:
                 grads = activity_gradients(self.net, xs)
                 xs = [xs[0]] + [x - self.step_size * g for x, g in zip(xs[1:-1], grads)] + [xs[-1]]
                 if t == self.steps:  # after the last inference step, before the last weight update
-                    energy_end = energy_per_sample(self.net, xs).mean().detach()
+                    energy_end = energy_per_sample(self.net, xs, log_variance_term=False).mean().detach()
                 if t % every == 0:
                     for p, g in zip(self.net.parameters(), parameter_gradients(self.net, xs)):
                         p.grad = g
