@@ -7,7 +7,7 @@ import torch
 
 from pcsweep import reference as ref
 from pcsweep.mlp import MLP, make_log_variances
-from pcsweep.pc import PCEngine, output_loss
+from pcsweep.pc import PCEngine, activity_curvature, output_loss
 
 
 
@@ -177,9 +177,10 @@ def test_a_too_large_step_does_increase_the_energy():
     assert (result.energy_trace.diff() > 0).any()
 
 
-@pytest.mark.parametrize("update_every,variance", [(None, None), (4, None), (None, "neuron"), (4, "layer")])
+@pytest.mark.parametrize("update_every,variance,momentum", [(None, None, 0.0), (4, None, 0.0), (None, "neuron", 0.0),
+                                                            (4, "layer", 0.0), (None, None, 0.9), (4, "neuron", 0.8)])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_engine_training_equals_autograd_reference(update_every, variance, loss):
+def test_engine_training_equals_autograd_reference(update_every, variance, momentum, loss):
     """A whole training batch (inference + scheduled updates through SGD) matches plain autograd of the energy."""
     _, _, net = make_net(variance, loss)
     ref_net = copy.deepcopy(net)
@@ -187,7 +188,7 @@ def test_engine_training_equals_autograd_reference(update_every, variance, loss)
     results = []
     for impl, network in ((PCEngine, net), (ref.AutogradPC, ref_net)):
         opt = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
-        engine = impl(network, steps=16, step_size=0.1, update_every=update_every)
+        engine = impl(network, steps=16, step_size=0.1, update_every=update_every, momentum=momentum)
         for _ in range(2):
             results.append(engine.train_batch(x, y, apply_update=opt.step))
     for a, b in zip(net.parameters(), ref_net.parameters()):
@@ -285,3 +286,56 @@ def test_wide_layers_balanced_over_threads_equal_the_reference():
             assert rel(a.detach(), b.detach()) <= 1e-10
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("loss,variance", [("mse", None), ("mse", "neuron"), ("ce", "layer")])
+def test_activity_curvature_is_the_largest_eigenvalue_of_autograds_hessian(loss, variance):
+    """At the feedforward state the power iteration finds the top eigenvalue of the exact activity Hessian."""
+    _, _, net = make_net(variance, loss, depth=4)
+    x, y = batch(size=3)
+    engine = PCEngine(net, steps=1, step_size=0.1)
+    engine.feedforward_init(x, y)
+    ours = activity_curvature(engine, iterations=300)
+    xs = [t.clone() for t in engine.x]
+    for b in range(x.shape[0]):
+        hidden = torch.cat([t[b] for t in xs[1:-1]])
+        sizes = [t.shape[1] for t in xs[1:-1]]
+
+        def energy_of(flat, b=b):
+            parts = list(torch.split(flat, sizes))
+            acts = [xs[0][b : b + 1]] + [p.unsqueeze(0) for p in parts] + [xs[-1][b : b + 1]]
+            return ref.energy_per_sample(net, acts).sum()
+
+        hessian = torch.autograd.functional.hessian(energy_of, hidden)
+        assert ours[b].item() == pytest.approx(torch.linalg.eigvalsh(hessian).max().item(), rel=1e-6)
+
+
+def test_step_size_past_two_over_curvature_diverges_and_below_it_does_not():
+    """The stability limit the pre-flight check uses: gamma * lambda_max < 2 (past it the energy rises at some
+    steps; the nonlinearity may keep it bounded, so rises, not blow-ups, are what is watched)."""
+    _, _, net = make_net(depth=6)
+    x, y = batch(size=16)
+    engine = PCEngine(net, steps=1, step_size=0.1)
+    engine.feedforward_init(x, y)
+    limit = 2 / activity_curvature(engine).max().item()
+    for factor, unstable in ((0.9, False), (1.2, True)):
+        result = PCEngine(net, steps=200, step_size=factor * limit).train_batch(x, y, lambda: None, trace_energy=True)
+        assert bool((result.energy_trace.diff() > 0).any()) is unstable
+        assert (result.energy_rises.item() > 0) is unstable  # the engine's own watch sees it too
+
+
+def test_heavy_ball_inference_reaches_a_fixed_point_of_the_same_energy_in_fewer_steps():
+    """Momentum changes the path, not the fixed points: the heavy ball ends where dE/dx = 0 (autograd's), and at a
+    small T it is much closer to converged than plain descent. (The energy is not convex: the two may settle in
+    different minima, so the test compares each with its own end point.)"""
+    _, _, net = make_net(depth=8, sizes=(12, 16, 5))
+    x, y = batch(size=8)
+    energy = {}
+    for momentum, steps in ((0.0, 64), (0.9, 64), (0.0, 80000), (0.9, 8000)):
+        engine = PCEngine(net, steps=steps, step_size=0.1, momentum=momentum)
+        energy[momentum, steps] = engine.train_batch(x, y, apply_update=lambda: None).energy_end.item()
+        if steps > 64:
+            assert max(g.abs().max().item() for g in ref.activity_gradients(net, engine.x)) < 1e-12
+    plain_gap = energy[0.0, 64] - energy[0.0, 80000]
+    heavy_gap = energy[0.9, 64] - energy[0.9, 8000]
+    assert 0 <= heavy_gap < 0.5 * plain_gap  # 0.026 vs 0.099 here

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import struct
@@ -37,7 +38,7 @@ IDX_FILES: dict[str, dict[str, str]] = {
         "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
-DATASETS = ("digits",) + tuple(IDX_FILES)
+DATASETS = ("digits", "digits28") + tuple(IDX_FILES)
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -190,6 +191,37 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
     )
 
 
+def _distort(images: Tensor, count: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``count`` random draws of 8x8 images, each upsampled to 20x20, rotated (+-15 deg), scaled (0.85-1.15),
+    sheared, placed at a random offset in a 28x28 frame (as MNIST centres its digits in 20x20 boxes), plus noise."""
+    import torch.nn.functional as F
+
+    pick = torch.randint(0, images.shape[0], (count,), generator=gen)
+    big = F.interpolate(images[pick].view(-1, 1, 8, 8), size=(20, 20), mode="bilinear", align_corners=False)
+    big = F.pad(big, (4, 4, 4, 4))
+    angle = (torch.rand(count, generator=gen) - 0.5) * math.radians(30)
+    scale = 0.85 + 0.3 * torch.rand(count, generator=gen)
+    shear = (torch.rand(count, generator=gen) - 0.5) * 0.3
+    shift = (torch.rand(count, 2, generator=gen) - 0.5) * (8 / 14)  # +-4 pixels in grid units
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin + shear, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, (count, 1, 28, 28), align_corners=False)
+    out = F.grid_sample(big, grid, align_corners=False, padding_mode="zeros").view(count, 784)
+    out = (out + 0.05 * torch.randn(out.shape, generator=gen)).clamp_(0.0, 1.0)
+    return out, pick
+
+
+def load_digits28(train_size: int = 60000, test_size: int = 10000, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """An MNIST-shaped check set made offline from the bundled digits: 784 inputs, MNIST's split sizes (938 batches
+    of 64 per epoch). Train and test images are distorted copies of disjoint digits (the fixed digits split)."""
+    base = load_digits(test_fraction)
+    gen = torch.Generator().manual_seed(seed)
+    train_x, train_pick = _distort(base.train.inputs, train_size, gen)
+    test_x, test_pick = _distort(base.test.inputs, test_size, gen)
+    return Dataset("digits28", Split(train_x, base.train.labels[train_pick]), Split(test_x, base.test.labels[test_pick]),
+                   num_classes=10)
+
+
 def load_idx_dataset(name: str, data_dir: Path | str, download: bool = False, mirrors: Sequence[str] = ()) -> Dataset:
     data_dir = Path(data_dir)
     if download and missing_idx_files(name, data_dir):
@@ -211,6 +243,9 @@ def load_dataset(cfg) -> Dataset:
     """From the ``dataset`` config node."""
     if cfg.name == "digits":
         return load_digits(cfg.get("test_fraction", 0.2))
+    if cfg.name == "digits28":
+        return load_digits28(cfg.get("train_size", 60000), cfg.get("test_size", 10000), cfg.get("test_fraction", 0.2),
+                             cfg.get("seed", 0))
     return load_idx_dataset(cfg.name, cfg.data_dir, cfg.get("download", False), list(cfg.get("mirrors", [])))
 
 

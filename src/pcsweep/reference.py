@@ -65,8 +65,10 @@ def parameter_gradients(net: Network, activities: Sequence[Tensor]) -> list[Tens
 class AutogradPC:
     """Plain PC training by autograd of the energy at every step: slow, obviously right."""
 
-    def __init__(self, network: Network, steps: int = 256, step_size: float = 0.1, update_every: Optional[int] = None):
+    def __init__(self, network: Network, steps: int = 256, step_size: float = 0.1, update_every: Optional[int] = None,
+                 momentum: float = 0.0):
         self.net, self.steps, self.step_size, self.update_every = network, steps, step_size, update_every
+        self.momentum = momentum
 
     def train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None]) -> BatchResult:
         with torch.no_grad():
@@ -75,10 +77,12 @@ class AutogradPC:
         energy_start = energy_per_sample(self.net, xs, log_variance_term=False).mean().detach()
         every = self.update_every or self.steps
         updates = 0
+        velocity = [torch.zeros_like(x) for x in xs[1:-1]]
         with torch.enable_grad():
             for t in range(1, self.steps + 1):
                 grads = activity_gradients(self.net, xs)
-                xs = [xs[0]] + [x - self.step_size * g for x, g in zip(xs[1:-1], grads)] + [xs[-1]]
+                velocity = [self.momentum * v - self.step_size * g for v, g in zip(velocity, grads)]
+                xs = [xs[0]] + [x + v for x, v in zip(xs[1:-1], velocity)] + [xs[-1]]
                 if t == self.steps:  # after the last inference step, before the last weight update
                     energy_end = energy_per_sample(self.net, xs, log_variance_term=False).mean().detach()
                 if t % every == 0:

@@ -1,0 +1,122 @@
+"""Did the paper's conditions hold? What a PC run measures of itself (pure torch, over the engine's public API).
+
+- **Condition 2** (inference converged): on a fixed probe batch, the state after the twin's update point (T steps,
+  or k for relax 2) against inference run far past it. The gap is the share of inference's energy decrease still to
+  go at T, ``(E_T - E_inf) / (E_0 - E_inf)``; per weight layer, the cosine and the norm ratio between the update at T
+  and the update at convergence.
+- **Inference stability**: ``step_size * lambda_max`` of the activity Hessian (gradient descent diverges past 2).
+- **Condition 3 relaxed**: per-layer statistics of log S, and how many neurons sit on the floor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pcsweep.pc import PCEngine, activity_curvature
+
+# Stiffness (step_size * lambda_max) the automatic variance floor allows: below the limit 2, with room for the
+# curvature to grow as the weights train (1 would be the critically damped step for the stiffest mode).
+AUTO_FLOOR_STIFFNESS = 1.5
+
+
+@dataclass
+class Condition2Thresholds:
+    """Condition 2 holds when inference at T has done all but ``max_gap`` of its energy decrease and every layer's
+    update points within ``min_cosine`` of the converged one."""
+
+    max_gap: float = 0.05
+    min_cosine: float = 0.95
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else 1.0
+
+
+def _weight_updates(engine: PCEngine) -> list[Tensor]:
+    engine.weight_gradients()
+    return [w.grad.detach().clone() for w in engine.net.weights]
+
+
+@torch.no_grad()
+def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: int, max_steps: int,
+                     tolerance: float = 1e-6, check_every: int = 8) -> dict:
+    """Inference without weight updates on (inputs, target): the state at ``at_step`` against the state where the
+    error energy's relative change over ``check_every`` steps fell below ``tolerance`` (or ``max_steps``).
+
+    Writes ``.grad`` of the weights (the next training batch overwrites it) and leaves the engine's buffers to the
+    next ``feedforward_init``."""
+    predict = not engine.fixed_predictions
+    engine.feedforward_init(inputs, target)
+    engine.compute_errors(predict=False)
+    start = float(engine.error_energy())
+    for _ in range(at_step):
+        engine.inference_step()
+        engine.compute_errors(predict)
+    at_t = float(engine.error_energy())
+    updates_at_t = _weight_updates(engine)
+    steps, previous, current = at_step, at_t, at_t
+    while steps < max_steps:
+        for _ in range(check_every):
+            engine.inference_step()
+            engine.compute_errors(predict)
+        steps += check_every
+        current = float(engine.error_energy())
+        if not math.isfinite(current) or abs(previous - current) <= tolerance * abs(previous):
+            break
+        previous = current
+    updates_at_end = _weight_updates(engine)
+    decrease = start - current
+    return {
+        "at_step": at_step,
+        "energy_start": start,
+        "energy_at_T": at_t,
+        "energy_converged": current,
+        "steps_converged": steps,
+        "gap": (at_t - current) / decrease if decrease > 0 else 0.0,
+        "cosine": [_cosine(a, b) for a, b in zip(updates_at_t, updates_at_end)],
+        "norm_ratio": [float(a.norm() / b.norm()) if float(b.norm()) > 0 else 1.0
+                       for a, b in zip(updates_at_t, updates_at_end)],
+    }
+
+
+def condition2_verdict(probes: Sequence[dict], relaxed: bool, limits: Condition2Thresholds) -> dict:
+    """``held`` / ``violated`` (or ``relaxed`` for relax 2 and 23, by design) from every epoch's probe, with the worst
+    numbers; ``not measured`` without probes."""
+    if not probes:
+        return {"verdict": "not measured"}
+    worst_gap = max(p["gap"] for p in probes)
+    worst_cosine = min(min(p["cosine"]) for p in probes)
+    held = worst_gap <= limits.max_gap and worst_cosine >= limits.min_cosine
+    verdict = "relaxed" if relaxed else ("held" if held else "violated")
+    return {"verdict": verdict, "worst_gap": worst_gap, "worst_cosine": worst_cosine,
+            "max_gap": limits.max_gap, "min_cosine": limits.min_cosine, "probed_epochs": len(probes)}
+
+
+@torch.no_grad()
+def stiffness(engine: PCEngine, inputs: Tensor, target: Tensor, iterations: int = 30) -> float:
+    """``step_size * lambda_max`` at the feedforward state of (inputs, target), with the current variances."""
+    engine.feedforward_init(inputs, target)
+    return engine.step_size * float(activity_curvature(engine, iterations).max())
+
+
+def variance_floor(step_size: float, curvature_at_unit_variance: float,
+                   target_stiffness: float = AUTO_FLOOR_STIFFNESS) -> float:
+    """The lowest log S at which ``step_size * lambda_max`` stays at ``target_stiffness`` (lambda scales like 1/S)."""
+    return math.log(step_size * curvature_at_unit_variance / target_stiffness)
+
+
+def variance_statistics(log_variances: Sequence[Tensor], floor: Optional[float]) -> list[dict]:
+    """Per weight layer: mean, spread across neurons, min and max of log S, and the fraction on the floor."""
+    rows = []
+    for log_s in log_variances:
+        values = log_s.detach().double().flatten().cpu()
+        at_floor = float((values <= floor + 1e-6).double().mean()) if floor is not None and math.isfinite(floor) else 0.0
+        rows.append({"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1 else 0.0,
+                     "min": float(values.min()), "max": float(values.max()), "at_floor": at_floor})
+    return rows
