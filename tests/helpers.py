@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# the same model family, small: every twin still runs its full code path
-SMALL = ["width=24", "depth=3", "epochs=2", "inference.steps=16", "batch_size=128"]
+# the same model family, small: every twin still runs its full code path. Seconds of training do not reach a
+# trained accuracy, so the "failed to learn" check is off here (tests/test_cli.py and test_conditions.py cover it).
+SMALL = ["width=24", "depth=3", "epochs=2", "inference.steps=16", "batch_size=128", "tracking.chance_margin=-1"]
 
 
 def pcsweep(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ def run_folders(sweep_dir):
 
 
 def test_default_multirun_trains_the_five_twins_and_prints_the_table(tmp_path):
-    result = pcsweep(tmp_path, "-m", *SMALL)
+    result = pcsweep(tmp_path, "-m", *SMALL, "tracking.chance_margin=0.05")
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
     names = run_folders(sweep)
@@ -26,7 +26,12 @@ def test_default_multirun_trains_the_five_twins_and_prints_the_table(tmp_path):
     for name in names:
         run = sweep / name
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["status"] == "complete" and summary["epochs"] == 2
+        # seconds of training: a twin with a tiny learning rate (rc23) may not learn, and must then say so
+        assert summary["status"] in ("complete", "failed_to_learn") and summary["epochs"] == 2
+        if summary["status"] == "failed_to_learn":
+            assert summary["final_test_acc"] < 0.15 and summary["time_to_90"] is None
+        else:
+            assert summary["final_test_acc"] >= 0.15 and summary["time_to_90"] is not None
         assert 0.0 <= summary["final_test_acc"] <= 1.0 and summary["final_train_loss"] > 0
         assert (run / "config.yaml").is_file() and (run / "weights.pt").is_file()
         assert (run / "metrics.csv").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
@@ -36,7 +41,7 @@ def test_default_multirun_trains_the_five_twins_and_prints_the_table(tmp_path):
         expected = twin.replace("pc_rc", "pc_24_3_rc") if "rc" in twin else f"{twin}_24_3"
         assert any(line.startswith(expected + " ") for line in result.stdout.splitlines()), expected
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert len(rows) == 8 and sum(r["status"] == "complete" for r in rows) == 5
+    assert len(rows) == 8 and sum(r["status"] in ("complete", "failed_to_learn") for r in rows) == 5
 
 
 @pytest.mark.slow
@@ -94,13 +99,14 @@ def test_an_invalid_job_stops_the_whole_sweep_before_any_training(tmp_path):
 
 
 def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tmp_path):
-    result = pcsweep(tmp_path, "-m", *SMALL, "algo=pc,bp", "inference.step_size=1e6")
+    # stable inference at the start (a step size past the limit is refused before training), weights that explode
+    result = pcsweep(tmp_path, "-m", *SMALL, "algo=pc,bp", "optimizer.lr=100")
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
     summaries = {n.split("_digits-")[0]: json.loads((sweep / n / "summary.json").read_text()) for n in run_folders(sweep)}
     assert summaries["pc_24_3"]["status"] == "diverged" and summaries["pc_24_3"]["diverged"] is True
-    assert (sweep / summaries["pc_24_3"]["run_dir"] / "DIVERGED").is_file()
-    assert summaries["bp_24_3"]["status"] == "complete"
+    assert (sweep / summaries["pc_24_3"]["run_dir"] / "DIVERGED").read_text().strip() == summaries["pc_24_3"]["diverged_reason"]
+    assert summaries["pc_24_3"]["time_to_90"] is None
     assert "diverged" in result.stdout
 
 

@@ -1,9 +1,9 @@
 """Did the paper's conditions hold? What a PC run measures of itself (pure torch, over the engine's public API).
 
 - **Condition 2** (inference converged): on a fixed probe batch, the state after the twin's update point (T steps,
-  or k for relax 2) against inference run far past it. The gap is the share of inference's energy decrease still to
-  go at T, ``(E_T - E_inf) / (E_0 - E_inf)``; per weight layer, the cosine and the norm ratio between the update at T
-  and the update at convergence.
+  or k for relax 2) against inference run far past it. The gap is the share of the error energy at T that inference
+  would still remove, ``(E_T - E_conv) / E_T``; per weight layer, the cosine and the norm ratio between the update at
+  T and the update at convergence.
 - **Inference stability**: ``step_size * lambda_max`` of the activity Hessian (gradient descent diverges past 2).
 - **Condition 3 relaxed**: per-layer statistics of log S, and how many neurons sit on the floor.
 """
@@ -71,14 +71,13 @@ def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: 
             break
         previous = current
     updates_at_end = _weight_updates(engine)
-    decrease = start - current
     return {
         "at_step": at_step,
         "energy_start": start,
         "energy_at_T": at_t,
         "energy_converged": current,
         "steps_converged": steps,
-        "gap": (at_t - current) / decrease if decrease > 0 else 0.0,
+        "gap": max(at_t - current, 0.0) / at_t if at_t > 0 else 0.0,
         "cosine": [_cosine(a, b) for a, b in zip(updates_at_t, updates_at_end)],
         "norm_ratio": [float(a.norm() / b.norm()) if float(b.norm()) > 0 else 1.0
                        for a, b in zip(updates_at_t, updates_at_end)],
@@ -120,3 +119,39 @@ def variance_statistics(log_variances: Sequence[Tensor], floor: Optional[float])
         rows.append({"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1 else 0.0,
                      "min": float(values.min()), "max": float(values.max()), "at_floor": at_floor})
     return rows
+
+
+class UnstableSetting(ValueError):
+    """A setting that makes inference provably unstable at the initial weights (one line, before any training)."""
+
+
+@torch.no_grad()
+def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_setting, trainable_variance: bool) -> dict:
+    """At the initial weights (S = 1) on one batch: is gradient descent on the activities stable, and which floor on
+    log S keeps it so? Heavy-ball descent is stable while ``step_size * lambda_max < 2 (1 + momentum)``; the largest
+    eigenvalue scales like 1/S, so a floor f allows ``step_size * lambda_max * exp(-f)`` at most.
+
+    Returns ``lambda_max``, ``stiffness``, ``limit`` and ``log_variance_min`` (None without trainable variances);
+    raises ``UnstableSetting`` for a step size or a floor past the limit."""
+    engine.feedforward_init(inputs, target)
+    lam = float(activity_curvature(engine).max())
+    gamma, beta = engine.step_size, engine.momentum
+    limit, stiff = 2 * (1 + beta), gamma * lam
+    if stiff >= limit:
+        raise UnstableSetting(
+            f"inference.step_size={gamma:g} is past the stability limit: step_size * lambda_max = {stiff:.3g} >= "
+            f"2 (1 + momentum) = {limit:.3g} at the initial weights (lambda_max = {lam:.3g}); use a step size "
+            f"below {limit / lam:.3g}")
+    floor = None
+    if trainable_variance:
+        lowest = math.log(stiff / limit)
+        if floor_setting == "auto":
+            floor = variance_floor(gamma, lam, AUTO_FLOOR_STIFFNESS * (1 + beta))
+        else:
+            floor = float(floor_setting)
+            if floor <= lowest:
+                raise UnstableSetting(
+                    f"relax.log_variance_min={floor:g} is below the stable range: with inference.step_size={gamma:g}, "
+                    f"momentum {beta:g} and lambda_max = {lam:.3g} at the initial weights, inference diverges once "
+                    f"log S < {lowest:.3g}; use relax.log_variance_min=auto or a value above {lowest:.3g}")
+    return {"lambda_max": lam, "stiffness": stiff, "limit": limit, "log_variance_min": floor}

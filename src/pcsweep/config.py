@@ -61,6 +61,12 @@ def validate(cfg: DictConfig) -> None:
         k, steps = cfg.relax.update_every, cfg.inference.steps
         if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= steps):
             raise ConfigError(f"relax.update_every must be null or in [1, inference.steps={steps}], got {k!r}")
+        floor = cfg.relax.log_variance_min
+        if floor != "auto" and not (isinstance(floor, (int, float)) and not isinstance(floor, bool)):
+            raise ConfigError(f"relax.log_variance_min must be auto or a number, got {floor!r}")
+        momentum = cfg.inference.momentum
+        if not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0 <= momentum < 1):
+            raise ConfigError(f"inference.momentum must be in [0, 1), got {momentum!r}")
         if cfg.relax.variance not in ("fixed", "neuron", "layer"):
             raise ConfigError(f"relax.variance must be fixed, neuron or layer, got {cfg.relax.variance!r}")
 

@@ -50,6 +50,7 @@ class TwinModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self._unrecorded: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []  # batches not yet in the metrics
         self.diverged = False
+        self.diverged_reason: Optional[str] = None
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.mlp(inputs)
@@ -69,8 +70,11 @@ class TwinModule(L.LightningModule):
     def check_finite(self, *values: Tensor) -> None:
         """Stop the run cleanly (not the sweep) when training blows up."""
         if not all(torch.isfinite(v).all() for v in values):
-            self.diverged = True
-            self.trainer.should_stop = True
+            self.stop_diverged(f"non-finite loss or energy in epoch {self.current_epoch}")
+
+    def stop_diverged(self, reason: str) -> None:
+        self.diverged, self.diverged_reason = True, reason
+        self.trainer.should_stop = True
 
     RECORD_EVERY = 32  # batches per metric update: torchmetrics costs ~0.1 ms a call, 4% of a batch at width 256
 
@@ -148,8 +152,10 @@ class PCModule(TwinModule):
         log_variance_min: float = -math.inf,
         inference_tolerance: Optional[float] = None,
         inference_check_every: int = 8,
+        inference_momentum: float = 0.0,
         trace_energy: bool = False,
         alignment_every: int = 0,
+        divergence_factor: float = 100.0,
     ) -> None:
         super().__init__(mlp, optimizer, output_loss, weight_decay, variance_weight_decay)
         self.automatic_optimization = False
@@ -163,10 +169,15 @@ class PCModule(TwinModule):
             log_variance_min=log_variance_min,
             tolerance=inference_tolerance,
             check_every=inference_check_every,
+            momentum=inference_momentum,
         )
+        self.divergence_factor = divergence_factor
         self.train_means["energy"] = batch_mean()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
+        self.train_means["energy_rises"] = batch_mean()  # checks per batch at which the error energy had risen
+        if self.log_variances is not None:
+            self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
         self.trace_energy, self.alignment_every = trace_energy, alignment_every
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
 
@@ -192,11 +203,18 @@ class PCModule(TwinModule):
         trace = self.trace_energy and batch_idx == 0
         result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
         self.check_finite(result.loss, result.energy_end)
+        if not self.diverged:
+            start, end = float(result.energy_start), float(result.energy_end)
+            if end > self.divergence_factor * max(start, 1e-12):
+                self.stop_diverged(f"inference diverged in epoch {self.current_epoch}, batch {batch_idx}: the error "
+                                   f"energy rose from {start:.3g} to {end:.3g} (step size too large for the curvature)")
         if self.diverged:
             return
+        extra = {} if self.log_variances is None else {"log_variance_energy": result.log_variance_energy}
         self.record_train(batch_idx, result.loss, result.logits, labels,
                           energy=result.energy_end, energy_start=result.energy_start,
-                          inference_steps=torch.tensor(float(result.steps_used)))
+                          inference_steps=torch.tensor(float(result.steps_used)),
+                          energy_rises=result.energy_rises.float(), **extra)
         if trace:
             self.latest_energy_trace = result.energy_trace
         if align:

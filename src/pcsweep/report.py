@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pcsweep.landscape import landscape  # noqa: E402
+from pcsweep.summary import checks_text  # noqa: E402
 
 TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
 PALETTE = dict(zip(TWIN_ORDER, sns.color_palette("deep", 5)))
@@ -107,7 +108,8 @@ def summary_frame(sweep: Sweep) -> pd.DataFrame:
                      "final acc": s.get("final_test_acc"), "best acc": s.get("best_test_acc"),
                      "train loss": s.get("final_train_loss"), "test loss": s.get("final_test_loss"),
                      "train time [s]": s.get("train_seconds"), "time to 90% [s]": s.get("time_to_90"),
-                     "epochs": s.get("epochs"), "run": run.path.name})
+                     "epochs": s.get("epochs"), "conditions": checks_text(s.get("checks")),
+                     "run": run.path.name})
     return pd.DataFrame(rows)
 
 
@@ -328,8 +330,11 @@ def _embed(path: Path) -> str:
 def write_documents(sweep: Sweep, out: Path, sections: list[tuple[str, str, list[Path]]]) -> tuple[Path, Path]:
     frame = summary_frame(sweep).drop(columns=["twin"])
     notes = [f"{s['model']}: {s['reason']}" for s in sweep.skipped]
-    notes += [f"{r.label} ({r.summary['dataset']}): diverged, left out of the figures" for r in sweep.runs
-              if r.summary["status"] == "diverged"]
+    notes += [f"{r.label} ({r.summary['dataset']}): diverged ({r.summary.get('diverged_reason') or 'non-finite'}), "
+              "left out of the figures" for r in sweep.runs if r.summary["status"] == "diverged"]
+    notes += [f"{r.label} ({r.summary['dataset']}): failed to learn (final accuracy "
+              f"{r.summary.get('final_test_acc') or 0:.3f}), left out of the figures and rankings" for r in sweep.runs
+              if r.summary["status"] == "failed_to_learn"]
     table_html = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0)
     parts = [f"<h1>pcsweep report: {html.escape(sweep.path.name)}</h1>", "<h2>Runs</h2>", table_html]
     if notes:

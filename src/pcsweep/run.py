@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -22,15 +23,17 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from pcsweep.conditions import Condition2Thresholds, UnstableSetting, condition2_verdict, preflight_stability
 from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
 from pcsweep.devices import training_devices
 from pcsweep.data import DatasetError, TensorDataModule, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
-from pcsweep.tracking import EnergyTraces, ResumableCSVLogger, WeightHistograms, start_wandb, trim_metrics
+from pcsweep.tracking import (EnergyTraces, ResumableCSVLogger, RunConditions, WeightHistograms, start_wandb,
+                              trim_metrics)
 
-FINISHED = ("complete", "diverged")
+FINISHED = ("complete", "diverged", "failed_to_learn")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -89,19 +92,69 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
         inference_step_size=cfg.inference.step_size,
         inference_tolerance=cfg.inference.tolerance,
         inference_check_every=cfg.inference.check_every,
+        inference_momentum=cfg.inference.momentum,
         update_every=cfg.relax.update_every,
         variance=cfg.relax.variance,
-        log_variance_min=cfg.relax.log_variance_min,
+        # "auto" is set by check_stability, from the curvature measured at the initial weights
+        log_variance_min=-math.inf if cfg.relax.log_variance_min == "auto" else float(cfg.relax.log_variance_min),
         trace_energy=cfg.tracking.energy_trace,
         alignment_every=cfg.tracking.alignment_every,
+        divergence_factor=cfg.tracking.divergence_factor,
     )
 
 
-def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str) -> dict[str, Any]:
+def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
+    """Pre-flight, at the initial weights on the first training batch: a step size or variance floor that makes
+    inference diverge is one line, not a run; ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
+    inputs = dataset.train.inputs[: cfg.batch_size].to(model.mlp.layers[0].weight.dtype)
+    target = model.one_hot(dataset.train.labels[: cfg.batch_size])
+    try:
+        stability = preflight_stability(model.engine, inputs, target, cfg.relax.log_variance_min,
+                                        trainable_variance=model.log_variances is not None)
+    except UnstableSetting as exc:
+        fail(str(exc))
+    if stability["log_variance_min"] is not None:
+        model.engine.log_variance_min = stability["log_variance_min"]
+        model.engine.refresh_parameters()
+    return stability
+
+
+def run_checks(cfg: DictConfig, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]) -> dict:
+    """Whether the run's assumptions held, each with a verdict and its numbers (the summary's ``checks``)."""
+    chance = 1.0 / summary["num_classes"]
+    final = summary.get("final_test_acc")
+    learned = final is not None and final >= chance + cfg.tracking.chance_margin
+    checks: dict[str, Any] = {"learned": {"verdict": "learned" if learned else "failed to learn", "final_test_acc": final,
+                                          "chance": chance, "margin": cfg.tracking.chance_margin}}
+    if conditions is None:
+        return checks
+    records = conditions.records
+    limits = Condition2Thresholds(cfg.tracking.condition2_max_gap, cfg.tracking.condition2_min_cosine)
+    checks["condition2"] = condition2_verdict([r["condition2"] for r in records], cfg.relax.update_every is not None,
+                                              limits)
+    worst = max((r["stiffness"] for r in records), default=stability["stiffness"])
+    rises = [r.get("train_energy_rises") for r in summary["history"] if r.get("train_energy_rises") is not None]
+    checks["inference"] = {"verdict": "stable" if worst < stability["limit"] else "unstable",
+                           "stiffness_initial": stability["stiffness"], "stiffness_worst": worst,
+                           "limit": stability["limit"], "lambda_max_initial": stability["lambda_max"],
+                           "energy_rises_per_batch": rises}
+    if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
+        layers = records[-1]["variance"]
+        at_floor = sum(layer["at_floor"] for layer in layers[:-1]) / max(len(layers) - 1, 1)
+        checks["variance"] = {
+            "verdict": "hidden variances at the floor" if at_floor > 0.5 else "learned",
+            "log_variance_min": stability["log_variance_min"], "hidden_at_floor": at_floor, "layers": layers}
+    return checks
+
+
+def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str, num_classes: int) -> dict[str, Any]:
     records = history.records
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
-    t90 = time_to_fraction(records, 0.9) if status == "complete" else None
+    final = last.get("test_acc")
+    if status == "complete" and (final is None or final < 1.0 / num_classes + cfg.tracking.chance_margin):
+        status = "failed_to_learn"  # listed, never ranked: a time to 90% of chance means nothing
+    t90 = time_to_fraction(history.curve or records, 0.9) if status == "complete" else None
     return {
         "name": paper_name(cfg),
         "dataset": cfg.dataset.name,
@@ -117,7 +170,10 @@ def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str) -> d
         "time_to_90": t90["train_seconds"] if t90 else None,
         "epoch_to_90": t90["epoch"] if t90 else None,
         "step_to_90": t90["step"] if t90 else None,
+        "epochs_to_90": t90.get("epochs") if t90 else None,
+        "num_classes": num_classes,
         "history": records,
+        "curve": history.curve,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -152,15 +208,22 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     model = build_model(cfg, dataset.num_features, dataset.num_classes)
+    stability = check_stability(cfg, model, dataset) if isinstance(model, PCModule) else None
     datamodule = TensorDataModule(dataset, cfg.batch_size, seed=cfg.seed)
-    history = History()
+    history = History(cfg.tracking.evals_per_epoch)
     # one file, rewritten after every epoch's validation (save_last alone only mirrors top-k saves)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
+        save_on_train_epoch_end=True,  # after every callback's epoch-end work (the condition probes) is in its state
     )
     callbacks = [history, WeightHistograms(run_dir, cfg.tracking.histogram_every)]
     if cfg.algo.name == "pc" and cfg.tracking.energy_trace:
         callbacks.append(EnergyTraces(run_dir, cfg.tracking.energy_tolerance))
+    conditions = None
+    if stability is not None:
+        conditions = RunConditions(cfg.tracking.condition2_every, cfg.tracking.condition2_max_multiple,
+                                   variance_floor=stability["log_variance_min"])
+        callbacks.append(conditions)
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = ""
     if last.is_file():
@@ -209,17 +272,24 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         status = "diverged" if model.diverged else "complete"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
                    run_dir / "weights.pt")
-        summary = _summary(cfg, run_dir, history, status)
+        summary = _summary(cfg, run_dir, history, status, dataset.num_classes)
+        summary["diverged_reason"] = model.diverged_reason
+        summary["checks"] = run_checks(cfg, summary, conditions, stability)
+        summary["conditions"] = conditions.records if conditions is not None else []
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in summary.items() if k not in ("history", "config")})
+            wandb_run.summary.update({k: v for k, v in summary.items()
+                                      if k not in ("history", "config", "curve", "conditions")})
         succeeded = True
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
         if wandb_run is not None:
             wandb_run.finish(exit_code=0 if succeeded else 1)
     if model.diverged:
-        (run_dir / "DIVERGED").write_text(f"non-finite loss or energy in epoch {trainer.current_epoch}\n")
-        print(f"[pcsweep] {run_dir.name}: diverged (non-finite loss or energy); marked, the sweep goes on", flush=True)
+        (run_dir / "DIVERGED").write_text(f"{model.diverged_reason}\n")
+        print(f"[pcsweep] {run_dir.name}: diverged ({model.diverged_reason}); marked, the sweep goes on", flush=True)
+    elif summary["status"] == "failed_to_learn":
+        print(f"[pcsweep] {run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
+              f"{1 / dataset.num_classes:.2f}); listed, not ranked", flush=True)
     else:
         print(f"[pcsweep] {run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
               f"{summary['train_seconds']:.1f} s of training", flush=True)

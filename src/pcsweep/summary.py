@@ -21,13 +21,33 @@ COLUMNS = [
     ("train_seconds", "train time [s]"),
     ("time_to_90", "time to 90% [s]"),
     ("epochs", "epochs"),
+    ("checks", "conditions"),
     ("run_dir", "run folder"),
 ]
+
+
+def checks_text(checks: Optional[dict]) -> Optional[str]:
+    """The run's conditions in a table cell: ``c2 held; inference stable; S at floor 100%``."""
+    if not checks:
+        return None
+    parts = []
+    c2 = checks.get("condition2")
+    if c2 and c2["verdict"] != "not measured":
+        parts.append(f"c2 {c2['verdict']} (gap {c2['worst_gap']:.2f}, cos {c2['worst_cosine']:.2f})")
+    inference = checks.get("inference")
+    if inference:
+        parts.append(f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/"
+                     f"{inference['limit']:.2f})")
+    variance = checks.get("variance")
+    if variance:
+        parts.append(f"S at floor {100 * variance['hidden_at_floor']:.0f}%")
+    return "; ".join(parts) or None
 
 
 def row_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
     row = {key: summary.get(key) for key, _ in COLUMNS}
     row["model"] = summary.get("name")
+    row["checks"] = checks_text(summary.get("checks"))
     return row
 
 

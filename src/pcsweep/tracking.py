@@ -242,3 +242,46 @@ def steps_to_tolerance(trace: list[float], tolerance: float) -> Optional[int]:
         if abs(previous - trace[t]) <= tolerance * abs(previous):
             return t
     return None
+
+
+class RunConditions(L.Callback):
+    """Did the paper's conditions hold in this PC run? Once every ``every`` epochs, on a fixed probe batch (the first
+    ``batch_size`` training samples): the condition-2 probe (inference at the twin's update point against inference
+    run up to ``max_multiple`` times T), the stiffness ``step_size * lambda_max`` with the current variances, and the
+    per-layer log-variance statistics. Kept in the checkpoint (a resumed run reports the same) and in ``records``."""
+
+    def __init__(self, every: int = 1, max_multiple: int = 16, tolerance: float = 1e-6,
+                 variance_floor: Optional[float] = None) -> None:
+        self.every, self.max_multiple, self.tolerance = every, max_multiple, tolerance
+        self.variance_floor = variance_floor
+        self.records: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from pcsweep.conditions import probe_condition2, stiffness, variance_statistics
+
+        epoch = trainer.current_epoch
+        if not self.every or (epoch + 1) % self.every or pl_module.diverged:
+            return
+        engine, split = pl_module.engine, trainer.datamodule.train_split
+        size = trainer.datamodule.batch_size
+        dtype = pl_module.mlp.layers[0].weight.dtype
+        inputs, target = split.inputs[:size].to(dtype), pl_module.one_hot(split.labels[:size])
+        probe = probe_condition2(engine, inputs, target, at_step=engine.update_every or engine.steps,
+                                 max_steps=self.max_multiple * engine.steps, tolerance=self.tolerance)
+        record = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
+        metrics = {"cond2/gap": probe["gap"], "cond2/min_cosine": min(probe["cosine"]),
+                   "cond2/steps_converged": float(probe["steps_converged"]), "inference/stiffness": record["stiffness"]}
+        metrics.update({f"cond2/cos_W{l + 1}": c for l, c in enumerate(probe["cosine"])})
+        metrics.update({f"cond2/norm_ratio_W{l + 1}": r for l, r in enumerate(probe["norm_ratio"])})
+        if pl_module.log_variances is not None:
+            record["variance"] = variance_statistics(list(pl_module.log_variances), self.variance_floor)
+            for l, stats in enumerate(record["variance"]):
+                metrics.update({f"variance/logS{l + 1}_{k}": v for k, v in stats.items()})
+        self.records = [r for r in self.records if r["epoch"] < epoch] + [record]
+        log_direct(pl_module, metrics, step=batch_step(trainer, trainer.num_training_batches - 1))
+
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = list(state_dict["records"])

@@ -1,0 +1,109 @@
+"""A run's own checks: the condition-2 probe, the stability pre-flight and variance floor, and rc3/rc23 at the
+defaults for 1,000+ weight updates."""
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers import SMALL, pcsweep
+from pcsweep.conditions import preflight_stability, probe_condition2, variance_statistics
+from pcsweep.data import load_digits
+from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.pc import PCEngine, activity_curvature
+
+CONF = OmegaConf.load("conf/config.yaml")
+
+
+def digits_batch(size=64):
+    data = load_digits()
+    return data.train.inputs[:size], torch.nn.functional.one_hot(data.train.labels[:size], 10).float()
+
+
+def test_condition2_probe_sees_plain_descent_short_of_convergence_and_the_heavy_ball_converged():
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    net = MLP(64, 64, 8, 10).as_pc_network(None, "mse")
+    probes = {m: probe_condition2(PCEngine(net, steps=64, step_size=0.1, momentum=m), x, y, at_step=64,
+                                  max_steps=4096) for m in (0.0, 0.95)}
+    plain, heavy = probes[0.0], probes[0.95]
+    assert plain["gap"] > 0.2 and min(plain["cosine"]) < 0.95  # 64 plain steps are far from converged
+    assert heavy["gap"] < 0.05 and min(heavy["cosine"]) > 0.95
+    assert plain["energy_converged"] == pytest.approx(heavy["energy_converged"], rel=0.05)
+
+
+def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor():
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    mlp = MLP(64, 64, 8, 10)
+    log_vars = make_log_variances(mlp.sizes, "neuron", "mse")
+    net = mlp.as_pc_network(list(log_vars), "mse")
+    engine = PCEngine(net, steps=8, step_size=0.1, momentum=0.0)
+    checked = preflight_stability(engine, x, y, "auto", trainable_variance=True)
+    lam, floor = checked["lambda_max"], checked["log_variance_min"]
+    assert checked["stiffness"] == pytest.approx(0.1 * lam)
+    assert 0.1 * lam * math.exp(-floor) == pytest.approx(1.5)  # the auto floor: 75% of the limit 2
+    with torch.no_grad():  # every variance on the floor: still stable, and the curvature is 1/S_min times larger
+        for s in log_vars:
+            s.fill_(floor)
+    engine.refresh_parameters()
+    engine.feedforward_init(x, y)
+    assert float(activity_curvature(engine).max()) == pytest.approx(lam * math.exp(-floor), rel=1e-3)
+    with pytest.raises(ValueError, match="relax.log_variance_min=-3 is below the stable range"):
+        preflight_stability(PCEngine(net, steps=8, step_size=0.1), x, y, -3.0, trainable_variance=True)
+    with pytest.raises(ValueError, match="inference.step_size=5 is past the stability limit"):
+        preflight_stability(PCEngine(net, steps=8, step_size=5.0), x, y, "auto", trainable_variance=True)
+
+
+def test_variance_statistics_count_the_floor():
+    stats = variance_statistics([torch.tensor([-1.0, -1.0, 0.5, 1.5])], floor=-1.0)[0]
+    assert stats["at_floor"] == 0.5 and stats["min"] == -1.0 and stats["max"] == 1.5 and stats["mean"] == 0.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["inference.step_size=5"], "inference.step_size=5 is past the stability limit"),
+    (["relax=3", "relax.log_variance_min=-4"], "relax.log_variance_min=-4 is below the stable range"),
+])
+def test_unstable_settings_are_one_line_before_training(tmp_path, args, message):
+    result = pcsweep(tmp_path, *SMALL, "algo=pc", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("pcsweep: error: " + message)
+    assert "Traceback" not in result.stderr and "training" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relax", ["3", "23"])
+def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_1000_updates(relax):
+    """rc3 and rc23 with the default inference, floor, optimizer and learning rate (width 64 to keep it quick):
+    1,000+ weight updates on digits, inference never unstable, accuracy well above chance and still improving."""
+    twin = OmegaConf.load(f"conf/twin/pc_{relax}.yaml")
+    relax_cfg = OmegaConf.load(f"conf/relax/{relax}.yaml")
+    torch.manual_seed(0)
+    data = load_digits()
+    mlp = MLP(64, 64, 8, 10)
+    log_vars = make_log_variances(mlp.sizes, relax_cfg.variance, "mse")
+    net = mlp.as_pc_network(list(log_vars), "mse")
+    engine = PCEngine(net, steps=CONF.inference.steps, step_size=CONF.inference.step_size,
+                      momentum=CONF.inference.momentum, update_every=relax_cfg.update_every)
+    x, y = data.train.inputs, torch.nn.functional.one_hot(data.train.labels, 10).float()
+    floor = preflight_stability(engine, x[:64], y[:64], relax_cfg.log_variance_min, True)["log_variance_min"]
+    engine.log_variance_min = floor
+    optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=twin.optimizer.lr)
+    accuracy = lambda: float((mlp(data.test.inputs).argmax(1) == data.test.labels).float().mean())
+    updates, accuracies, gen = 0, [], torch.Generator().manual_seed(0)
+    while updates < 1000:
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x) - 63, 64):
+            idx = order[start : start + 64]
+            result = engine.train_batch(x[idx], y[idx], apply_update=optimizer.step)
+            updates += result.updates
+            assert math.isfinite(float(result.energy_end))
+            assert float(result.energy_end) <= float(result.energy_start) * 10
+        with torch.no_grad():
+            accuracies.append(accuracy())
+    assert min(float(s.min()) for s in log_vars) >= floor - 1e-6
+    engine.feedforward_init(x[:64], y[:64])
+    assert engine.step_size * float(activity_curvature(engine).max()) < 2 * (1 + engine.momentum)
+    assert accuracies[-1] > 0.5 and accuracies[-1] >= accuracies[0]
