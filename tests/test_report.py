@@ -67,7 +67,7 @@ def test_landscape_center_is_the_trained_models_loss_and_the_grid_is_symmetric(l
 
 @pytest.mark.slow
 def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path):
-    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "relax=none,2", "inference.step_size=0.1,1e6",
+    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "relax=none,2", "optimizer.lr=1e-3,100",
                      "report.resolution=9", "report.samples=64")
     assert result.returncode == 0, result.stderr
     report = tmp_path / "multirun" / "default" / "report"
@@ -82,7 +82,8 @@ def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path
         assert twin in page
     # landscapes are cached in the run folders: a second build computes none
     cached = sorted(tmp_path.glob("multirun/default/*/landscape_*.pt"))
-    assert len(cached) == 2 * 3
+    statuses = [json.loads(p.read_text())["status"] for p in tmp_path.glob("multirun/default/*/summary.json")]
+    assert "diverged" in statuses and len(cached) == 2 * statuses.count("complete") >= 2 * 3
     stamps = [p.stat().st_mtime_ns for p in cached]
     build_report(tmp_path / "multirun" / "default", (1.0, 0.1), 9, 64, quiet=True)
     assert [p.stat().st_mtime_ns for p in cached] == stamps
@@ -91,7 +92,7 @@ def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path
 @pytest.mark.slow
 def test_weight_decay_preset_gets_its_comparison(tmp_path):
     result = pcsweep(tmp_path, "-m", "experiment=weight_decay", "width=24", "depth=3", "epochs=2",
-                     "inference.steps=16", "report.resolution=9", "report.samples=64")
+                     "inference.steps=16", "report.resolution=9", "report.samples=64", "tracking.chance_margin=-1")
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "weight_decay"
     configs = [json.loads(p.read_text())["config"] for p in sweep.glob("*/summary.json")]
