@@ -58,6 +58,11 @@ class TwinModule(L.LightningModule):
     def one_hot(self, labels: Tensor) -> Tensor:
         return F.one_hot(labels, self.mlp.sizes[-1]).to(self.mlp.layers[0].weight.dtype)
 
+    def probe_batch(self, split, size: int) -> tuple[Tensor, Tensor]:
+        """The first ``size`` samples of ``split`` as (inputs in the weights' dtype, one-hot target): the fixed batch
+        the stability pre-flight and the per-epoch condition probes measure on."""
+        return split.inputs[:size].to(self.mlp.layers[0].weight.dtype), self.one_hot(split.labels[:size])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [
             {"params": [layer.weight for layer in self.mlp.layers], "weight_decay": self.weight_decay},

@@ -258,9 +258,6 @@ class PCEngine:
         self._w_t_stack: Optional[Tensor] = None  # a contiguous copy of the stack's transpose (narrow CPU layers)
         self._w_t_version: Optional[tuple] = None  # the weights it was copied from
         self._param_views_of: Optional[tuple] = None  # the storages the loop's parameter views were made from
-        # The error front: hidden rows below it still hold their feedforward activities, predictions and exactly
-        # zero errors, so nothing recomputes them (recomputing through another kernel could round differently).
-        self._front = 0
         self.refresh_parameters()
 
     # ----------------------------------------------------------------- parameters
@@ -296,6 +293,8 @@ class PCEngine:
             self._build_param_views()
         self.precisions: list[Optional[Tensor]] = self._hidden_precisions + [self._output_precision]
         self._input_current = False  # a_1 = W_1 x_0 + b_1 must be recomputed
+        # The error front: hidden rows below it still hold their feedforward activities, predictions and exactly
+        # zero errors, so nothing recomputes them (recomputing through another kernel could round differently).
         self._front = 0  # new parameters: every prediction is stale
 
     def _refresh_transposed_weights(self) -> None:

@@ -106,8 +106,7 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
 def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
     """Pre-flight, at the initial weights on the first training batch: a step size or variance floor that makes
     inference diverge is one line, not a run; ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
-    inputs = dataset.train.inputs[: cfg.batch_size].to(model.mlp.layers[0].weight.dtype)
-    target = model.one_hot(dataset.train.labels[: cfg.batch_size])
+    inputs, target = model.probe_batch(dataset.train, cfg.batch_size)
     try:
         stability = preflight_stability(model.engine, inputs, target, cfg.relax.log_variance_min,
                                         trainable_variance=model.log_variances is not None)

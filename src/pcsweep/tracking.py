@@ -262,10 +262,8 @@ class RunConditions(L.Callback):
         epoch = trainer.current_epoch
         if not self.every or (epoch + 1) % self.every or pl_module.diverged:
             return
-        engine, split = pl_module.engine, trainer.datamodule.train_split
-        size = trainer.datamodule.batch_size
-        dtype = pl_module.mlp.layers[0].weight.dtype
-        inputs, target = split.inputs[:size].to(dtype), pl_module.one_hot(split.labels[:size])
+        engine = pl_module.engine
+        inputs, target = pl_module.probe_batch(trainer.datamodule.train_split, trainer.datamodule.batch_size)
         probe = probe_condition2(engine, inputs, target, at_step=engine.update_every or engine.steps,
                                  max_steps=self.max_multiple * engine.steps, tolerance=self.tolerance)
         record = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
