@@ -126,6 +126,19 @@ class UnstableSetting(ValueError):
 
 
 @torch.no_grad()
+def follow_variance_floor(engine: PCEngine, inputs: Tensor, target: Tensor, target_stiffness: float) -> float:
+    """Move the engine's floor on log S to where ``step_size * lambda_max / S_min`` is ``target_stiffness`` for the
+    curvature of the current weights (measured at S = 1 on this batch's feedforward state), and clamp the variances
+    to it. The curvature grows as the weights train (about 1.4x over 1,000 updates on digits), so a floor fixed at
+    the initial weights would let inference become unstable. Returns the new floor."""
+    engine.feedforward_init(inputs, target)
+    curvature = float(activity_curvature(engine, unit_variance=True).max())
+    engine.log_variance_min = variance_floor(engine.step_size, curvature, target_stiffness)
+    engine.refresh_parameters()
+    return engine.log_variance_min
+
+
+@torch.no_grad()
 def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_setting, trainable_variance: bool) -> dict:
     """At the initial weights (S = 1) on one batch: is gradient descent on the activities stable, and which floor on
     log S keeps it so? Heavy-ball descent is stable while ``step_size * lambda_max < 2 (1 + momentum)``; the largest
@@ -154,4 +167,5 @@ def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_
                     f"relax.log_variance_min={floor:g} is below the stable range: with inference.step_size={gamma:g}, "
                     f"momentum {beta:g} and lambda_max = {lam:.3g} at the initial weights, inference diverges once "
                     f"log S < {lowest:.3g}; use relax.log_variance_min=auto or a value above {lowest:.3g}")
-    return {"lambda_max": lam, "stiffness": stiff, "limit": limit, "log_variance_min": floor}
+    return {"lambda_max": lam, "stiffness": stiff, "limit": limit, "log_variance_min": floor,
+            "floor_stiffness": AUTO_FLOOR_STIFFNESS * (1 + beta) if floor_setting == "auto" else None}

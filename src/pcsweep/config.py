@@ -18,7 +18,7 @@ from pcsweep.mlp import INITS
 from pcsweep.pc import ACTIVATIONS, OUTPUT_LOSSES
 
 # Top-level keys that never change a run's numbers: left out of its identity.
-NOT_IDENTITY = ("hydra", "sweep_name", "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.gpu_slots",
+NOT_IDENTITY = ("hydra", "sweep_name", "learning_rates",  # the lr in force is optimizer.lr "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.gpu_slots",
                 "dataset.data_dir",
                 "dataset.download", "dataset.mirrors", "logger", "tracking", "report")
 
@@ -44,6 +44,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "optimizer.lr")
     _positive(cfg, "weight_decay", 0, strict=False)
     _positive(cfg, "variance_weight_decay", 0, strict=False)
+    _positive(cfg, "variance_floor_every", 0, strict=False)
     if cfg.activation not in ACTIVATIONS:
         raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
     if cfg.output_loss not in OUTPUT_LOSSES:

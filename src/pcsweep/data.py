@@ -38,7 +38,8 @@ IDX_FILES: dict[str, dict[str, str]] = {
         "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
-DATASETS = ("digits", "digits28") + tuple(IDX_FILES)
+BUNDLED = ("digits", "digits28")  # made from scikit-learn's digits: no files, no download
+DATASETS = BUNDLED + tuple(IDX_FILES)
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -159,7 +160,7 @@ def download_idx(name: str, data_dir: Path | str, mirrors: Sequence[str], timeou
 
 def check_available(name: str, data_dir: Path | str, download: bool) -> None:
     """Raise one clear error, before any training, if the files are absent and may not be fetched."""
-    if name == "digits":
+    if name in BUNDLED:
         return
     if name not in IDX_FILES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")

@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from pcsweep.conditions import follow_variance_floor
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
 
@@ -161,6 +162,7 @@ class PCModule(TwinModule):
         trace_energy: bool = False,
         alignment_every: int = 0,
         divergence_factor: float = 100.0,
+        variance_floor_every: int = 100,
     ) -> None:
         super().__init__(mlp, optimizer, output_loss, weight_decay, variance_weight_decay)
         self.automatic_optimization = False
@@ -177,6 +179,10 @@ class PCModule(TwinModule):
             momentum=inference_momentum,
         )
         self.divergence_factor = divergence_factor
+        # relax.log_variance_min=auto: the stiffness the floor keeps (set by the pre-flight), re-measured every
+        # ``variance_floor_every`` batches of each epoch (conditions.follow_variance_floor)
+        self.floor_stiffness: Optional[float] = None
+        self.variance_floor_every = variance_floor_every
         self.train_means["energy"] = batch_mean()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
@@ -185,6 +191,13 @@ class PCModule(TwinModule):
             self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
         self.trace_energy, self.alignment_every = trace_energy, alignment_every
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["log_variance_min"] = self.engine.log_variance_min  # the floor in force (it moves with "auto")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "log_variance_min" in checkpoint:
+            self.engine.log_variance_min = checkpoint["log_variance_min"]
 
     def bp_gradients(self, inputs: Tensor, target: Tensor) -> list[Tensor]:
         """BP's gradient of the same loss for every weight matrix, at the current weights (nothing is updated)."""
@@ -205,6 +218,8 @@ class PCModule(TwinModule):
                 first_update.extend(layer.weight.grad.clone() for layer in self.mlp.layers)
             optimizer.step()
 
+        if self.floor_stiffness is not None and self.variance_floor_every and batch_idx % self.variance_floor_every == 0:
+            follow_variance_floor(self.engine, inputs, target, self.floor_stiffness)
         trace = self.trace_energy and batch_idx == 0
         result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
         self.check_finite(result.loss, result.energy_end)

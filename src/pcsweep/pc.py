@@ -639,16 +639,18 @@ class PCEngine:
 
 
 @torch.no_grad()
-def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0) -> Tensor:
+def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0, unit_variance: bool = False) -> Tensor:
     """Largest eigenvalue of each sample's Gauss-Newton Hessian of E over the hidden activities, by power iteration
     at the engine's current state (shape (B,)). Gradient descent on the activities is stable while
     ``step_size * lambda_max < 2``. At the feedforward state (hidden errors zero, linear output) Gauss-Newton is the
     exact Hessian; it scales like 1/S, so a variance floor S_min multiplies it by at most 1/S_min.
 
     H v = sum_l J_l^T P_l J_l v, with J_l v = v_l - f'(a_l) * (v_{l-1} W_l^T) the change of e_l (x_0, x_L clamped).
+    ``unit_variance``: as if every S were 1 (an upper bound on the curvature times S_min when all S >= S_min).
     """
     net, L = engine.net, engine.net.num_layers
-    W, fp, P = net.weights, engine.fprime, engine.precisions
+    W, fp = net.weights, engine.fprime
+    P = [None] * L if unit_variance else engine.precisions
     gen = torch.Generator(device=engine.X.device).manual_seed(seed)
     v = torch.randn(engine.X.shape, generator=gen, device=engine.X.device, dtype=engine.X.dtype)
     softmax = torch.softmax(engine.aL, dim=1) if net.output_loss == "ce" else None

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from pcsweep.conditions import Condition2Thresholds, UnstableSetting, condition2_verdict, preflight_stability
 from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
 from pcsweep.devices import training_devices
-from pcsweep.data import DatasetError, TensorDataModule, load_dataset
+from pcsweep.data import BUNDLED, DatasetError, TensorDataModule, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
@@ -100,6 +100,7 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
         trace_energy=cfg.tracking.energy_trace,
         alignment_every=cfg.tracking.alignment_every,
         divergence_factor=cfg.tracking.divergence_factor,
+        variance_floor_every=cfg.variance_floor_every,
     )
 
 
@@ -115,15 +116,21 @@ def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
     if stability["log_variance_min"] is not None:
         model.engine.log_variance_min = stability["log_variance_min"]
         model.engine.refresh_parameters()
+        model.floor_stiffness = stability["floor_stiffness"]
     return stability
+
+
+def learned(cfg: DictConfig, final_test_acc: Optional[float], num_classes: int) -> bool:
+    """A final accuracy more than ``tracking.chance_margin`` above chance."""
+    return final_test_acc is not None and final_test_acc >= 1.0 / num_classes + cfg.tracking.chance_margin
 
 
 def run_checks(cfg: DictConfig, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]) -> dict:
     """Whether the run's assumptions held, each with a verdict and its numbers (the summary's ``checks``)."""
     chance = 1.0 / summary["num_classes"]
     final = summary.get("final_test_acc")
-    learned = final is not None and final >= chance + cfg.tracking.chance_margin
-    checks: dict[str, Any] = {"learned": {"verdict": "learned" if learned else "failed to learn", "final_test_acc": final,
+    checks: dict[str, Any] = {"learned": {"verdict": "learned" if learned(cfg, final, summary["num_classes"])
+                                                     else "failed to learn", "final_test_acc": final,
                                           "chance": chance, "margin": cfg.tracking.chance_margin}}
     if conditions is None:
         return checks
@@ -142,7 +149,8 @@ def run_checks(cfg: DictConfig, summary: dict, conditions: Optional[RunCondition
         at_floor = sum(layer["at_floor"] for layer in layers[:-1]) / max(len(layers) - 1, 1)
         checks["variance"] = {
             "verdict": "hidden variances at the floor" if at_floor > 0.5 else "learned",
-            "log_variance_min": stability["log_variance_min"], "hidden_at_floor": at_floor, "layers": layers}
+            "log_variance_min_initial": stability["log_variance_min"],
+            "log_variance_min": records[-1]["log_variance_min"], "hidden_at_floor": at_floor, "layers": layers}
     return checks
 
 
@@ -150,8 +158,7 @@ def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str, num_
     records = history.records
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
-    final = last.get("test_acc")
-    if status == "complete" and (final is None or final < 1.0 / num_classes + cfg.tracking.chance_margin):
+    if status == "complete" and not learned(cfg, last.get("test_acc"), num_classes):
         status = "failed_to_learn"  # listed, never ranked: a time to 90% of chance means nothing
     t90 = time_to_fraction(history.curve or records, 0.9) if status == "complete" else None
     return {
@@ -198,16 +205,16 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         return done
 
     try:  # before any training: a missing dataset is one line, not a traceback (load_dataset checks the files)
-        if cfg.dataset.name != "digits":
+        if cfg.dataset.name not in BUNDLED:
             cfg.dataset.data_dir = str(resolve_data_dir(cfg))
         dataset = load_dataset(cfg.dataset)
     except DatasetError as exc:
         fail(str(exc))
 
+    model = build_model(cfg, dataset.num_features, dataset.num_classes)
+    stability = check_stability(cfg, model, dataset) if isinstance(model, PCModule) else None  # before any folder
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    model = build_model(cfg, dataset.num_features, dataset.num_classes)
-    stability = check_stability(cfg, model, dataset) if isinstance(model, PCModule) else None
     datamodule = TensorDataModule(dataset, cfg.batch_size, seed=cfg.seed)
     history = History(cfg.tracking.evals_per_epoch)
     # one file, rewritten after every epoch's validation (save_last alone only mirrors top-k saves)
@@ -220,8 +227,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         callbacks.append(EnergyTraces(run_dir, cfg.tracking.energy_tolerance))
     conditions = None
     if stability is not None:
-        conditions = RunConditions(cfg.tracking.condition2_every, cfg.tracking.condition2_max_multiple,
-                                   variance_floor=stability["log_variance_min"])
+        conditions = RunConditions(cfg.tracking.condition2_every, cfg.tracking.condition2_max_multiple)
         callbacks.append(conditions)
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = ""

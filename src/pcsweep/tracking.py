@@ -250,10 +250,8 @@ class RunConditions(L.Callback):
     run up to ``max_multiple`` times T), the stiffness ``step_size * lambda_max`` with the current variances, and the
     per-layer log-variance statistics. Kept in the checkpoint (a resumed run reports the same) and in ``records``."""
 
-    def __init__(self, every: int = 1, max_multiple: int = 16, tolerance: float = 1e-6,
-                 variance_floor: Optional[float] = None) -> None:
+    def __init__(self, every: int = 1, max_multiple: int = 16, tolerance: float = 1e-6) -> None:
         self.every, self.max_multiple, self.tolerance = every, max_multiple, tolerance
-        self.variance_floor = variance_floor
         self.records: list[dict] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -272,7 +270,9 @@ class RunConditions(L.Callback):
         metrics.update({f"cond2/cos_W{l + 1}": c for l, c in enumerate(probe["cosine"])})
         metrics.update({f"cond2/norm_ratio_W{l + 1}": r for l, r in enumerate(probe["norm_ratio"])})
         if pl_module.log_variances is not None:
-            record["variance"] = variance_statistics(list(pl_module.log_variances), self.variance_floor)
+            record["log_variance_min"] = engine.log_variance_min
+            record["variance"] = variance_statistics(list(pl_module.log_variances), engine.log_variance_min)
+            metrics["variance/log_variance_min"] = engine.log_variance_min
             for l, stats in enumerate(record["variance"]):
                 metrics.update({f"variance/logS{l + 1}_{k}": v for k, v in stats.items()})
         self.records = [r for r in self.records if r["epoch"] < epoch] + [record]

@@ -49,7 +49,7 @@ class FilteringLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from pcsweep.config import ConfigError, duplicate_target, paper_name, run_dir_name, validate
-        from pcsweep.data import DatasetError, check_available
+        from pcsweep.data import BUNDLED, DatasetError, check_available
         from pcsweep.run import finished_summary, resolve_data_dir
 
         slurm = "SlurmLauncher" in str(self.sweeper.config.hydra.launcher.get("_target_", ""))
@@ -63,7 +63,7 @@ class FilteringLauncher(Launcher):
             label = " ".join(overrides)
             try:
                 validate(cfg)
-                if cfg.dataset.name != "digits":
+                if cfg.dataset.name not in BUNDLED:
                     check_available(cfg.dataset.name, resolve_data_dir(cfg), cfg.dataset.get("download", False))
             except (ConfigError, DatasetError) as exc:
                 fail(f"{label}: {exc}")
