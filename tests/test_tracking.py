@@ -78,7 +78,7 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     assert sorted(run.tags) == sorted(["digits", "width=24", "depth=3", "relax=3"])
     assert data["config"]["width"] == 24 and data["config"]["relax"]["variance"] == "neuron"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert "${" not in json.dumps(resolved) and resolved["optimizer"]["lr"] == 3e-3  # the twin's own lr
+    assert "${" not in json.dumps(resolved) and resolved["optimizer"]["lr"] == 3e-4  # the twin's own lr
     for key, value in resolved.items():  # the whole resolved config, nothing left to interpolate
         assert data["config"][key] == value, key
     keys = {k for row in data["history"] for k in row}
