@@ -111,3 +111,11 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
     engine.feedforward_init(x[:64], y[:64])
     assert engine.step_size * float(activity_curvature(engine).max()) < 2 * (1 + engine.momentum)
     assert accuracies[-1] > 0.5 and accuracies[-1] >= accuracies[0]
+
+
+def test_an_unstable_job_stops_a_sweep_before_any_job_trains(tmp_path):
+    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "inference.step_size=0.1,5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("pcsweep: error: ")
+    assert "inference.step_size=5 is past the stability limit" in result.stderr
+    assert "Traceback" not in result.stderr and "training" not in result.stdout  # not even the stable jobs before it

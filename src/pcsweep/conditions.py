@@ -59,6 +59,7 @@ def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: 
         engine.inference_step()
         engine.compute_errors(predict)
     at_t = float(engine.error_energy())
+    layers_at_t = engine.layer_error_energies().tolist()
     updates_at_t = _weight_updates(engine)
     steps, previous, current = at_step, at_t, at_t
     while steps < max_steps:
@@ -78,6 +79,8 @@ def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: 
         "energy_converged": current,
         "steps_converged": steps,
         "gap": max(at_t - current, 0.0) / at_t if at_t > 0 else 0.0,
+        "layer_energy_at_T": layers_at_t,  # where the error sits when the weights are updated
+        "layer_energy_converged": engine.layer_error_energies().tolist(),
         "cosine": [_cosine(a, b) for a, b in zip(updates_at_t, updates_at_end)],
         "norm_ratio": [float(a.norm() / b.norm()) if float(b.norm()) > 0 else 1.0
                        for a, b in zip(updates_at_t, updates_at_end)],

@@ -106,3 +106,98 @@ def landscape(
     zero = torch.zeros(1, dtype=inputs.dtype, device=inputs.device)
     center = batched_losses(weights, biases, d1, d2, zero, zero, inputs, target, activation, loss).item()
     return Landscape(coords, coords.clone(), out.view(resolution, resolution), center)
+
+
+# ------------------------------------------------------------------------------------------------ shape as numbers
+def output_loss(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor, activation: str,
+                loss: str) -> Tensor:
+    """The feedforward output loss the landscape plots (differentiable in ``weights``)."""
+    act = get_activation(activation).fn
+    h = inputs
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        h = torch.addmm(b, h, w.t())
+        if l < len(weights) - 1:
+            h = act(h)
+    if loss == "mse":
+        return 0.5 * (target - h).pow(2).sum(dim=1).mean()
+    return -(target * torch.log_softmax(h, dim=1)).sum(dim=1).mean()
+
+
+def hessian_extremes(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor,
+                     activation: str = "tanh", loss: str = "mse", iterations: int = 40, seed: int = 0) -> dict:
+    """The extreme eigenvalues of the loss Hessian over all weights at the trained point, by Lanczos on
+    Hessian-vector products (full reorthogonalization; the extreme Ritz values converge first). Li et al. (2018)
+    read convexity from ``|lambda_min / lambda_max|``: near 0, the loss curves up in (nearly) every direction."""
+    params = [w.detach().clone().requires_grad_(True) for w in weights]
+    value = output_loss(params, biases, inputs, target, activation, loss)
+    grads = torch.autograd.grad(value, params, create_graph=True)
+    flat_grad = torch.cat([g.flatten() for g in grads])
+
+    def hvp(v: Tensor) -> Tensor:
+        out = torch.autograd.grad(flat_grad, params, grad_outputs=v, retain_graph=True)
+        return torch.cat([o.flatten() for o in out])
+
+    n = flat_grad.numel()
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, generator=generator, dtype=torch.float64).to(flat_grad)
+    basis = [q / q.norm()]
+    alphas, betas = [], []
+    for k in range(min(iterations, n)):
+        w = hvp(basis[-1])
+        alphas.append(float(w @ basis[-1]))
+        for b in basis:  # full reorthogonalization (k is small): no ghost eigenvalues
+            w = w - (w @ b) * b
+        beta = float(w.norm())
+        if beta < 1e-10 or k == iterations - 1:
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(T)
+    lam_min, lam_max = float(ritz[0]), float(ritz[-1])
+    return {"lambda_min": lam_min, "lambda_max": lam_max,
+            "ratio": abs(lam_min / lam_max) if lam_max != 0 else float("inf"), "iterations": len(alphas)}
+
+
+@torch.no_grad()
+def sharpness(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor,
+              activation: str = "tanh", loss: str = "mse", radius: float = 0.1, directions: int = 16,
+              seed: int = 0) -> dict:
+    """How fast the loss grows away from the trained point: the mean loss increase at ``radius`` along random
+    filter-normalized directions (the scale the landscapes are drawn in, so twins of different weight norms compare)."""
+    generator = torch.Generator().manual_seed(seed)
+    center = float(output_loss(weights, biases, inputs, target, activation, loss))
+    rises = []
+    for _ in range(directions):
+        d = filter_normalized_direction(weights, generator)
+        moved = [w + radius * u for w, u in zip(weights, d)]
+        rises.append(float(output_loss(moved, biases, inputs, target, activation, loss)) - center)
+    mean = sum(rises) / len(rises)
+    return {"radius": radius, "center_loss": center, "increase": mean,
+            "relative_increase": mean / center if center > 0 else float("inf")}
+
+
+def plane_convexity(losses: Tensor, coords: Tensor, threshold: float = 0.1) -> dict:
+    """Li et al.'s convexity map on the plotted plane: at every interior grid point, the eigenvalues of the 2x2
+    finite-difference Hessian of the loss; a point is convex when ``max(-lambda_min, 0) / lambda_max`` is at most
+    ``threshold``. Returns the convex fraction of the plane and the radius of the convex disc around the minimum
+    (the distance to the nearest non-convex point; the half-width if there is none)."""
+    z = losses.double()
+    h = float(coords[1] - coords[0])
+    zaa = (z[2:, 1:-1] - 2 * z[1:-1, 1:-1] + z[:-2, 1:-1]) / h**2
+    zbb = (z[1:-1, 2:] - 2 * z[1:-1, 1:-1] + z[1:-1, :-2]) / h**2
+    zab = (z[2:, 2:] - z[2:, :-2] - z[:-2, 2:] + z[:-2, :-2]) / (4 * h**2)
+    mean, root = (zaa + zbb) / 2, torch.sqrt(((zaa - zbb) / 2) ** 2 + zab**2)
+    lam_max, lam_min = mean + root, mean - root
+    nonconvex = torch.where(lam_max > 0, (-lam_min).clamp_min(0) / lam_max.clamp_min(1e-300),
+                            torch.full_like(lam_max, float("inf")))
+    convex = nonconvex <= threshold
+    a, b = torch.meshgrid(coords[1:-1].double(), coords[1:-1].double(), indexing="ij")
+    radius = torch.sqrt(a**2 + b**2)
+    span = float(coords[-1])
+    return {"convex_fraction": float(convex.double().mean()),
+            "convex_radius": float(radius[~convex].min()) if bool((~convex).any()) else span,
+            "span": span, "threshold": threshold}

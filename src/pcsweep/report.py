@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -27,7 +27,9 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pcsweep.landscape import landscape  # noqa: E402
+from pcsweep.claims import ClaimRules, claims_document, evaluate  # noqa: E402
+from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness  # noqa: E402
+from pcsweep.layers import wasserstein1  # noqa: E402
 from pcsweep.summary import checks_text  # noqa: E402
 
 TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
@@ -158,7 +160,7 @@ def figure_benchmark(sweep: Sweep, out: Path) -> list[Path]:
         for ax, column, title in ((axes[0], "final acc", "Final test accuracy"),
                                   (axes[1], "time to 90% [s]", "Time to 90% of final accuracy")):
             sns.barplot(data=part, x="model", y=column, hue="model", order=order, hue_order=order, palette=palette,
-                        errorbar=("ci", 95), capsize=0.15, ax=ax, legend=False)
+                        errorbar=("ci", 95), seed=0, capsize=0.15, ax=ax, legend=False)
             ax.set_title(title)
             ax.set_xlabel("")
             ax.set_ylabel("accuracy" if column == "final acc" else "training wall time [s]")
@@ -183,7 +185,7 @@ def figure_curves(sweep: Sweep, out: Path, select=None, suffix: str = "") -> lis
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
         for ax, column in zip(axes, ("test accuracy", "train loss", "test loss")):
             sns.lineplot(data=part, x="epoch", y=column, hue="model", hue_order=order, palette=_palette(order),
-                         errorbar=("ci", 95), marker="o", ax=ax)
+                         errorbar=("ci", 95), seed=0, marker="o", ax=ax)
             ax.set_title(column.capitalize())
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if "loss" in column and (part[column].dropna() > 0).all():
@@ -234,15 +236,18 @@ def _weights(run: Run) -> list[torch.Tensor]:
     return [state[f"mlp.layers.{l}.weight"].float() for l in range(count)]
 
 
-def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: int, quiet: bool = False) -> dict:
-    """The landscape of one run, cached in its folder under a name that says how it was computed."""
-    cache = run.path / f"landscape_span{span:g}_res{resolution}_n{samples}_seed{seed}.pt"
-    if cache.is_file():
-        return torch.load(cache)
+_DATASETS: dict = {}
+
+
+def _loss_setting(run: Run, samples: int, seed: int):
+    """What a run's landscape is measured on: its trained weights and biases (float64) and a fixed training subset."""
     from pcsweep.data import load_dataset
 
     cfg = OmegaConf.create(run.config)
-    data = load_dataset(cfg.dataset)
+    key = OmegaConf.to_yaml(cfg.dataset)
+    if key not in _DATASETS:  # one load per dataset for the whole report
+        _DATASETS[key] = load_dataset(cfg.dataset)
+    data = _DATASETS[key]
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data.train), generator=gen)[:samples]
     inputs = data.train.inputs[index].double()
@@ -251,6 +256,15 @@ def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: in
     L = sum(1 for k in state if k.startswith("mlp.layers.") and k.endswith(".weight"))
     weights = [state[f"mlp.layers.{l}.weight"].double() for l in range(L)]
     biases = [state[f"mlp.layers.{l}.bias"].double() for l in range(L)]
+    return cfg, weights, biases, inputs, target
+
+
+def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: int, quiet: bool = False) -> dict:
+    """The landscape of one run, cached in its folder under a name that says how it was computed."""
+    cache = run.path / f"landscape_span{span:g}_res{resolution}_n{samples}_seed{seed}.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    cfg, weights, biases, inputs, target = _loss_setting(run, samples, seed)
 
     interactive = sys.stderr.isatty()
 
@@ -316,6 +330,141 @@ def weight_decay_models(sweep: Sweep) -> Optional[list[str]]:
     return None
 
 
+# ------------------------------------------------------------------------------------------------ claims
+def run_shape(run: Run, spans, resolution: int, samples: int, seed: int = 0, quiet: bool = False) -> dict:
+    """The landscape's shape as numbers (README: "Landscape shape"): the plane's convex share in the wide and zoomed
+    views, the Hessian's extreme eigenvalues at the trained weights, and the loss increase at the zoomed radius."""
+    views = {}
+    for name, span in (("wide", max(spans)), ("zoomed", min(spans))):
+        grid = run_landscape(run, span, resolution, samples, seed, quiet)
+        views[name] = plane_convexity(grid["losses"], grid["alphas"])
+    cache = run.path / f"shape_n{samples}_r{min(spans):g}_seed{seed}.json"
+    if cache.is_file():
+        measured = json.loads(cache.read_text())
+    else:
+        cfg, weights, biases, inputs, target = _loss_setting(run, samples, seed)
+        args = (weights, biases, inputs, target, cfg.activation, cfg.output_loss)
+        measured = {"hessian": hessian_extremes(*args, seed=seed), "sharpness": sharpness(*args, radius=min(spans), seed=seed)}
+        cache.write_text(json.dumps(measured))
+    return {**views, **measured}
+
+
+def run_facts(sweep: Sweep, shapes: dict[Path, dict]) -> list[dict]:
+    """What the claims read of each run (pcsweep.claims), every run included: failed ones make claims inconclusive."""
+    facts = []
+    bp_weights = {}
+    for run in sweep.finished:
+        if run.twin == "bp":
+            bp_weights[(run.summary["dataset"], run.config.get("width"), run.config.get("seed"))] = _weights(run)
+    for run in sweep.runs:
+        s, checks = run.summary, run.summary.get("checks") or {}
+        layers = (s.get("layers") or [{}])[-1]
+        variance = (checks.get("variance") or {}).get("layers")
+        fact = {"label": run.label, "twin": run.twin, "dataset": s["dataset"], "width": run.config.get("width"),
+                "seed": run.config.get("seed"), "lr": (run.config.get("optimizer") or {}).get("lr"),
+                "weight_decay": run.config.get("weight_decay") or 0.0, "status": s["status"],
+                "final_acc": s.get("final_test_acc"), "test_loss": s.get("final_test_loss"), "t90": s.get("time_to_90"),
+                "condition2": (checks.get("condition2") or {}).get("verdict"),
+                "inference": (checks.get("inference") or {}).get("verdict"),
+                "change": layers.get("change"), "gaussian": layers.get("gaussian_distance"),
+                "log_variance_mean": [v["mean"] for v in variance] if variance else None,
+                "shape": shapes.get(run.path)}
+        bp = bp_weights.get((s["dataset"], fact["width"], fact["seed"]))
+        if bp is not None and run.twin != "bp" and s["status"] == "complete":
+            fact["weight_distance"] = [wasserstein1(w, b) for w, b in zip(_weights(run), bp)]
+        facts.append(fact)
+    return facts
+
+
+def _fmt_value(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def claims_frame(results: list[dict]) -> pd.DataFrame:
+    rows = []
+    for claim in results:
+        for group in claim["groups"]:
+            ci = group.get("ci")
+            rows.append({"claim": claim["id"], "setting": f"{group['dataset']}" + (f", width {group['width']}"
+                                                                                   if group.get("width") else ""),
+                         "value": _fmt_value(group.get("value")),
+                         "95% CI": f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else
+                         (f"{group['n']} seed: no interval" if group.get("n") == 1 else "-"),
+                         "seeds": group.get("n", 0), "verdict": group["verdict"], "reason": group.get("reason") or ""})
+    return pd.DataFrame(rows)
+
+
+def write_claims(sweep: Sweep, out: Path, rules: ClaimRules, shapes: dict[Path, dict]) -> tuple[list[dict], Path]:
+    results = evaluate(run_facts(sweep, shapes), rules)
+    path = out / "claims.json"
+    path.write_text(json.dumps(claims_document(results, rules), indent=1, sort_keys=True))
+    return results, path
+
+
+def figure_layers(sweep: Sweep, out: Path) -> list[Path]:
+    """Where learning and error sit, per layer: relative change from the initial weights, distance from a Gaussian
+    and (PC) the error energy per layer at the end of inference; seeds averaged."""
+    rows = []
+    for run in sweep.finished:
+        layers = (run.summary.get("layers") or [{}])[-1]
+        probes = run.summary.get("conditions") or []
+        energy = probes[-1]["condition2"].get("layer_energy_at_T") if probes else None
+        for l, change in enumerate(layers.get("change") or []):
+            rows.append({"model": run.label, "dataset": run.summary["dataset"], "width": run.config.get("width"),
+                         "layer": l + 1, "relative change": change,
+                         "distance from Gaussian": layers["gaussian_distance"][l],
+                         "error energy at T": energy[l] if energy else None})
+    frame = pd.DataFrame(rows)
+    paths = []
+    if frame.empty:
+        return paths
+    for (dataset, width), part in frame.groupby(["dataset", "width"]):
+        order = _order(part["model"])
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for ax, column in zip(axes, ("relative change", "distance from Gaussian", "error energy at T")):
+            data = part.dropna(subset=[column])
+            if data.empty:
+                ax.set_visible(False)
+                continue
+            sns.lineplot(data=data, x="layer", y=column, hue="model", hue_order=_order(data["model"]),
+                         palette=_palette(order), errorbar=("ci", 95), seed=0, marker="o", ax=ax)
+            ax.set_title(column.capitalize() + (" (PC)" if column == "error energy at T" else ""))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if column != "distance from Gaussian" and (data[column] > 0).all():
+                ax.set_yscale("log")
+            ax.legend(title=None, fontsize=8)
+        fig.suptitle(f"Per layer (1 = input side), {dataset}, width {width}")
+        fig.tight_layout()
+        paths.append(_save(fig, out / f"layers_{dataset}_{width}.png"))
+    return paths
+
+
+def variance_frame(sweep: Sweep, labels) -> pd.DataFrame:
+    """Mean log S per layer and label (seeds averaged), from each run's last variance statistics."""
+    columns = {}
+    for run in sweep.finished:
+        layers = ((run.summary.get("checks") or {}).get("variance") or {}).get("layers")
+        if run.label in labels and layers:
+            columns.setdefault(run.label, []).append([layer["mean"] for layer in layers])
+    frame = pd.DataFrame({label: [sum(col) / len(col) for col in zip(*rows)] for label, rows in columns.items()})
+    frame.insert(0, "layer", [f"S{l + 1}" for l in range(len(frame))])
+    return frame
+
+
+def shape_frame(sweep: Sweep, shapes: dict[Path, dict]) -> pd.DataFrame:
+    rows = []
+    for run in sweep.finished:
+        shape = shapes.get(run.path)
+        if shape:
+            rows.append({"model": run.label, "dataset": run.summary["dataset"], "seed": run.config.get("seed"),
+                         "lambda_max": shape["hessian"]["lambda_max"], "lambda_min": shape["hessian"]["lambda_min"],
+                         "|min/max|": shape["hessian"]["ratio"], "convex share (wide)": shape["wide"]["convex_fraction"],
+                         "convex share (zoomed)": shape["zoomed"]["convex_fraction"],
+                         "convex radius": shape["wide"]["convex_radius"],
+                         f"loss rise at r={shape['sharpness']['radius']:g}": shape["sharpness"]["increase"]})
+    return pd.DataFrame(rows)
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -327,7 +476,31 @@ def _embed(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def write_documents(sweep: Sweep, out: Path, sections: list[tuple[str, str, list[Path]]]) -> tuple[Path, Path]:
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0)
+
+
+def _table_md(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else frame.to_string(index=False)
+
+
+def claims_parts(results: list[dict]) -> tuple[list[str], list[str]]:
+    """The claims section: per claim its verdict, what was measured, and one row per setting (html, markdown)."""
+    intro = ("Each claim of the paper as measured here; the verdict rules and thresholds are in the README and in "
+             "claims.json. Intervals are 95% Student-t intervals over seeds (paired by seed).")
+    html_parts, md = ["<h2>The paper's claims</h2>", f"<p>{html.escape(intro)}</p>"], ["## The paper's claims", "", intro, ""]
+    frame = claims_frame(results)
+    for claim in results:
+        head = f"Claim {claim['id']}: {claim['claim']} — {claim['verdict']}" + (f" ({claim['reason']})" if claim["reason"] else "")
+        rows = frame[frame["claim"] == claim["id"]].drop(columns=["claim"])
+        html_parts += [f"<h3>{html.escape(head)}</h3>", f"<p><i>{html.escape(claim['statistic'])}</i></p>", _table_html(rows)]
+        md += [f"### {head}", "", f"*{claim['statistic']}*", "", _table_md(rows), ""]
+    return html_parts, md
+
+
+def write_documents(sweep: Sweep, out: Path, sections: list[tuple[str, str, list[Path]]],
+                    claims: Optional[list[dict]] = None,
+                    tables: Sequence[tuple[str, str, pd.DataFrame]] = ()) -> tuple[Path, Path]:
     frame = summary_frame(sweep).drop(columns=["twin"])
     notes = [f"{s['model']}: {s['reason']}" for s in sweep.skipped]
     notes += [f"{r.label} ({r.summary['dataset']}): diverged ({r.summary.get('diverged_reason') or 'non-finite'}), "
@@ -335,14 +508,20 @@ def write_documents(sweep: Sweep, out: Path, sections: list[tuple[str, str, list
     notes += [f"{r.label} ({r.summary['dataset']}): failed to learn (final accuracy "
               f"{r.summary.get('final_test_acc') or 0:.3f}), left out of the figures and rankings" for r in sweep.runs
               if r.summary["status"] == "failed_to_learn"]
-    table_html = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0)
-    parts = [f"<h1>pcsweep report: {html.escape(sweep.path.name)}</h1>", "<h2>Runs</h2>", table_html]
+    parts = [f"<h1>pcsweep report: {html.escape(sweep.path.name)}</h1>", "<h2>Runs</h2>", _table_html(frame)]
     if notes:
         parts += ["<h2>Not shown</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
-    md = [f"# pcsweep report: {sweep.path.name}", "", "## Runs", "", frame.to_markdown(index=False, floatfmt=".4g")
-          if _has_tabulate() else frame.to_string(index=False), ""]
+    md = [f"# pcsweep report: {sweep.path.name}", "", "## Runs", "", _table_md(frame), ""]
     if notes:
         md += ["## Not shown", ""] + [f"- {n}" for n in notes] + [""]
+    if claims is not None:
+        claim_html, claim_md = claims_parts(claims)
+        parts += claim_html
+        md += claim_md
+    for title, text, table in tables:
+        if not table.empty:
+            parts += [f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>", _table_html(table)]
+            md += [f"## {title}", "", text, "", _table_md(table), ""]
     for title, text, images in sections:
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
         parts += [f'<img src="{_embed(p)}" alt="{html.escape(p.name)}">' for p in images]
@@ -366,8 +545,9 @@ def _has_tabulate() -> bool:
 
 
 def build_report(sweep_dir: Path, spans=(1.0, 0.1), resolution: int = 41, samples: int = 1000,
-                 landscapes: bool = True, quiet: bool = False) -> Path:
+                 landscapes: bool = True, quiet: bool = False, rules: Optional[ClaimRules] = None) -> Path:
     sweep = load_sweep(Path(sweep_dir))
+    rules = rules or ClaimRules()
     out = sweep.path / "report"
     out.mkdir(exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
@@ -376,6 +556,9 @@ def build_report(sweep_dir: Path, spans=(1.0, 0.1), resolution: int = 41, sample
          figure_benchmark(sweep, out)),
         ("Curves (Fig 3)", "Test accuracy, train and test loss per epoch.", figure_curves(sweep, out)),
         ("Weight distributions (Fig 5)", "First two and last two weight layers.", figure_weights(sweep, out)),
+        ("Per layer", "Relative change of each weight layer from its initial values, distance of its distribution "
+         "from a Gaussian (1-D Wasserstein of the standardized weights), and for PC the error energy per layer at the "
+         "update point on the probe batch.", figure_layers(sweep, out)),
     ]
     if landscapes:
         sections.append((
@@ -384,13 +567,24 @@ def build_report(sweep_dir: Path, spans=(1.0, 0.1), resolution: int = 41, sample
             f"{resolution}x{resolution} grid; wide, zoomed and as a surface. The star is the trained model.",
             figure_landscapes(sweep, out, spans, resolution, samples, quiet=quiet)))
     pair = weight_decay_models(sweep)
+    tables: list = []
     if pair:
         images = figure_curves(sweep, out, select=pair, suffix="_weight_decay")
         if landscapes:
             images += figure_landscapes(sweep, out, spans, resolution, samples, select=pair, suffix="_weight_decay",
                                         quiet=quiet)
         sections.append(("Weight decay (Fig 6)", "The same twin with and without weight decay.", images))
-    html_path, _ = write_documents(sweep, out, sections)
+        tables.append(("Weight decay: what it did to the variances", "Mean log S per weight layer (over neurons, then "
+                       "seeds) at the end of training, with and without decay; 0 is S = 1, where the decay pulls.",
+                       variance_frame(sweep, pair)))
+    shapes = {run.path: run_shape(run, spans, resolution, samples, quiet=quiet)
+              for run in sweep.finished} if landscapes else {}
+    claims, _ = write_claims(sweep, out, rules, shapes)
+    tables += [("Landscape shape", "Extreme eigenvalues of the loss Hessian over all weights at the trained point "
+               "(Lanczos on Hessian-vector products), the share of the plotted plane where the 2x2 Hessian is convex "
+               "(|min(λ,0)/λmax| <= 0.1), the radius of the convex disc, and the mean loss increase along 16 "
+               "random filter-normalized directions at the zoomed radius.", shape_frame(sweep, shapes))]
+    html_path, _ = write_documents(sweep, out, sections, claims, tables)
     return html_path
 
 
@@ -409,8 +603,33 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
     try:
         run.log({p.stem: wandb.Image(str(p)) for p in html_path.parent.glob("*.png")})
         run.log({"report": wandb.Html(html_path.read_text())})
+        claims_path = html_path.parent / "claims.json"
+        if claims_path.is_file():
+            claims = json.loads(claims_path.read_text())["claims"]
+            run.log({"claims": wandb.Table(dataframe=claims_frame(claims).astype(str))})
+            run.summary.update({f"claim{c['id']}": c["verdict"] for c in claims})
+            artifact = wandb.Artifact(f"claims-{Path(sweep_dir).name}", type="claims")
+            artifact.add_file(str(claims_path))
+            run.log_artifact(artifact)
     finally:
         run.finish()
+
+
+def parse_rules(items: Sequence[str]) -> dict:
+    rules = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--rule {item!r}: expected NAME=VALUE")
+        rules[name] = int(value) if name in ("min_seeds", "deep_layers") else float(value)
+    return rules
+
+
+def claims_overview(path: Path) -> str:
+    """One line per claim, for the terminal."""
+    claims = json.loads(path.read_text())["claims"]
+    return "\n".join(f"  claim {c['id']}: {c['verdict']}" + (f" ({c['reason']})" if c["reason"] else "")
+                     for c in claims)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -421,14 +640,18 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--spans", type=float, nargs="+", default=[1.0, 0.1], help="wide and zoomed half-widths")
     parser.add_argument("--no-landscapes", action="store_true", help="skip the (expensive) landscapes")
     parser.add_argument("--wandb", action="store_true", help="also log the figures to W&B")
+    parser.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
+                        help="a claim-verdict threshold (pcsweep.claims.ClaimRules), e.g. --rule accuracy_margin=0.01")
     args = parser.parse_args(argv)
     try:
+        rules = ClaimRules.from_mapping(parse_rules(args.rule))
         html_path = build_report(args.sweep, tuple(args.spans), args.resolution, args.samples,
-                                 landscapes=not args.no_landscapes)
-    except FileNotFoundError as exc:
+                                 landscapes=not args.no_landscapes, rules=rules)
+    except (FileNotFoundError, ValueError) as exc:
         print(f"pcsweep.report: error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     print(f"[pcsweep.report] {html_path}")
+    print(claims_overview(html_path.parent / "claims.json"))
     if args.wandb:
         log_to_wandb(html_path, args.sweep)
     return html_path

@@ -30,8 +30,8 @@ from pcsweep.data import BUNDLED, DatasetError, TensorDataModule, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
-from pcsweep.tracking import (EnergyTraces, ResumableCSVLogger, RunConditions, WeightHistograms, start_wandb,
-                              trim_metrics)
+from pcsweep.tracking import (EnergyTraces, LayerLearning, ResumableCSVLogger, RunConditions, WeightHistograms,
+                              start_wandb, trim_metrics)
 
 FINISHED = ("complete", "diverged", "failed_to_learn")
 
@@ -104,13 +104,19 @@ def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinMod
     )
 
 
-def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
-    """Pre-flight, at the initial weights on the first training batch: a step size or variance floor that makes
-    inference diverge is one line, not a run; ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
+def measure_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
+    """At the initial weights on the first training batch: ``preflight_stability`` (raises ``UnstableSetting``).
+    The sweeper runs it for every PC job before launching any; each run again, to set its automatic floor."""
     inputs, target = model.probe_batch(dataset.train, cfg.batch_size)
+    return preflight_stability(model.engine, inputs, target, cfg.relax.log_variance_min,
+                               trainable_variance=model.log_variances is not None)
+
+
+def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
+    """Pre-flight: a step size or variance floor that makes inference diverge is one line, not a run;
+    ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
     try:
-        stability = preflight_stability(model.engine, inputs, target, cfg.relax.log_variance_min,
-                                        trainable_variance=model.log_variances is not None)
+        stability = measure_stability(cfg, model, dataset)
     except UnstableSetting as exc:
         fail(str(exc))
     if stability["log_variance_min"] is not None:
@@ -222,7 +228,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
         save_on_train_epoch_end=True,  # after every callback's epoch-end work (the condition probes) is in its state
     )
-    callbacks = [history, WeightHistograms(run_dir, cfg.tracking.histogram_every)]
+    # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
+    layer_learning = LayerLearning([layer.weight for layer in model.mlp.layers])
+    callbacks = [history, WeightHistograms(run_dir, cfg.tracking.histogram_every), layer_learning]
     if cfg.algo.name == "pc" and cfg.tracking.energy_trace:
         callbacks.append(EnergyTraces(run_dir, cfg.tracking.energy_tolerance))
     conditions = None
@@ -281,10 +289,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         summary["diverged_reason"] = model.diverged_reason
         summary["checks"] = run_checks(cfg, summary, conditions, stability)
         summary["conditions"] = conditions.records if conditions is not None else []
+        summary["layers"] = layer_learning.records
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items()
-                                      if k not in ("history", "config", "curve", "conditions")})
+                                      if k not in ("history", "config", "curve", "conditions", "layers")})
         succeeded = True
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
         if wandb_run is not None:

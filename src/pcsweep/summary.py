@@ -107,11 +107,17 @@ class SweepSummaryCallback(Callback):
         write_csv(rows, sweep_dir / "summary.csv")
         print(f"\n{format_table(rows)}\n\n[pcsweep] table saved to {sweep_dir / 'summary.csv'}", flush=True)
         if config.report.auto and any(row.get("status") == "complete" for row in rows):
-            from pcsweep.report import build_report, log_to_wandb
+            from omegaconf import OmegaConf
 
+            from pcsweep.claims import ClaimRules
+            from pcsweep.report import build_report, claims_overview, log_to_wandb
+
+            rules = ClaimRules.from_mapping(OmegaConf.to_container(config.report.claims)
+                                            if config.report.get("claims") is not None else None)
             html_path = build_report(sweep_dir, tuple(config.report.spans), config.report.resolution,
-                                     config.report.samples, landscapes=config.report.landscapes)
-            print(f"[pcsweep] report: {html_path}", flush=True)
+                                     config.report.samples, landscapes=config.report.landscapes, rules=rules)
+            print(f"[pcsweep] report: {html_path}\n[pcsweep] the paper's claims:\n"
+                  f"{claims_overview(html_path.parent / 'claims.json')}", flush=True)
             if config.logger.name == "wandb":
                 log_to_wandb(html_path, sweep_dir, config.logger)
 

@@ -269,6 +269,7 @@ class RunConditions(L.Callback):
                    "cond2/steps_converged": float(probe["steps_converged"]), "inference/stiffness": record["stiffness"]}
         metrics.update({f"cond2/cos_W{l + 1}": c for l, c in enumerate(probe["cosine"])})
         metrics.update({f"cond2/norm_ratio_W{l + 1}": r for l, r in enumerate(probe["norm_ratio"])})
+        metrics.update({f"layers/E{l + 1}": e for l, e in enumerate(probe["layer_energy_at_T"])})
         if pl_module.log_variances is not None:
             record["log_variance_min"] = engine.log_variance_min
             record["variance"] = variance_statistics(list(pl_module.log_variances), engine.log_variance_min)
@@ -276,6 +277,33 @@ class RunConditions(L.Callback):
             for l, stats in enumerate(record["variance"]):
                 metrics.update({f"variance/logS{l + 1}_{k}": v for k, v in stats.items()})
         self.records = [r for r in self.records if r["epoch"] < epoch] + [record]
+        log_direct(pl_module, metrics, step=batch_step(trainer, trainer.num_training_batches - 1))
+
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = list(state_dict["records"])
+
+
+class LayerLearning(L.Callback):
+    """Did every layer learn? Each epoch, per weight layer: the relative change from the initial weights and the
+    distance of its distribution from a Gaussian (``pcsweep.layers``). Kept in the checkpoint and in ``records``."""
+
+    def __init__(self, initial_weights: list[torch.Tensor]) -> None:
+        self.initial = [w.detach().cpu().clone() for w in initial_weights]
+        self.records: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from pcsweep.layers import layer_statistics
+
+        if pl_module.diverged:
+            return
+        epoch = trainer.current_epoch
+        stats = layer_statistics([layer.weight.detach().cpu() for layer in pl_module.mlp.layers], self.initial)
+        self.records = [r for r in self.records if r["epoch"] < epoch] + [{"epoch": epoch, **stats}]
+        metrics = {f"layers/W{l + 1}_change": v for l, v in enumerate(stats["change"])}
+        metrics.update({f"layers/W{l + 1}_gaussian_distance": v for l, v in enumerate(stats["gaussian_distance"])})
         log_direct(pl_module, metrics, step=batch_step(trainer, trainer.num_training_batches - 1))
 
     def state_dict(self) -> dict:

@@ -33,6 +33,8 @@ class PcsweepSweeperConf:
     _target_: str = "hydra_plugins.pcsweep_sweeper.PcsweepSweeper"
     max_batch_size: Optional[int] = None
     params: Optional[Dict[str, str]] = None
+    # more jobs: each entry replaces some of the grid's keys (experiment=paper adds pc_rc23 with weight decay)
+    also: Optional[List[Dict[str, Any]]] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="pcsweep", node=PcsweepSweeperConf, provider="pcsweep")
@@ -43,11 +45,13 @@ class FilteringLauncher(Launcher):
 
     def __init__(self, inner: Launcher, sweeper: "PcsweepSweeper") -> None:
         self.inner, self.sweeper = inner, sweeper
+        self.stability = StabilityPreflight()
 
     def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
         self.inner.setup(**kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from pcsweep.conditions import UnstableSetting
         from pcsweep.config import ConfigError, duplicate_target, paper_name, run_dir_name, validate
         from pcsweep.data import BUNDLED, DatasetError, check_available
         from pcsweep.run import finished_summary, resolve_data_dir
@@ -68,6 +72,12 @@ class FilteringLauncher(Launcher):
             except (ConfigError, DatasetError) as exc:
                 fail(f"{label}: {exc}")
             run_dir = run_dir_name(cfg)
+            if cfg.algo.name == "pc" and duplicate_target(cfg) is None \
+                    and finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir) is None:
+                try:  # a step size or floor past the stability limit stops the sweep before its first job
+                    self.stability(cfg)
+                except (UnstableSetting, DatasetError) as exc:
+                    fail(f"{label}: {exc}")
             entry = {"overrides": list(overrides), "model": paper_name(cfg), "dataset": cfg.dataset.name}
             target = duplicate_target(cfg)
             if target is not None:
@@ -108,9 +118,34 @@ class FilteringLauncher(Launcher):
                  "finished runs are skipped and interrupted ones resume from their checkpoints")
 
 
+class StabilityPreflight:
+    """``pcsweep.run.measure_stability`` for a job's config, loading each dataset once per sweep."""
+
+    def __init__(self) -> None:
+        self.datasets: Dict[str, Any] = {}
+
+    def __call__(self, cfg: DictConfig) -> dict:
+        from omegaconf import OmegaConf
+
+        from pcsweep.data import BUNDLED, load_dataset
+        from pcsweep.run import build_model, measure_stability, resolve_data_dir
+
+        cfg = cfg.copy()
+        if cfg.dataset.name not in BUNDLED:
+            cfg.dataset.data_dir = str(resolve_data_dir(cfg))
+        key = OmegaConf.to_yaml(cfg.dataset)
+        if key not in self.datasets:
+            self.datasets[key] = load_dataset(cfg.dataset)
+        dataset = self.datasets[key]
+        model = build_model(cfg, dataset.num_features, dataset.num_classes)
+        return measure_stability(cfg, model, dataset)
+
+
 class PcsweepSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
+                 also: Optional[List[Dict[str, Any]]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
+        self.also = [dict(entry) for entry in (also or [])]
         self.manifest: List[dict] = []
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -125,11 +160,23 @@ class PcsweepSweeper(BasicSweeper):
         self.launcher = FilteringLauncher(self.launcher, self)
 
     def split_arguments(self, overrides: Any, max_batch_size: Optional[int]) -> List[List[List[str]]]:
-        """BasicSweeper's expansion, with numeric group choices re-quoted (``relax=2`` -> ``relax='2'``)."""
+        """BasicSweeper's expansion, plus the ``also`` grids (the same overrides with some keys replaced), with numeric
+        group choices re-quoted (``relax=2`` -> ``relax='2'``)."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
         from pcsweep.config import quote_numeric_choices
 
-        batches = BasicSweeper.split_arguments(overrides, max_batch_size)
-        return [[[quote_numeric_choices(o) for o in job] for job in batch] for batch in batches]
+        jobs = BasicSweeper.split_arguments(overrides, None)[0]
+        parser = OverridesParser.create()
+        for entry in self.also:
+            extra = parser.parse_overrides([quote_numeric_choices(f"{k}={v}") for k, v in entry.items()])
+            keys = {o.get_key_element() for o in extra}
+            jobs += BasicSweeper.split_arguments([o for o in overrides if o.get_key_element() not in keys] + extra,
+                                                 None)[0]
+        jobs = [[quote_numeric_choices(o) for o in job] for job in jobs]
+        if max_batch_size is None:
+            return [jobs]
+        return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         pass  # FilteringLauncher composes (and so validates) every job itself

@@ -1,0 +1,446 @@
+"""The paper's claims, checked on a sweep: per claim and per dataset x width, a statistic over seeds, its confidence
+interval, and a verdict (``holds``, ``does not hold``, ``inconclusive`` with the reason, or ``not tested``).
+
+Each claim is written down as measured (the paper's words are in ``CLAIMS``). Statistics are paired by seed (the same
+seed draws the same initial weights for every twin); intervals are Student-t intervals of the mean over seeds (for
+ratios, of the mean log ratio), so the same runs always give the same numbers. A run that diverged, failed to learn,
+or whose assumptions failed (condition 2 violated in ``pc``, unstable inference) makes a claim that needs it
+``inconclusive``; it is never counted. All thresholds are in ``ClaimRules`` (``report.claims`` in the config).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Optional, Sequence
+
+HOLDS, FAILS, INCONCLUSIVE, NOT_TESTED = "holds", "does not hold", "inconclusive", "not tested"
+PC_TWINS = ("pc", "pc_rc2", "pc_rc3", "pc_rc23")
+
+
+@dataclass
+class ClaimRules:
+    """Thresholds of the verdicts (README: "The paper's claims")."""
+
+    confidence: float = 0.95        # of the intervals over seeds
+    min_seeds: int = 2              # fewer: the value is shown, the verdict is inconclusive
+    accuracy_margin: float = 0.02   # "similar accuracy": |difference| below this; "clearly worse": above it
+    time_ratio: float = 0.5         # "substantially faster": time to 90% at most this fraction of pc's
+    sharper_factor: float = 2.0     # "much sharper": loss increase at the sharpness radius at least this many times pc's
+    convex_fraction: float = 0.9    # "mostly convex": this share of the plotted plane is locally convex
+    deep_layers: int = 2            # "the deepest layers": the first this many weight layers (input side)
+    updated_ratio: float = 0.5      # a layer "fails to update" when its relative change is below this times BP's
+    gaussian_distance: float = 0.05  # a layer is "roughly Gaussian" below this (pcsweep.layers.gaussian_distance)
+
+    @classmethod
+    def from_mapping(cls, values: Optional[dict]) -> "ClaimRules":
+        values = dict(values or {})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown claim rule(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        return cls(**values)
+
+
+CLAIMS = {
+    1: ("PC and BP reach similar final accuracy on the same architecture.",
+        "final accuracy of pc minus bp (paired by seed); holds when the interval lies within +-accuracy_margin"),
+    2: ("Standard PC can converge early to a clearly worse minimum, especially in narrow networks.",
+        "final accuracy of bp minus pc at the narrowest width; holds when it exceeds accuracy_margin and, with two "
+        "widths, the gap is larger in the narrow network than in the wide one"),
+    3: ("Relaxing condition 3 brings PC to BP: rc3 is the PC twin most similar to BP.",
+        "final accuracy of pc_rc3 minus bp; holds when within +-accuracy_margin and rc3 is the PC twin nearest BP "
+        "in weight distributions (mean per-layer Wasserstein distance) and in landscape sharpness (|log ratio|)"),
+    4: ("Relaxing condition 2 cuts training time substantially, while BP stays faster.",
+        "time to 90% of final accuracy, pc_rc2 over pc (geometric mean ratio); holds when at most time_ratio and "
+        "bp's time is below pc_rc2's"),
+    5: ("Relaxing condition 2 keeps the landscape convex but makes it much sharper.",
+        "loss increase at the sharpness radius, pc_rc2 over pc; holds when at least sharper_factor and pc_rc2's "
+        "plotted plane is mostly convex (convex_fraction)"),
+    6: ("Relaxing both conditions loses convexity everywhere but in the immediate vicinity of the minimum.",
+        "convex share of pc_rc23's wide plane; holds when below convex_fraction while its zoomed plane is mostly "
+        "convex and pc's wide plane is more convex"),
+    7: ("Except rc3, PC twins fail to update their deepest layers; rc3's layers, like BP's, are roughly Gaussian.",
+        "relative weight change of the deep_layers first layers over BP's (mean); holds when below updated_ratio "
+        "for every PC twin but rc3, at or above it for rc3, and rc3's layers are within gaussian_distance"),
+    8: ("A mild weight decay on W and S makes rc23's landscape smoother and every layer's weights Gaussian.",
+        "pc_rc23 with decay minus without (paired by seed): convex share of the wide plane, and the largest "
+        "per-layer distance from a Gaussian; holds when the first rises and the second falls"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def interval(values: Sequence[float], confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """Student-t interval of the mean, None for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+@dataclass
+class Estimate:
+    values: list[float]
+    log: bool = False  # a ratio: interval on the log scale, reported back as ratios
+
+    def mean(self) -> float:
+        if self.log:
+            return math.exp(sum(math.log(v) for v in self.values) / len(self.values))
+        return sum(self.values) / len(self.values)
+
+    def ci(self, confidence: float) -> Optional[tuple[float, float]]:
+        if self.log:
+            bounds = interval([math.log(v) for v in self.values], confidence)
+            return (math.exp(bounds[0]), math.exp(bounds[1])) if bounds else None
+        return interval(self.values, confidence)
+
+
+def decide(estimate: Estimate, rules: ClaimRules, holds: Callable[[float, float], bool],
+           fails: Callable[[float, float], bool]) -> tuple[str, str]:
+    """A verdict from an interval: ``holds(lo, hi)`` / ``fails(lo, hi)`` on the interval, else inconclusive."""
+    n = len(estimate.values)
+    if n < rules.min_seeds or n < 2:
+        return INCONCLUSIVE, f"{n} seed{'s' if n != 1 else ''}: no interval (min_seeds {rules.min_seeds})"
+    lo, hi = estimate.ci(rules.confidence)
+    if holds(lo, hi):
+        return HOLDS, ""
+    if fails(lo, hi):
+        return FAILS, ""
+    return INCONCLUSIVE, "the interval straddles the threshold (more seeds would decide)"
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def twin_runs(facts: Sequence[dict], twin: str, decayed: bool = False) -> dict[int, dict]:
+    """One run per seed of ``twin`` (with or without weight decay). With several learning rates, the one with the
+    best mean final accuracy (the paper tuned rc23's)."""
+    runs = [f for f in facts if f["twin"] == twin and bool(f.get("weight_decay")) == decayed]
+    by_lr: dict[Any, list[dict]] = {}
+    for f in runs:
+        by_lr.setdefault(f.get("lr"), []).append(f)
+    if not by_lr:
+        return {}
+
+    def score(group: list[dict]) -> float:
+        accs = [f["final_acc"] for f in group if f["status"] == "complete" and f["final_acc"] is not None]
+        return sum(accs) / len(accs) if accs else -1.0
+
+    best = max(by_lr.values(), key=score)
+    return {f["seed"]: f for f in best}
+
+
+def problems(runs: dict[int, dict], twin: str, needs_condition2: bool = False) -> Optional[str]:
+    """Why these runs cannot be counted, or None."""
+    bad = [f for f in runs.values() if f["status"] != "complete"]
+    if bad:
+        return f"{twin}: {len(bad)} run(s) {', '.join(sorted({f['status'].replace('_', ' ') for f in bad}))}"
+    if any(f.get("inference") == "unstable" for f in runs.values()):
+        return f"{twin}: inference unstable"
+    if needs_condition2 and any(f.get("condition2") == "violated" for f in runs.values()):
+        return f"{twin}: condition 2 violated (inference not converged at T)"
+    return None
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], value: Callable[[dict, dict], Optional[float]]) -> list[float]:
+    out = []
+    for seed in sorted(set(a) & set(b)):
+        v = value(a[seed], b[seed])
+        if v is not None and math.isfinite(v):
+            out.append(v)
+    return out
+
+
+def _shape(f: dict, view: str, key: str) -> Optional[float]:
+    return ((f.get("shape") or {}).get(view) or {}).get(key)
+
+
+def _need(group: dict[str, dict[int, dict]], twins: Sequence[str], condition2: Sequence[str] = ()) -> Optional[tuple[str, str]]:
+    missing = [t for t in twins if not group.get(t)]
+    if missing:
+        return NOT_TESTED, f"no {', '.join(missing)} runs"
+    for t in twins:
+        reason = problems(group[t], t, t in condition2)
+        if reason:
+            return INCONCLUSIVE, reason
+    return None
+
+
+def _result(estimate: Optional[Estimate], verdict: str, reason: str, rules: ClaimRules, **details) -> dict:
+    if estimate is None or not estimate.values:
+        return {"value": None, "ci": None, "n": 0, "verdict": verdict, "reason": reason, **details}
+    ci = estimate.ci(rules.confidence)
+    return {"value": estimate.mean(), "ci": list(ci) if ci else None, "n": len(estimate.values),
+            "per_seed": estimate.values, "verdict": verdict, "reason": reason, **details}
+
+
+def _landscape_missing(runs: Sequence[dict]) -> Optional[tuple[str, str]]:
+    if any(not f.get("shape") for f in runs):
+        return NOT_TESTED, "landscape measurements missing (report built without landscapes)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the claims
+def claim1(group, rules):
+    need = _need(group, ("bp", "pc"), condition2=("pc",))
+    if need:
+        return _result(None, *need, rules)
+    est = Estimate(paired(group["pc"], group["bp"], lambda p, b: p["final_acc"] - b["final_acc"]))
+    m = rules.accuracy_margin
+    verdict, reason = decide(est, rules, lambda lo, hi: -m < lo and hi < m, lambda lo, hi: lo > m or hi < -m)
+    loss = paired(group["pc"], group["bp"], lambda p, b: p["test_loss"] - b["test_loss"]
+                  if p.get("test_loss") is not None and b.get("test_loss") is not None else None)
+    return _result(est, verdict, reason, rules, test_loss_difference=sum(loss) / len(loss) if loss else None)
+
+
+def claim2(by_width: dict[int, dict], rules):
+    """Across widths of one dataset."""
+    widths = sorted(by_width)
+    narrow = by_width[widths[0]]
+    need = _need(narrow, ("bp", "pc"), condition2=("pc",))
+    if need:
+        return _result(None, *need, rules, width=widths[0])
+    gap = lambda b, p: b["final_acc"] - p["final_acc"]
+    est = Estimate(paired(narrow["bp"], narrow["pc"], gap))
+    m = rules.accuracy_margin
+    verdict, reason = decide(est, rules, lambda lo, hi: lo > m, lambda lo, hi: hi < m)
+    details = {"width": widths[0]}
+    if len(widths) > 1:
+        wide = by_width[widths[-1]]
+        if not _need(wide, ("bp", "pc"), condition2=("pc",)):
+            wide_gap = paired(wide["bp"], wide["pc"], gap)
+            details.update(wide_width=widths[-1], wide_gap=sum(wide_gap) / len(wide_gap) if wide_gap else None)
+            if verdict == HOLDS and wide_gap and est.mean() <= details["wide_gap"]:
+                verdict, reason = FAILS, f"pc is clearly worse, but no more in width {widths[0]} than in {widths[-1]}"
+    elif verdict == HOLDS:
+        reason = "one width: 'especially in narrow networks' not tested"
+    return _result(est, verdict, reason, rules, **details)
+
+
+def _weight_distance(f: dict) -> Optional[float]:
+    d = f.get("weight_distance")
+    return sum(d) / len(d) if d else None
+
+
+def claim3(group, rules):
+    need = _need(group, ("bp", "pc_rc3"))
+    if need:
+        return _result(None, *need, rules)
+    others = [t for t in ("pc", "pc_rc2", "pc_rc23") if group.get(t) and not problems(group[t], t)]
+    est = Estimate(paired(group["pc_rc3"], group["bp"], lambda r, b: r["final_acc"] - b["final_acc"]))
+    m = rules.accuracy_margin
+    verdict, reason = decide(est, rules, lambda lo, hi: -m < lo and hi < m, lambda lo, hi: lo > m or hi < -m)
+    if not others:
+        return _result(est, INCONCLUSIVE if verdict == HOLDS else verdict,
+                       "no other PC twin to compare with" if verdict == HOLDS else reason, rules)
+
+    def mean_of(twin, value):
+        values = [v for v in (value(f) for f in group[twin].values()) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def sharpness_gap(f):
+        bp = group["bp"].get(f["seed"])
+        s, sb = _shape(f, "sharpness", "increase"), _shape(bp, "sharpness", "increase") if bp else None
+        return abs(math.log(s / sb)) if s and sb and s > 0 and sb > 0 else None
+
+    distance = {t: mean_of(t, _weight_distance) for t in ["pc_rc3"] + others}
+    landscape = {t: mean_of(t, sharpness_gap) for t in ["pc_rc3"] + others}
+    details = {"weight_distance_to_bp": distance, "sharpness_log_ratio_to_bp": landscape}
+    nearest = {}
+    for name, table in (("weights", distance), ("landscape", landscape)):
+        known = {t: v for t, v in table.items() if v is not None}
+        if "pc_rc3" in known and len(known) > 1:
+            nearest[name] = min(known, key=known.get) == "pc_rc3"
+    details["rc3_nearest"] = nearest
+    if verdict == HOLDS:
+        if not nearest:
+            verdict, reason = INCONCLUSIVE, "weight and landscape distances missing"
+        elif not all(nearest.values()):
+            verdict, reason = FAILS, "another PC twin is nearer BP in " + ", ".join(k for k, v in nearest.items() if not v)
+    return _result(est, verdict, reason, rules, **details)
+
+
+def claim4(group, rules):
+    need = _need(group, ("bp", "pc", "pc_rc2"), condition2=("pc",))
+    if need:
+        return _result(None, *need, rules)
+    ratio = lambda a, b: a["t90"] / b["t90"] if a.get("t90") and b.get("t90") else None
+    est = Estimate(paired(group["pc_rc2"], group["pc"], ratio), log=True)
+    if not est.values:
+        return _result(None, INCONCLUSIVE, "no time to 90% recorded", rules)
+    verdict, reason = decide(est, rules, lambda lo, hi: hi <= rules.time_ratio, lambda lo, hi: lo > rules.time_ratio)
+    bp = Estimate(paired(group["bp"], group["pc_rc2"], ratio), log=True)
+    bp_ci = bp.ci(rules.confidence) if bp.values else None
+    if verdict == HOLDS and bp_ci and bp_ci[1] >= 1:
+        verdict, reason = (FAILS, "bp is not faster than pc_rc2") if bp_ci[0] >= 1 else (INCONCLUSIVE, "bp vs pc_rc2 undecided")
+    return _result(est, verdict, reason, rules, bp_over_rc2=bp.mean() if bp.values else None)
+
+
+def claim5(group, rules):
+    need = _need(group, ("pc", "pc_rc2")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc2"].values()))
+    if need:
+        return _result(None, *need, rules)
+    est = Estimate(paired(group["pc_rc2"], group["pc"], lambda a, b: _shape(a, "sharpness", "increase")
+                          / _shape(b, "sharpness", "increase") if _shape(b, "sharpness", "increase") else None), log=True)
+    if not est.values:
+        return _result(None, INCONCLUSIVE, "pc's loss does not rise at the sharpness radius", rules)
+    convex = [_shape(f, "wide", "convex_fraction") for f in group["pc_rc2"].values()]
+    convex_mean = sum(convex) / len(convex)
+    verdict, reason = decide(est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor)
+    if verdict != FAILS and convex_mean < rules.convex_fraction:
+        verdict, reason = FAILS, f"pc_rc2's plane is not mostly convex ({convex_mean:.2f})"
+    return _result(est, verdict, reason, rules, rc2_convex_fraction=convex_mean)
+
+
+def claim6(group, rules):
+    need = _need(group, ("pc", "pc_rc23")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc23"].values()))
+    if need:
+        return _result(None, *need, rules)
+    est = Estimate([_shape(f, "wide", "convex_fraction") for f in group["pc_rc23"].values()])
+    zoomed = [_shape(f, "zoomed", "convex_fraction") for f in group["pc_rc23"].values()]
+    pc_wide = [_shape(f, "wide", "convex_fraction") for f in group["pc"].values()]
+    c = rules.convex_fraction
+    verdict, reason = decide(est, rules, lambda lo, hi: hi < c, lambda lo, hi: lo >= c)
+    zoomed_mean = sum(v for v in zoomed if v is not None) / max(len([v for v in zoomed if v is not None]), 1)
+    pc_mean = sum(pc_wide) / len(pc_wide)
+    if verdict == HOLDS and zoomed_mean < c:
+        verdict, reason = FAILS, f"pc_rc23 is not convex near the minimum either (zoomed {zoomed_mean:.2f})"
+    elif verdict == HOLDS and pc_mean <= est.mean():
+        verdict, reason = FAILS, f"pc's plane is no more convex ({pc_mean:.2f})"
+    lrs = sorted({f.get("lr") for f in group.get("_all_rc23", [])} - {None})
+    stability = ("not tested: one learning rate" if len(lrs) < 2 else
+                 {str(lr): sorted({f["status"] for f in group["_all_rc23"] if f.get("lr") == lr}) for lr in lrs})
+    return _result(est, verdict, reason, rules, zoomed_convex_fraction=zoomed_mean, pc_convex_fraction=pc_mean,
+                   learning_rates=stability)
+
+
+def claim7(group, rules):
+    need = _need(group, ("bp", "pc_rc3"))
+    if need:
+        return _result(None, *need, rules)
+    k = rules.deep_layers
+
+    def deep_ratio(f, b):
+        if not f.get("change") or not b.get("change"):
+            return None
+        return sum(f["change"][:k]) / max(sum(b["change"][:k]), 1e-30)
+
+    others = [t for t in ("pc", "pc_rc2", "pc_rc23") if group.get(t)]
+    for t in others:
+        reason = problems(group[t], t)
+        if reason:
+            return _result(None, INCONCLUSIVE, reason, rules)
+    rc3 = Estimate(paired(group["pc_rc3"], group["bp"], deep_ratio))
+    if not rc3.values:
+        return _result(None, NOT_TESTED, "layer-wise weight changes not recorded", rules)
+    u = rules.updated_ratio
+    verdicts = {"pc_rc3": decide(rc3, rules, lambda lo, hi: lo >= u, lambda lo, hi: hi < u)}
+    ratios = {"pc_rc3": rc3.mean()}
+    for t in others:
+        e = Estimate(paired(group[t], group["bp"], deep_ratio))
+        ratios[t] = e.mean() if e.values else None
+        verdicts[t] = decide(e, rules, lambda lo, hi: hi < u, lambda lo, hi: lo >= u) if e.values else (INCONCLUSIVE, "")
+    gauss = [max(f["gaussian"]) for f in group["pc_rc3"].values() if f.get("gaussian")]
+    rc3_gaussian = max(gauss) if gauss else None
+    details = {"deep_change_over_bp": ratios, "rc3_max_gaussian_distance": rc3_gaussian,
+               "last_layers_gaussian_distance": {t: _mean([f["gaussian"][-1] for f in group[t].values() if f.get("gaussian")])
+                                                 for t in ["bp", "pc_rc3"] + others}}
+    if not others:
+        return _result(rc3, INCONCLUSIVE, "no PC twin other than rc3", rules, **details)
+    states = [v for v, _ in verdicts.values()]
+    if FAILS in states:
+        failed = [t for t, (v, _) in verdicts.items() if v == FAILS]
+        return _result(rc3, FAILS, "the opposite holds for " + ", ".join(failed), rules, **details)
+    if INCONCLUSIVE in states:
+        return _result(rc3, INCONCLUSIVE, next(r for v, r in verdicts.values() if v == INCONCLUSIVE), rules, **details)
+    if rc3_gaussian is not None and rc3_gaussian > rules.gaussian_distance:
+        return _result(rc3, FAILS, f"rc3's weights are not Gaussian (distance {rc3_gaussian:.3f})", rules, **details)
+    return _result(rc3, HOLDS, "", rules, **details)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def claim8(group, rules):
+    plain, decayed = group.get("pc_rc23"), group.get("pc_rc23+wd")
+    if not plain or not decayed:
+        return _result(None, NOT_TESTED, "needs pc_rc23 with and without weight decay (experiment=weight_decay)", rules)
+    for t, runs in (("pc_rc23", plain), ("pc_rc23 with decay", decayed)):
+        reason = problems(runs, t)
+        if reason:
+            return _result(None, INCONCLUSIVE, reason, rules)
+    need = _landscape_missing(list(plain.values()) + list(decayed.values()))
+    if need:
+        return _result(None, *need, rules)
+    est = Estimate(paired(decayed, plain, lambda d, p: _shape(d, "wide", "convex_fraction") - _shape(p, "wide", "convex_fraction")))
+    verdict, reason = decide(est, rules, lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0)
+    gauss = Estimate(paired(decayed, plain, lambda d, p: max(d["gaussian"]) - max(p["gaussian"])
+                            if d.get("gaussian") and p.get("gaussian") else None))
+    if gauss.values and verdict == HOLDS:
+        g_verdict, g_reason = decide(gauss, rules, lambda lo, hi: hi < 0, lambda lo, hi: lo >= 0)
+        if g_verdict != HOLDS:
+            verdict, reason = g_verdict, "weights: " + (g_reason or "not more Gaussian with decay")
+    variance = {"without": _mean_layers([f.get("log_variance_mean") for f in plain.values()]),
+                "with": _mean_layers([f.get("log_variance_mean") for f in decayed.values()])}
+    return _result(est, verdict, reason, rules, gaussian_distance_change=gauss.mean() if gauss.values else None,
+                   mean_log_variance_per_layer=variance)
+
+
+def _mean_layers(rows):
+    rows = [r for r in rows if r]
+    return [sum(col) / len(col) for col in zip(*rows)] if rows else None
+
+
+PER_GROUP = {1: claim1, 3: claim3, 4: claim4, 5: claim5, 6: claim6, 7: claim7, 8: claim8}
+
+
+def _overall(groups: list[dict]) -> tuple[str, str]:
+    verdicts = [g["verdict"] for g in groups]
+    tested = [v for v in verdicts if v != NOT_TESTED]
+    if not tested:
+        return NOT_TESTED, groups[0]["reason"] if groups else "no runs"
+    if all(v == HOLDS for v in tested):
+        return HOLDS, ""
+    if all(v == FAILS for v in tested):
+        return FAILS, ""
+    if HOLDS in tested and FAILS in tested:
+        where = ", ".join(f"{g['dataset']}/{g.get('width')}" for g in groups if g["verdict"] == FAILS)
+        return INCONCLUSIVE, f"holds in some settings, not in {where}"
+    first = next(g for g in groups if g["verdict"] == INCONCLUSIVE)
+    where = f"{first['dataset']}" + (f"/{first['width']}" if first.get("width") else "")
+    return INCONCLUSIVE, f"{where}: {first['reason']}" if len(groups) > 1 else first["reason"]
+
+
+def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None) -> list[dict]:
+    """Every claim on every dataset x width (claim 2: every dataset) of ``facts`` (``report.run_facts``)."""
+    rules = rules or ClaimRules()
+    settings = sorted({(f["dataset"], f["width"]) for f in facts})
+    groups = {}
+    for dataset, width in settings:
+        members = [f for f in facts if f["dataset"] == dataset and f["width"] == width]
+        group = {t: twin_runs(members, t) for t in ("bp",) + PC_TWINS}
+        group["pc_rc23+wd"] = twin_runs(members, "pc_rc23", decayed=True)
+        group["_all_rc23"] = [f for f in members if f["twin"] == "pc_rc23" and not f.get("weight_decay")]
+        groups[(dataset, width)] = group
+    results = []
+    for number, (claim, statistic) in CLAIMS.items():
+        rows = []
+        if number == 2:
+            for dataset in sorted({d for d, _ in settings}):
+                by_width = {w: g for (d, w), g in groups.items() if d == dataset}
+                rows.append({"dataset": dataset, **claim2(by_width, rules)})
+        else:
+            for (dataset, width), group in groups.items():
+                rows.append({"dataset": dataset, "width": width, **PER_GROUP[number](group, rules)})
+        verdict, reason = _overall(rows) if rows else (NOT_TESTED, "no runs")
+        results.append({"id": number, "claim": claim, "statistic": statistic, "verdict": verdict, "reason": reason,
+                        "groups": rows})
+    return results
+
+
+def claims_document(results: list[dict], rules: ClaimRules) -> dict:
+    return {"rules": asdict(rules), "claims": results}
