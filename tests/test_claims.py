@@ -3,6 +3,7 @@ statistics they read (layer learning, landscape shape) against their definitions
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from helpers import pcsweep
 from pcsweep.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_TESTED, ClaimRules, evaluate, interval
 from pcsweep.landscape import hessian_extremes, output_loss, plane_convexity, sharpness
 from pcsweep.layers import gaussian_distance, relative_change, wasserstein1
-from pcsweep.report import build_report
+from pcsweep.report import build_report, main as report_main
 
 
 def run(twin, seed, acc=0.9, width=64, **extra):
@@ -101,6 +102,12 @@ def test_claims_5_6_8_read_the_landscape_shape():
     rc23_convex = [run("pc_rc23", s, shape=shape(0.97 + 0.005 * s)) for s in range(3)]
     results = evaluate(pc + rc2 + rc23_convex + decayed)
     assert claim(results, 6)["verdict"] == FAILS and claim(results, 8)["verdict"] == FAILS
+    not_a_minimum = [run("pc", s, shape=shape(0.99, rise=-0.01)) for s in range(3)]  # the loss falls around it
+    claim5 = claim(evaluate(not_a_minimum + rc2), 5)
+    assert claim5["verdict"] == INCONCLUSIVE and "not at a minimum" in claim5["reason"]
+    rc23_chaotic = [run("pc_rc23", s, shape=shape(0.3 + 0.01 * s, zoomed=0.5)) for s in range(3)]
+    claim6 = claim(evaluate(pc + rc2 + rc23_chaotic), 6)
+    assert claim6["verdict"] == FAILS and "near the minimum" in claim6["groups"][0]["reason"]  # nor when zoomed
     no_landscapes = evaluate([run("pc", s) for s in range(2)] + [run("pc_rc2", s) for s in range(2)])
     assert claim(no_landscapes, 5)["verdict"] == NOT_TESTED and "landscape" in claim(no_landscapes, 5)["reason"]
 
@@ -192,3 +199,22 @@ def test_claims_smoke_preset_gets_a_claims_section_that_rebuilds_bit_for_bit(tmp
     after = {p.name: p.read_bytes() for p in report.iterdir()}
     assert before.keys() == after.keys()
     assert [name for name in before if before[name] != after[name]] == []  # same sweep, same report, bit for bit
+    # runs of one twin only: every claim says what it cannot check, no traceback
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for run_dir in sweep.glob("pc_16_3_digits-*"):
+        shutil.copytree(run_dir, lone / run_dir.name)
+    report_main([str(lone), "--no-landscapes"])
+    lone_claims = json.loads((lone / "report" / "claims.json").read_text())["claims"]
+    assert {c["verdict"] for c in lone_claims} == {NOT_TESTED}
+    assert "no bp runs" in lone_claims[0]["reason"]
+
+
+def test_a_report_on_a_folder_without_runs_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"pcsweep.report: error: no finished runs (summary.json) under {tmp_path}"
+    with pytest.raises(SystemExit):
+        report_main([str(tmp_path), "--rule", "accuracy_margn=0.1"])
+    assert "unknown claim rule(s) ['accuracy_margn']" in capsys.readouterr().err

@@ -110,8 +110,12 @@ def test_three_jobs_make_three_wandb_runs_in_one_group_and_one_summary(tmp_path)
     assert len(runs) == 3 and len({r.run_id for r in runs}) == 3
     assert len({r.run_group for r in runs}) == 1 and runs[0].run_group.startswith("default-")
     assert sorted(r.job_type for r in runs) == ["bp", "pc", "pc_rc2"]
-    (report,) = [read_run(f)["run"] for f in offline_runs(sweep / "report")]  # the report's figures, same group
-    assert report.job_type == "report" and report.run_group == runs[0].run_group
+    (report_file,) = offline_runs(sweep / "report")  # the report's figures, same group
+    report = read_run(report_file)
+    assert report["run"].job_type == "report" and report["run"].run_group == runs[0].run_group
+    claims = json.loads((sweep / "report" / "claims.json").read_text())["claims"]
+    assert [report["summary"][f"claim{c['id']}"] for c in claims] == [c["verdict"] for c in claims]
+    assert any(key.startswith("claims") for row in report["history"] for key in row)  # the claims table
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 4 and [r["status"] for r in rows].count("complete") == 3
     assert sum(r["status"].startswith("skipped") for r in rows) == 1

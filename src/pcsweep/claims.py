@@ -153,6 +153,11 @@ def paired(a: dict[int, dict], b: dict[int, dict], value: Callable[[dict, dict],
     return out
 
 
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """a / b for two positive numbers (what a log-scale interval needs), else None."""
+    return a / b if a is not None and b is not None and a > 0 and b > 0 else None
+
+
 def _shape(f: dict, view: str, key: str) -> Optional[float]:
     return ((f.get("shape") or {}).get(view) or {}).get(key)
 
@@ -266,12 +271,12 @@ def claim4(group, rules):
     need = _need(group, ("bp", "pc", "pc_rc2"), condition2=("pc",))
     if need:
         return _result(None, *need, rules)
-    ratio = lambda a, b: a["t90"] / b["t90"] if a.get("t90") and b.get("t90") else None
-    est = Estimate(paired(group["pc_rc2"], group["pc"], ratio), log=True)
+    times = lambda a, b: ratio(a.get("t90"), b.get("t90"))
+    est = Estimate(paired(group["pc_rc2"], group["pc"], times), log=True)
     if not est.values:
         return _result(None, INCONCLUSIVE, "no time to 90% recorded", rules)
     verdict, reason = decide(est, rules, lambda lo, hi: hi <= rules.time_ratio, lambda lo, hi: lo > rules.time_ratio)
-    bp = Estimate(paired(group["bp"], group["pc_rc2"], ratio), log=True)
+    bp = Estimate(paired(group["bp"], group["pc_rc2"], times), log=True)
     bp_ci = bp.ci(rules.confidence) if bp.values else None
     if verdict == HOLDS and bp_ci and bp_ci[1] >= 1:
         verdict, reason = (FAILS, "bp is not faster than pc_rc2") if bp_ci[0] >= 1 else (INCONCLUSIVE, "bp vs pc_rc2 undecided")
@@ -282,14 +287,14 @@ def claim5(group, rules):
     need = _need(group, ("pc", "pc_rc2")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc2"].values()))
     if need:
         return _result(None, *need, rules)
-    est = Estimate(paired(group["pc_rc2"], group["pc"], lambda a, b: _shape(a, "sharpness", "increase")
-                          / _shape(b, "sharpness", "increase") if _shape(b, "sharpness", "increase") else None), log=True)
+    est = Estimate(paired(group["pc_rc2"], group["pc"], lambda a, b: ratio(_shape(a, "sharpness", "increase"),
+                                                                          _shape(b, "sharpness", "increase"))), log=True)
     if not est.values:
-        return _result(None, INCONCLUSIVE, "pc's loss does not rise at the sharpness radius", rules)
+        return _result(None, INCONCLUSIVE, "the loss does not rise at the sharpness radius (not at a minimum)", rules)
     convex = [_shape(f, "wide", "convex_fraction") for f in group["pc_rc2"].values()]
     convex_mean = sum(convex) / len(convex)
     verdict, reason = decide(est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor)
-    if verdict != FAILS and convex_mean < rules.convex_fraction:
+    if verdict == HOLDS and convex_mean < rules.convex_fraction:
         verdict, reason = FAILS, f"pc_rc2's plane is not mostly convex ({convex_mean:.2f})"
     return _result(est, verdict, reason, rules, rc2_convex_fraction=convex_mean)
 
@@ -403,10 +408,10 @@ def _overall(groups: list[dict]) -> tuple[str, str]:
     tested = [v for v in verdicts if v != NOT_TESTED]
     if not tested:
         return NOT_TESTED, groups[0]["reason"] if groups else "no runs"
-    if all(v == HOLDS for v in tested):
-        return HOLDS, ""
-    if all(v == FAILS for v in tested):
-        return FAILS, ""
+    if len(set(tested)) == 1 and tested[0] in (HOLDS, FAILS):
+        reasons = [(f"{g['dataset']}/{g.get('width')}: " if len(groups) > 1 else "") + g["reason"]
+                   for g in groups if g["verdict"] == tested[0] and g["reason"]]
+        return tested[0], "; ".join(reasons)
     if HOLDS in tested and FAILS in tested:
         where = ", ".join(f"{g['dataset']}/{g.get('width')}" for g in groups if g["verdict"] == FAILS)
         return INCONCLUSIVE, f"holds in some settings, not in {where}"
