@@ -25,3 +25,28 @@ def test_gpus_launcher_without_a_gpu_trains_on_the_cpu_with_a_warning(tmp_path):
     output = result.stdout + result.stderr
     assert output.count("launcher=gpus but no GPU is visible here: training on the CPU") == 2
     assert "bp_24_3" in result.stdout and "pc_24_3" in result.stdout and "complete" in result.stdout
+
+
+def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.pcsweep_sweeper import PcsweepSweeper
+    from pcsweep.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=paper"], return_hydra_config=True)
+    sweeper_cfg = cfg.hydra.sweeper
+    sweeper = PcsweepSweeper.__new__(PcsweepSweeper)  # Hydra's plugin scan re-imports BasicSweeper's module: no init
+    sweeper.also = [dict(entry) for entry in sweeper_cfg.also]
+    grid = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper_cfg.params.items()] + ["width=256"])
+    (jobs,) = sweeper.split_arguments(grid, None)
+    decayed = [job for job in jobs if "weight_decay=1e-06" in job]
+    assert len(jobs) == 2 * 4 * 2 * 3 + 2 * 3  # algo x relax x dataset x seed (the command line's width=256), + rc23
+    assert len(decayed) == 2 * 3 and all("relax='23'" in job and "algo=pc" in job for job in decayed)
+    assert all("variance_weight_decay=1e-06" in job for job in decayed)
+    assert sorted({o for job in decayed for o in job if o.startswith(("dataset=", "seed="))}) == [
+        "dataset=fashion_mnist", "dataset=mnist", "seed=0", "seed=1", "seed=2"]
