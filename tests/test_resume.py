@@ -49,6 +49,7 @@ def test_kill_minus_nine_then_rerun_gives_the_uninterrupted_result(tmp_path):
     assert b["epochs"] == a["epochs"] == EPOCHS
     for key in ("final_test_acc", "best_test_acc", "final_train_loss", "final_test_loss", "epoch_to_90", "step_to_90"):
         assert b[key] == a[key], key  # bitwise: same data order (seeded by epoch), same optimizer state, same CPU
+    assert b["layers"] == a["layers"] and len(a["layers"]) == EPOCHS  # W0 redrawn from the seed, records restored
     wa, wb = torch.load(reference.parent / "weights.pt"), torch.load(run_dir / "weights.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # the CSV log holds each epoch once, as the uninterrupted one does

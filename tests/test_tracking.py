@@ -83,7 +83,8 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
         assert data["config"][key] == value, key
     keys = {k for row in data["history"] for k in row}
     for key in ("train/loss", "train/acc", "test/loss", "test/acc", "time/train_seconds", "train/loss_step",
-                "train/energy", "inference/steps_to_tolerance", "align/cos_W1", "align/cos_W4", "align/output_error"):
+                "train/energy", "inference/steps_to_tolerance", "align/cos_W1", "align/cos_W4", "align/output_error",
+                "layers/W1_change", "layers/W4_gaussian_distance", "layers/E1", "layers/E4"):
         assert key in keys, key
     epochs = [row["test/acc"] for row in data["history"] if "test/acc" in row]
     assert len(epochs) == 2
@@ -96,6 +97,12 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
                 "diverged", "name", "status"):
         assert data["summary"][key] == summary[key], key
     assert data["exit_code"] == 0
+    layers = summary["layers"]  # per epoch and weight layer: change from W0 and distance from a Gaussian
+    assert [r["epoch"] for r in layers] == [0, 1] and all(len(r["change"]) == 4 for r in layers)
+    assert 0 < layers[0]["change"][0] < layers[1]["change"][0]  # the first layer moves further each epoch
+    logged = [row["layers/W1_change"] for row in data["history"] if "layers/W1_change" in row]
+    assert logged == [r["change"][0] for r in layers]
+    assert len(summary["conditions"][-1]["condition2"]["layer_energy_at_T"]) == 4
     # the same numbers locally
     assert len(json.loads((run_dir / "histograms.json").read_text())) == 2
     traces = json.loads((run_dir / "energy_traces.json").read_text())["traces"]
