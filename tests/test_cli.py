@@ -119,7 +119,7 @@ def test_running_a_finished_sweep_again_trains_nothing(tmp_path):
     assert second.returncode == 0, second.stderr
     # the default relax=none,2,3,23 applies: bp and the four pc twins, each one line
     assert sum(line.startswith("[pcsweep] skipped") and "already complete" in line for line in second.stdout.splitlines()) == 5
-    assert "Epoch" not in second.stdout and not list(sweep.glob("*/checkpoints/*.tmp"))
+    assert "[pcsweep] training" not in second.stdout and not list(sweep.glob("*/checkpoints/*.partial"))
     assert {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in run_folders(sweep)} == before
 
 

@@ -263,9 +263,13 @@ def test_weight_changes_made_outside_the_engine_reach_its_predictions():
     fresh.feedforward_init(x, y)
     fresh.compute_errors()
     assert torch.equal(engine.A, fresh.A) and torch.equal(engine.G, fresh.G)
-    copied = engine._w_t_stack.clone()
+    engine._w_t_stack.fill_(float("nan"))  # a marker: only a recomputation would overwrite it
     engine.refresh_parameters()
-    assert engine._w_t_version is not None and torch.equal(engine._w_t_stack, copied)
+    assert engine._w_t_version is not None and torch.isnan(engine._w_t_stack).all()  # nothing changed: not redone
+    with torch.no_grad():
+        net.weights[1].mul_(2.0)
+    engine.refresh_parameters()
+    assert not torch.isnan(engine._w_t_stack).any()  # a weight changed: redone
 
 
 def test_wide_layers_balanced_over_threads_equal_the_reference():
