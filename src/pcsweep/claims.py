@@ -247,8 +247,8 @@ def claim3(group, rules):
 
     def sharpness_gap(f):
         bp = group["bp"].get(f["seed"])
-        s, sb = _shape(f, "sharpness", "increase"), _shape(bp, "sharpness", "increase") if bp else None
-        return abs(math.log(s / sb)) if s and sb and s > 0 and sb > 0 else None
+        r = ratio(_shape(f, "sharpness", "increase"), _shape(bp, "sharpness", "increase") if bp else None)
+        return abs(math.log(r)) if r else None
 
     distance = {t: mean_of(t, _weight_distance) for t in ["pc_rc3"] + others}
     landscape = {t: mean_of(t, sharpness_gap) for t in ["pc_rc3"] + others}
