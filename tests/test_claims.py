@@ -92,20 +92,23 @@ def test_claims_5_6_8_read_the_landscape_shape():
         return {"wide": {"convex_fraction": wide}, "zoomed": {"convex_fraction": zoomed},
                 "sharpness": {"increase": rise}}
 
-    pc = [run("pc", s, shape=shape(0.99, rise=0.1 * (1 + 0.05 * s))) for s in range(3)]
-    rc2 = [run("pc_rc2", s, shape=shape(0.95, rise=1.0 * (1 + 0.04 * s))) for s in range(3)]
-    rc23 = [run("pc_rc23", s, shape=shape(0.3 + 0.01 * s, zoomed=0.97)) for s in range(3)]
-    decayed = [run("pc_rc23", s, weight_decay=1e-6, shape=shape(0.8 + 0.01 * s), gaussian=[0.005] * 9)
+    pc = [run("pc", s, shape=shape(0.6 + 0.01 * s, rise=0.1 * (1 + 0.05 * s))) for s in range(3)]
+    rc2 = [run("pc_rc2", s, shape=shape(0.58 + 0.01 * s, rise=1.0 * (1 + 0.04 * s))) for s in range(3)]
+    rc23 = [run("pc_rc23", s, shape=shape(0.2 + 0.01 * s, zoomed=0.97)) for s in range(3)]
+    decayed = [run("pc_rc23", s, weight_decay=1e-6, shape=shape(0.5 + 0.01 * s), gaussian=[0.005] * 9)
                for s in range(3)]
     results = evaluate(pc + rc2 + rc23 + decayed)
     assert [claim(results, n)["verdict"] for n in (5, 6, 8)] == [HOLDS, HOLDS, HOLDS]
-    rc23_convex = [run("pc_rc23", s, shape=shape(0.97 + 0.005 * s)) for s in range(3)]
+    rc23_convex = [run("pc_rc23", s, shape=shape(0.6 + 0.005 * s)) for s in range(3)]  # as convex as pc's
     results = evaluate(pc + rc2 + rc23_convex + decayed)
     assert claim(results, 6)["verdict"] == FAILS and claim(results, 8)["verdict"] == FAILS
+    rc2_bent = [run("pc_rc2", s, shape=shape(0.3 + 0.01 * s, rise=1.0 * (1 + 0.04 * s))) for s in range(3)]
+    claim5 = claim(evaluate(pc + rc2_bent), 5)
+    assert claim5["verdict"] == FAILS and "less convex than pc's" in claim5["reason"]  # sharper, but not convex
     not_a_minimum = [run("pc", s, shape=shape(0.99, rise=-0.01)) for s in range(3)]  # the loss falls around it
     claim5 = claim(evaluate(not_a_minimum + rc2), 5)
     assert claim5["verdict"] == INCONCLUSIVE and "not at a minimum" in claim5["reason"]
-    rc23_chaotic = [run("pc_rc23", s, shape=shape(0.3 + 0.01 * s, zoomed=0.5)) for s in range(3)]
+    rc23_chaotic = [run("pc_rc23", s, shape=shape(0.2 + 0.01 * s, zoomed=0.5)) for s in range(3)]
     claim6 = claim(evaluate(pc + rc2 + rc23_chaotic), 6)
     assert claim6["verdict"] == FAILS and "near the minimum" in claim6["groups"][0]["reason"]  # nor when zoomed
     no_landscapes = evaluate([run("pc", s) for s in range(2)] + [run("pc_rc2", s) for s in range(2)])

@@ -27,7 +27,10 @@ class ClaimRules:
     accuracy_margin: float = 0.02   # "similar accuracy": |difference| below this; "clearly worse": above it
     time_ratio: float = 0.5         # "substantially faster": time to 90% at most this fraction of pc's
     sharper_factor: float = 2.0     # "much sharper": loss increase at the sharpness radius at least this many times pc's
-    convex_fraction: float = 0.9    # "mostly convex": this share of the plotted plane is locally convex
+    convex_fraction: float = 0.9    # "convex near the minimum": this share of the zoomed plane is locally convex
+    convex_kept: float = 0.8        # a twin keeps pc's convexity when its wide plane's convex share is at least
+                                    # this times pc's (a bounded loss bends down far out, for BP too: wide planes
+                                    # are compared with each other, not with 1)
     deep_layers: int = 2            # "the deepest layers": the first this many weight layers (input side)
     updated_ratio: float = 0.5      # a layer "fails to update" when its relative change is below this times BP's
     gaussian_distance: float = 0.05  # a layer is "roughly Gaussian" below this (pcsweep.layers.gaussian_distance)
@@ -55,10 +58,10 @@ CLAIMS = {
         "bp's time is below pc_rc2's"),
     5: ("Relaxing condition 2 keeps the landscape convex but makes it much sharper.",
         "loss increase at the sharpness radius, pc_rc2 over pc; holds when at least sharper_factor and pc_rc2's "
-        "plotted plane is mostly convex (convex_fraction)"),
+        "wide plane keeps pc's convex share (at least convex_kept times it)"),
     6: ("Relaxing both conditions loses convexity everywhere but in the immediate vicinity of the minimum.",
-        "convex share of pc_rc23's wide plane; holds when below convex_fraction while its zoomed plane is mostly "
-        "convex and pc's wide plane is more convex"),
+        "convex share of pc_rc23's wide plane over pc's (paired by seed); holds when below convex_kept while "
+        "pc_rc23's zoomed plane is convex (convex_fraction)"),
     7: ("Except rc3, PC twins fail to update their deepest layers; rc3's layers, like BP's, are roughly Gaussian.",
         "relative weight change of the deep_layers first layers over BP's (mean); holds when below updated_ratio "
         "for every PC twin but rc3, at or above it for rc3, and rc3's layers are within gaussian_distance"),
@@ -156,6 +159,11 @@ def paired(a: dict[int, dict], b: dict[int, dict], value: Callable[[dict, dict],
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     """a / b for two positive numbers (what a log-scale interval needs), else None."""
     return a / b if a is not None and b is not None and a > 0 and b > 0 else None
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _shape(f: dict, view: str, key: str) -> Optional[float]:
@@ -291,34 +299,30 @@ def claim5(group, rules):
                                                                           _shape(b, "sharpness", "increase"))), log=True)
     if not est.values:
         return _result(None, INCONCLUSIVE, "the loss does not rise at the sharpness radius (not at a minimum)", rules)
-    convex = [_shape(f, "wide", "convex_fraction") for f in group["pc_rc2"].values()]
-    convex_mean = sum(convex) / len(convex)
+    kept_mean = _mean(paired(group["pc_rc2"], group["pc"], lambda a, b: ratio(_shape(a, "wide", "convex_fraction"),
+                                                                              _shape(b, "wide", "convex_fraction"))))
     verdict, reason = decide(est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor)
-    if verdict == HOLDS and convex_mean < rules.convex_fraction:
-        verdict, reason = FAILS, f"pc_rc2's plane is not mostly convex ({convex_mean:.2f})"
-    return _result(est, verdict, reason, rules, rc2_convex_fraction=convex_mean)
+    if verdict == HOLDS and kept_mean is not None and kept_mean < rules.convex_kept:
+        verdict, reason = FAILS, f"pc_rc2's wide plane is less convex than pc's ({kept_mean:.2f} of its convex share)"
+    return _result(est, verdict, reason, rules, rc2_convex_share_over_pc=kept_mean)
 
 
 def claim6(group, rules):
     need = _need(group, ("pc", "pc_rc23")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc23"].values()))
     if need:
         return _result(None, *need, rules)
-    est = Estimate([_shape(f, "wide", "convex_fraction") for f in group["pc_rc23"].values()])
-    zoomed = [_shape(f, "zoomed", "convex_fraction") for f in group["pc_rc23"].values()]
-    pc_wide = [_shape(f, "wide", "convex_fraction") for f in group["pc"].values()]
-    c = rules.convex_fraction
-    verdict, reason = decide(est, rules, lambda lo, hi: hi < c, lambda lo, hi: lo >= c)
-    zoomed_mean = sum(v for v in zoomed if v is not None) / max(len([v for v in zoomed if v is not None]), 1)
-    pc_mean = sum(pc_wide) / len(pc_wide)
-    if verdict == HOLDS and zoomed_mean < c:
-        verdict, reason = FAILS, f"pc_rc23 is not convex near the minimum either (zoomed {zoomed_mean:.2f})"
-    elif verdict == HOLDS and pc_mean <= est.mean():
-        verdict, reason = FAILS, f"pc's plane is no more convex ({pc_mean:.2f})"
+    est = Estimate(paired(group["pc_rc23"], group["pc"], lambda a, b: ratio(_shape(a, "wide", "convex_fraction"),
+                                                                           _shape(b, "wide", "convex_fraction"))), log=True)
+    if not est.values:
+        return _result(None, INCONCLUSIVE, "pc's wide plane has no convex point to compare with", rules)
+    zoomed = _mean([_shape(f, "zoomed", "convex_fraction") for f in group["pc_rc23"].values()])
+    verdict, reason = decide(est, rules, lambda lo, hi: hi < rules.convex_kept, lambda lo, hi: lo >= rules.convex_kept)
+    if verdict == HOLDS and zoomed is not None and zoomed < rules.convex_fraction:
+        verdict, reason = FAILS, f"pc_rc23 is not convex near the minimum either (zoomed {zoomed:.2f})"
     lrs = sorted({f.get("lr") for f in group.get("_all_rc23", [])} - {None})
     stability = ("not tested: one learning rate" if len(lrs) < 2 else
                  {str(lr): sorted({f["status"] for f in group["_all_rc23"] if f.get("lr") == lr}) for lr in lrs})
-    return _result(est, verdict, reason, rules, zoomed_convex_fraction=zoomed_mean, pc_convex_fraction=pc_mean,
-                   learning_rates=stability)
+    return _result(est, verdict, reason, rules, zoomed_convex_fraction=zoomed, learning_rates=stability)
 
 
 def claim7(group, rules):
@@ -363,11 +367,6 @@ def claim7(group, rules):
     if rc3_gaussian is not None and rc3_gaussian > rules.gaussian_distance:
         return _result(rc3, FAILS, f"rc3's weights are not Gaussian (distance {rc3_gaussian:.3f})", rules, **details)
     return _result(rc3, HOLDS, "", rules, **details)
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def claim8(group, rules):

@@ -201,7 +201,7 @@ def figure_curves(sweep: Sweep, out: Path, select=None, suffix: str = "") -> lis
 def figure_weights(sweep: Sweep, out: Path) -> list[Path]:
     """Fig 5: distributions of the first two and the last two weight layers, per model (seeds pooled)."""
     paths = []
-    for (dataset, width), runs in _by_model(sweep).items():
+    for (dataset, width), runs in sorted(_by_model(sweep).items()):
         order = _order(runs)
         L = len(_weights(runs[order[0]][0]))
         layers = sorted({0, 1, L - 2, L - 1})
@@ -286,7 +286,7 @@ def figure_landscapes(sweep: Sweep, out: Path, spans=(1.0, 0.1), resolution: int
     """Figs 4 and 7: per model, contour plots (wide and zoomed) and a 3-D surface of the wide view; with several
     seeds, the mean of their log-loss surfaces."""
     paths = []
-    for (dataset, width), runs in _by_model(sweep, select).items():
+    for (dataset, width), runs in sorted(_by_model(sweep, select).items()):
         order = _order(runs)
         fig = plt.figure(figsize=(4.2 * len(order), 3 * 4.0))
         for col, model in enumerate(order):
@@ -462,7 +462,11 @@ def shape_frame(sweep: Sweep, shapes: dict[Path, dict]) -> pd.DataFrame:
                          "convex share (zoomed)": shape["zoomed"]["convex_fraction"],
                          "convex radius": shape["wide"]["convex_radius"],
                          f"loss rise at r={shape['sharpness']['radius']:g}": shape["sharpness"]["increase"]})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    order = {model: i for i, model in enumerate(_order(frame["model"]))}
+    return frame.sort_values(["dataset", "model", "seed"], key=lambda c: c.map(order) if c.name == "model" else c)
 
 
 def _save(fig, path: Path) -> Path:
