@@ -119,3 +119,26 @@ def test_an_unstable_job_stops_a_sweep_before_any_job_trains(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("pcsweep: error: ")
     assert "inference.step_size=5 is past the stability limit" in result.stderr
     assert "Traceback" not in result.stderr and "training" not in result.stdout  # not even the stable jobs before it
+
+
+@pytest.mark.parametrize("stds,at_floor,verdict", [
+    ([1e-5, 2e-5], 0.0, "uniform drift (not a per-neuron variance)"),  # what Adam does with +1/2 everywhere
+    ([0.2, 0.05], 0.0, "learned per neuron"),
+    ([0.0, 0.0], 1.0, "hidden variances at the floor"),
+])
+def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdict):
+    from types import SimpleNamespace
+
+    from pcsweep.run import run_checks
+    from pcsweep.summary import checks_text
+
+    layers = [{"mean": -0.3, "std": s, "min": -0.4, "max": -0.2, "at_floor": at_floor} for s in stds]
+    probe = {"gap": 0.01, "cosine": [0.99, 0.99]}
+    conditions = SimpleNamespace(records=[{"epoch": 0, "condition2": probe, "stiffness": 1.0, "variance": layers,
+                                           "log_variance_min": -0.5}])
+    cfg = OmegaConf.merge(CONF, {"relax": {"update_every": None}})
+    summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
+    stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5}
+    checks = run_checks(cfg, summary, conditions, stability)
+    assert checks["variance"]["verdict"] == verdict
+    assert checks_text(checks).endswith(f"S at floor {100 * at_floor:.0f}%" + (", uniform" if "uniform" in verdict else ""))

@@ -34,6 +34,7 @@ from pcsweep.tracking import (EnergyTraces, LayerLearning, ResumableCSVLogger, R
                               start_wandb, trim_metrics)
 
 FINISHED = ("complete", "diverged", "failed_to_learn")
+UNIFORM_SPREAD = 1e-3  # log S spread across a layer's neurons below which the variance is one number per layer
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -153,8 +154,12 @@ def run_checks(cfg: DictConfig, summary: dict, conditions: Optional[RunCondition
     if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
         layers = records[-1]["variance"]
         at_floor = sum(layer["at_floor"] for layer in layers[:-1]) / max(len(layers) - 1, 1)
+        spread = max(layer["std"] for layer in layers)  # across the neurons of a layer
+        # ∂E/∂log S is about +1/2 for every inferred neuron: Adam moves them all alike unless the data tell them apart
+        verdict = ("hidden variances at the floor" if at_floor > 0.5 else
+                   "uniform drift (not a per-neuron variance)" if spread < UNIFORM_SPREAD else "learned per neuron")
         checks["variance"] = {
-            "verdict": "hidden variances at the floor" if at_floor > 0.5 else "learned",
+            "verdict": verdict, "spread": spread,
             "log_variance_min_initial": stability["log_variance_min"],
             "log_variance_min": records[-1]["log_variance_min"], "hidden_at_floor": at_floor, "layers": layers}
     return checks

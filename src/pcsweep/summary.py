@@ -40,7 +40,8 @@ def checks_text(checks: Optional[dict]) -> Optional[str]:
                      f"{inference['limit']:.2f})")
     variance = checks.get("variance")
     if variance:
-        parts.append(f"S at floor {100 * variance['hidden_at_floor']:.0f}%")
+        parts.append(f"S at floor {100 * variance['hidden_at_floor']:.0f}%"
+                     + (", uniform" if variance["verdict"].startswith("uniform") else ""))
     return "; ".join(parts) or None
 
 
