@@ -72,11 +72,11 @@ def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path
     assert result.returncode == 0, result.stderr
     report = tmp_path / "multirun" / "default" / "report"
     names = sorted(p.name for p in report.iterdir())
-    for figure in ("benchmark_digits_24.png", "curves_digits_24.png", "weights_digits_24.png",
+    for figure in ("benchmark_digits_24.png", "curves_digits_24.png", "weights_digits_24.png", "layers_digits_24.png",
                    "landscapes_digits_24.png", "report.html", "report.md"):
         assert figure in names, figure
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4  # self-contained
+    assert page.count("data:image/png;base64,") == 5  # self-contained (benchmark, curves, weights, layers, landscapes)
     assert "diverged" in page and "duplicate of bp_24_3_digits" in page
     for twin in ("bp_24_3", "pc_24_3", "pc_24_3_rc2"):
         assert twin in page
