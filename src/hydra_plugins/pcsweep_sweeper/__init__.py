@@ -72,12 +72,6 @@ class FilteringLauncher(Launcher):
             except (ConfigError, DatasetError) as exc:
                 fail(f"{label}: {exc}")
             run_dir = run_dir_name(cfg)
-            if cfg.algo.name == "pc" and duplicate_target(cfg) is None \
-                    and finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir) is None:
-                try:  # a step size or floor past the stability limit stops the sweep before its first job
-                    self.stability(cfg)
-                except (UnstableSetting, DatasetError) as exc:
-                    fail(f"{label}: {exc}")
             entry = {"overrides": list(overrides), "model": paper_name(cfg), "dataset": cfg.dataset.name}
             target = duplicate_target(cfg)
             if target is not None:
@@ -96,6 +90,11 @@ class FilteringLauncher(Launcher):
                 print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
                 entries.append({**entry, "status": "finished"})
                 continue
+            if cfg.algo.name == "pc":
+                try:  # a step size or floor past the stability limit stops the sweep before its first job
+                    self.stability(cfg)
+                except (UnstableSetting, DatasetError) as exc:
+                    fail(f"{label}: {exc}")
             entries.append({**entry, "status": "launched"})
             to_launch.append(list(overrides) + [f"++tracking.group={self.sweeper.sweep_id}"])
         self.sweeper.manifest.extend(entries)
