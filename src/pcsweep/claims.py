@@ -170,6 +170,11 @@ def _shape(f: dict, view: str, key: str) -> Optional[float]:
     return ((f.get("shape") or {}).get(view) or {}).get(key)
 
 
+def shape_ratios(runs: dict[int, dict], baseline: dict[int, dict], view: str, key: str) -> list[float]:
+    """Per seed, a landscape measurement of ``runs`` over the same one of ``baseline`` (positive pairs only)."""
+    return paired(runs, baseline, lambda a, b: ratio(_shape(a, view, key), _shape(b, view, key)))
+
+
 def _need(group: dict[str, dict[int, dict]], twins: Sequence[str], condition2: Sequence[str] = ()) -> Optional[tuple[str, str]]:
     missing = [t for t in twins if not group.get(t)]
     if missing:
@@ -295,12 +300,10 @@ def claim5(group, rules):
     need = _need(group, ("pc", "pc_rc2")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc2"].values()))
     if need:
         return _result(None, *need, rules)
-    est = Estimate(paired(group["pc_rc2"], group["pc"], lambda a, b: ratio(_shape(a, "sharpness", "increase"),
-                                                                          _shape(b, "sharpness", "increase"))), log=True)
+    est = Estimate(shape_ratios(group["pc_rc2"], group["pc"], "sharpness", "increase"), log=True)
     if not est.values:
         return _result(None, INCONCLUSIVE, "the loss does not rise at the sharpness radius (not at a minimum)", rules)
-    kept_mean = _mean(paired(group["pc_rc2"], group["pc"], lambda a, b: ratio(_shape(a, "wide", "convex_fraction"),
-                                                                              _shape(b, "wide", "convex_fraction"))))
+    kept_mean = _mean(shape_ratios(group["pc_rc2"], group["pc"], "wide", "convex_fraction"))
     verdict, reason = decide(est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor)
     if verdict == HOLDS and kept_mean is not None and kept_mean < rules.convex_kept:
         verdict, reason = FAILS, f"pc_rc2's wide plane is less convex than pc's ({kept_mean:.2f} of its convex share)"
@@ -311,8 +314,7 @@ def claim6(group, rules):
     need = _need(group, ("pc", "pc_rc23")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc23"].values()))
     if need:
         return _result(None, *need, rules)
-    est = Estimate(paired(group["pc_rc23"], group["pc"], lambda a, b: ratio(_shape(a, "wide", "convex_fraction"),
-                                                                           _shape(b, "wide", "convex_fraction"))), log=True)
+    est = Estimate(shape_ratios(group["pc_rc23"], group["pc"], "wide", "convex_fraction"), log=True)
     if not est.values:
         return _result(None, INCONCLUSIVE, "pc's wide plane has no convex point to compare with", rules)
     zoomed = _mean([_shape(f, "zoomed", "convex_fraction") for f in group["pc_rc23"].values()])
