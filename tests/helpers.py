@@ -23,3 +23,25 @@ def pcsweep(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600
         text=True,
         timeout=timeout,
     )
+
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose(*overrides: str, hydra_node: bool = False):
+    """The real config, composed as the command line composes it (``relax='2'``: quoted as the CLI quotes it)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from pcsweep.config import quote_numeric_choices, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[quote_numeric_choices(o) for o in overrides],
+                             return_hydra_config=hydra_node)
+
+
+def compose_settings(*overrides: str):
+    """``compose`` as typed, validated settings (pcsweep.settings.Settings)."""
+    from pcsweep.config import settings_from
+
+    return settings_from(compose(*overrides))

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcsweep import bench
-from pcsweep.pc import PCEngine
+from pcsweep.pc import Inference, PCEngine
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -33,7 +33,7 @@ class MatmulFlops(TorchDispatchMode):
 def test_floor_counts_exactly_the_engines_matmul_flops(twin):
     setup = bench.Setup(width=32, depth=4, batch=8, steps=16, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
     mlp, log_vars, net, every = bench.make_twin(setup, twin)
-    engine = PCEngine(net, steps=setup.steps, step_size=0.05, update_every=every)
+    engine = PCEngine(net, Inference(steps=setup.steps, step_size=0.05, update_every=every))
     opt = bench.sgd(mlp, log_vars)
     x, y = bench.make_batch(setup)
     engine.train_batch(x, y, opt.step)  # warm: buffers allocated

@@ -6,16 +6,12 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from helpers import SMALL, pcsweep
+from helpers import SMALL, compose_settings, pcsweep
 from pcsweep.conditions import follow_variance_floor, preflight_stability, probe_condition2, variance_statistics
 from pcsweep.data import load_digits
 from pcsweep.mlp import MLP, make_log_variances
-from pcsweep.pc import PCEngine, activity_curvature
-
-CONF = OmegaConf.load("conf/config.yaml")
-
+from pcsweep.pc import Inference, PCEngine, activity_curvature
 
 def digits_batch(size=64):
     data = load_digits()
@@ -26,7 +22,7 @@ def test_condition2_probe_sees_plain_descent_short_of_convergence_and_the_heavy_
     x, y = digits_batch()
     torch.manual_seed(0)
     net = MLP(64, 64, 8, 10).as_pc_network(None, "mse")
-    probes = {m: probe_condition2(PCEngine(net, steps=64, step_size=0.1, momentum=m), x, y, at_step=64,
+    probes = {m: probe_condition2(PCEngine(net, Inference(steps=64, step_size=0.1, momentum=m)), x, y, at_step=64,
                                   max_steps=4096) for m in (0.0, 0.95)}
     plain, heavy = probes[0.0], probes[0.95]
     assert plain["gap"] > 0.5 and min(plain["cosine"]) < 0.95  # 64 plain steps are far from converged
@@ -40,7 +36,7 @@ def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor(
     mlp = MLP(64, 64, 8, 10)
     log_vars = make_log_variances(mlp.sizes, "neuron", "mse")
     net = mlp.as_pc_network(list(log_vars), "mse")
-    engine = PCEngine(net, steps=8, step_size=0.1, momentum=0.0)
+    engine = PCEngine(net, Inference(steps=8, step_size=0.1, momentum=0.0))
     checked = preflight_stability(engine, x, y, "auto", trainable_variance=True)
     lam, floor = checked["lambda_max"], checked["log_variance_min"]
     assert checked["stiffness"] == pytest.approx(0.1 * lam)
@@ -52,9 +48,9 @@ def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor(
     engine.feedforward_init(x, y)
     assert float(activity_curvature(engine).max()) == pytest.approx(lam * math.exp(-floor), rel=1e-3)
     with pytest.raises(ValueError, match="relax.log_variance_min=-3 is below the stable range"):
-        preflight_stability(PCEngine(net, steps=8, step_size=0.1), x, y, -3.0, trainable_variance=True)
+        preflight_stability(PCEngine(net, Inference(steps=8, step_size=0.1)), x, y, -3.0, trainable_variance=True)
     with pytest.raises(ValueError, match="inference.step_size=5 is past the stability limit"):
-        preflight_stability(PCEngine(net, steps=8, step_size=5.0), x, y, "auto", trainable_variance=True)
+        preflight_stability(PCEngine(net, Inference(steps=8, step_size=5.0)), x, y, "auto", trainable_variance=True)
 
 
 def test_variance_statistics_count_the_floor():
@@ -79,27 +75,25 @@ def test_unstable_settings_are_one_line_before_training(tmp_path, args, message)
 def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_1000_updates(relax):
     """rc3 and rc23 with the default inference, floor, optimizer and learning rate (width 64 to keep it quick):
     1,000+ weight updates on digits, inference never unstable, accuracy well above chance and still improving."""
-    twin = OmegaConf.load(f"conf/twin/pc_{relax}.yaml")
-    relax_cfg = OmegaConf.load(f"conf/relax/{relax}.yaml")
+    settings = compose_settings("algo=pc", f"relax={relax}")
     torch.manual_seed(0)
     data = load_digits()
     mlp = MLP(64, 64, 8, 10)
-    log_vars = make_log_variances(mlp.sizes, relax_cfg.variance, "mse")
+    log_vars = make_log_variances(mlp.sizes, settings.relax.variance, "mse")
     net = mlp.as_pc_network(list(log_vars), "mse")
-    momentum = OmegaConf.select(twin, "inference.momentum", default=CONF.inference.momentum)
-    engine = PCEngine(net, steps=CONF.inference.steps, step_size=CONF.inference.step_size,
-                      momentum=momentum, update_every=relax_cfg.update_every)
+    engine = PCEngine(net, settings.schedule())
     x, y = data.train.inputs, torch.nn.functional.one_hot(data.train.labels, 10).float()
-    checked = preflight_stability(engine, x[:64], y[:64], relax_cfg.log_variance_min, True)
+    checked = preflight_stability(engine, x[:64], y[:64], settings.relax.log_variance_min, True)
     engine.log_variance_min = checked["log_variance_min"]
-    optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=twin.learning_rates.adam)
+    assert settings.optimizer["_target_"] == "torch.optim.Adam"
+    optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=settings.optimizer["lr"])
     accuracy = lambda: float((mlp(data.test.inputs).argmax(1) == data.test.labels).float().mean())
     updates, accuracies, gen = 0, [], torch.Generator().manual_seed(0)
     while updates < 1000:
         order = torch.randperm(len(x), generator=gen)
         for batch_idx, start in enumerate(range(0, len(x) - 63, 64)):
             idx = order[start : start + 64]
-            if batch_idx % CONF.variance_floor_every == 0:  # what PCModule does with the auto floor
+            if batch_idx % settings.variance_floor_every == 0:  # what PCModule does with the auto floor
                 follow_variance_floor(engine, x[idx], y[idx], checked["floor_stiffness"])
             result = engine.train_batch(x[idx], y[idx], apply_update=optimizer.step)
             updates += result.updates
@@ -109,7 +103,7 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
             accuracies.append(accuracy())
     assert min(float(s.min()) for s in log_vars) >= engine.log_variance_min - 1e-6
     engine.feedforward_init(x[:64], y[:64])
-    assert engine.step_size * float(activity_curvature(engine).max()) < 2 * (1 + engine.momentum)
+    assert engine.inference.step_size * float(activity_curvature(engine).max()) < 2 * (1 + engine.inference.momentum)
     assert accuracies[-1] > 0.5 and accuracies[-1] >= accuracies[0]
 
 
@@ -136,9 +130,9 @@ def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdic
     probe = {"gap": 0.01, "cosine": [0.99, 0.99]}
     conditions = SimpleNamespace(records=[{"epoch": 0, "condition2": probe, "stiffness": 1.0, "variance": layers,
                                            "log_variance_min": -0.5}])
-    cfg = OmegaConf.merge(CONF, {"relax": {"update_every": None}})
+    settings = compose_settings("algo=pc", "relax=3")
     summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
     stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5}
-    checks = run_checks(cfg, summary, conditions, stability)
+    checks = run_checks(settings, summary, conditions, stability)
     assert checks["variance"]["verdict"] == verdict
     assert checks_text(checks).endswith(f"S at floor {100 * at_floor:.0f}%" + (", uniform" if "uniform" in verdict else ""))

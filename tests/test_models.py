@@ -1,25 +1,18 @@
 """The Lightning twins: same MLP, same start, each trains on its own rule."""
 
-import copy
-from pathlib import Path
+import dataclasses
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
-from pcsweep.config import register_resolvers
+from helpers import compose_settings
 from pcsweep.models import BPModule, PCModule
 from pcsweep.run import build_model
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def twin_cfg(algo, relax="none"):
     """The real config, composed as the command line would, shrunk to a small MLP."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=["width=32", "depth=3", f"algo={algo}", f"relax='{relax}'"])
+    return compose_settings("width=32", "depth=3", f"algo={algo}", f"relax={relax}")
 
 
 @pytest.mark.parametrize("relax", ["none", "2", "3", "23"])
@@ -32,9 +25,7 @@ def test_bp_and_pc_twins_start_from_identical_weights(relax):
     for key in bp_state:
         assert torch.equal(bp_state[key], pc_state[key]), key
     # a different seed draws different weights: the comparison above can fail
-    other = copy.deepcopy(twin_cfg("bp"))
-    with open_dict(other):
-        other.seed = 1
+    other = dataclasses.replace(twin_cfg("bp"), seed=1)
     assert not torch.equal(build_model(other, 64, 10).mlp.layers[0].weight, bp.mlp.layers[0].weight)
 
 
@@ -42,9 +33,10 @@ def test_relax_settings_reach_the_engine():
     pc = build_model(twin_cfg("pc", "none"), 64, 10)
     rc2 = build_model(twin_cfg("pc", "2"), 64, 10)
     rc3 = build_model(twin_cfg("pc", "3"), 64, 10)
-    assert pc.engine.update_every is None and pc.log_variances is None and pc.engine.steps == 256
-    assert rc2.engine.update_every == 8 and rc2.log_variances is None
-    assert rc3.engine.update_every is None and [p.shape[0] for p in rc3.log_variances] == [32, 32, 32, 10]
+    assert pc.engine.inference.update_every is None and pc.log_variances is None and pc.engine.inference.steps == 256
+    assert rc2.engine.inference.update_every == 8 and rc2.log_variances is None
+    assert rc2.engine.inference.momentum == 0.0 and pc.engine.inference.momentum == 0.95  # conf/twin/pc_2.yaml
+    assert rc3.engine.inference.update_every is None and [p.shape[0] for p in rc3.log_variances] == [32, 32, 32, 10]
     assert not pc.automatic_optimization and build_model(twin_cfg("bp"), 64, 10).automatic_optimization
 
 

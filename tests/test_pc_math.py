@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 
-from pcsweep import reference as ref
 from pcsweep.mlp import MLP, make_log_variances
-from pcsweep.pc import PCEngine, activity_curvature, output_loss
+from pcsweep.pc import Inference, PCEngine, activity_curvature, output_loss
+from pcsweep.pc import energy as pc_energy
+from pcsweep.pc.energy import energy
+from pcsweep.pc import reference as ref
 
 
 
@@ -47,26 +49,32 @@ def batch(n_in=12, n_out=5, size=7, seed=1):
 @pytest.mark.parametrize("variance", [None, "neuron", "layer"])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
 def test_local_gradients_equal_autograd_of_the_energy(loss, variance, activation):
+    """The hand-derived gradients (the plain functions of pcsweep.pc.energy and the engine's) are autograd's."""
     mlp, _, net = make_net(variance, loss, activation)
-    engine = PCEngine(net, steps=10, step_size=0.1)
+    engine = PCEngine(net, Inference(steps=10, step_size=0.1))
     x, y = batch()
     engine.feedforward_init(x, y)
     with torch.no_grad():  # move the hidden activities off the feedforward point: every error term is live
         for l in range(1, net.num_layers):
             engine.x[l].add_(0.3 * torch.randn_like(engine.x[l]))
     engine.activities_changed()
-    engine.compute_errors()
-    ours = engine.weight_gradients()
-    theirs = ref.parameter_gradients(net, engine.x)
+    engine.recompute()
+    ours = engine.write_gradients()
+    theirs = ref.autograd_parameter_gradients(net, engine.x)
     assert len(ours) == len(theirs) == len(net.parameters())
     for a, b in zip(ours, theirs):
         assert rel(a, b) <= 1e-8
-    activity = ref.activity_gradients(net, engine.x)
+    errs = pc_energy.errors(net, engine.x)
+    for a, b in zip(pc_energy.parameter_gradients(net, engine.x, errs), theirs):
+        assert rel(a, b) <= 1e-12
+    activity = ref.autograd_activity_gradients(net, engine.x)
+    plain = pc_energy.activity_gradients(net, errs)
     for l in range(1, net.num_layers):
         local = engine.eps[l] - engine.g[l + 1] @ net.weights[l]
         assert rel(local, activity[l - 1]) <= 1e-8
-    assert engine.energy().item() == pytest.approx(ref.energy_per_sample(net, engine.x).mean().item(), rel=1e-12)
-    error_only = ref.energy_per_sample(net, engine.x, log_variance_term=False).mean().item()
+        assert rel(plain[l - 1], activity[l - 1]) <= 1e-12
+    assert engine.energy().item() == pytest.approx(energy(net, engine.x).mean().item(), rel=1e-12)
+    error_only = energy(net, engine.x, log_variance_term=False).mean().item()
     assert engine.error_energy().item() == pytest.approx(error_only, rel=1e-12)
     assert engine.layer_error_energies().sum().item() == pytest.approx(error_only, rel=1e-12)
     if variance is not None:  # the log-variance term is what separates the two
@@ -90,7 +98,7 @@ def test_fixed_prediction_relaxation_gives_bp_gradients_exactly(loss, extra_swee
     x, y = batch()
     expected = bp_gradients(mlp, x, y, loss)
     L = net.num_layers
-    engine = PCEngine(net, steps=L + extra_sweeps, step_size=1.0, fixed_predictions=True)
+    engine = PCEngine(net, Inference(steps=L + extra_sweeps, step_size=1.0, fixed_predictions=True))
     grads = []
 
     def capture_update():
@@ -108,13 +116,11 @@ def test_fixed_prediction_with_a_smaller_step_converges_geometrically():
     expected = bp_gradients(mlp, x, y)
     errors = []
     for steps in (10, 20, 40):
-        engine = PCEngine(net, steps=steps, step_size=0.5, fixed_predictions=True)
-        engine.feedforward_init(x, y)
-        engine.compute_errors(predict=False)
+        engine = PCEngine(net, Inference(steps=steps, step_size=0.5, fixed_predictions=True))
+        engine.start(x, y)
         for _ in range(steps):
-            engine.inference_step()
-            engine.compute_errors(predict=False)
-        errors.append(max(rel(a, b) for a, b in zip(engine.weight_gradients(), expected)))
+            engine.step()
+        errors.append(max(rel(a, b) for a, b in zip(engine.write_gradients(), expected)))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-6
 
@@ -123,15 +129,13 @@ def test_error_front_moves_down_one_layer_per_step():
     mlp, _, net = make_net(depth=8, sizes=(12, 9, 5))
     L = net.num_layers
     assert L == 9
-    engine = PCEngine(net, steps=L, step_size=0.1)
+    engine = PCEngine(net, Inference(steps=L, step_size=0.1))
     x, y = batch()
-    engine.feedforward_init(x, y)
-    engine.compute_errors(predict=False)
+    engine.start(x, y)
     for t in range(0, L):
         nonzero = [l for l in range(1, L + 1) if engine.e[l].abs().max().item() > 0]
         assert nonzero == list(range(L - t, L + 1)), f"after {t} steps"
-        engine.inference_step()
-        engine.compute_errors()
+        engine.step()
     # the first layer's error, and so its weight update, appears only after L - 1 = 8 steps
     assert engine.e[1].abs().max().item() > 0
 
@@ -140,10 +144,9 @@ def test_top_layer_update_at_t0_equals_bp_gradient():
     mlp, _, net = make_net(depth=5)
     x, y = batch()
     expected = bp_gradients(mlp, x, y)
-    engine = PCEngine(net, steps=1, step_size=0.1)
-    engine.feedforward_init(x, y)
-    engine.compute_errors(predict=False)
-    grads = engine.weight_gradients()
+    engine = PCEngine(net, Inference(steps=1, step_size=0.1))
+    engine.start(x, y)
+    grads = engine.write_gradients()
     L = net.num_layers
     assert rel(grads[L - 1], expected[L - 1]) <= 1e-12  # W_L
     assert rel(grads[2 * L - 1], expected[2 * L - 1]) <= 1e-12  # b_L
@@ -154,14 +157,12 @@ def test_top_layer_update_at_t0_equals_bp_gradient():
 @pytest.mark.parametrize("variance", [None, "neuron"])
 def test_energy_never_increases_for_a_small_step(variance):
     _, _, net = make_net(variance, depth=6)
-    engine = PCEngine(net, steps=256, step_size=0.05)
+    engine = PCEngine(net, Inference(steps=256, step_size=0.05))
     x, y = batch(size=16)
-    engine.feedforward_init(x, y)
-    engine.compute_errors(predict=False)
+    engine.start(x, y)
     trace = [engine.energy().item()]
     for _ in range(256):
-        engine.inference_step()
-        engine.compute_errors()
+        engine.step()
         trace.append(engine.energy().item())
     diffs = torch.tensor(trace).diff()
     assert (diffs <= 1e-12).all(), diffs.max()
@@ -171,7 +172,7 @@ def test_energy_never_increases_for_a_small_step(variance):
 def test_a_too_large_step_does_increase_the_energy():
     """The monotonicity test above can fail: with gamma far past 2 / curvature the energy rises."""
     _, _, net = make_net(depth=6)
-    engine = PCEngine(net, steps=20, step_size=2.5)
+    engine = PCEngine(net, Inference(steps=20, step_size=2.5))
     x, y = batch(size=16)
     result = engine.train_batch(x, y, apply_update=lambda: None, trace_energy=True)
     assert (result.energy_trace.diff() > 0).any()
@@ -180,15 +181,17 @@ def test_a_too_large_step_does_increase_the_energy():
 @pytest.mark.parametrize("update_every,variance,momentum", [(None, None, 0.0), (4, None, 0.0), (None, "neuron", 0.0),
                                                             (4, "layer", 0.0), (None, None, 0.9), (4, "neuron", 0.8)])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_engine_training_equals_autograd_reference(update_every, variance, momentum, loss):
-    """A whole training batch (inference + scheduled updates through SGD) matches plain autograd of the energy."""
+@pytest.mark.parametrize("gradients", ["plain", "autograd"])
+def test_engine_training_equals_the_references(update_every, variance, momentum, loss, gradients):
+    """A whole training batch (inference + scheduled updates through SGD) matches the plain functions of the energy
+    and autograd of it."""
     _, _, net = make_net(variance, loss)
     ref_net = copy.deepcopy(net)
     x, y = batch()
     results = []
-    for impl, network in ((PCEngine, net), (ref.AutogradPC, ref_net)):
+    inference = Inference(steps=16, step_size=0.1, update_every=update_every, momentum=momentum)
+    for engine, network in ((PCEngine(net, inference), net), (ref.ReferencePC(ref_net, inference, gradients), ref_net)):
         opt = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
-        engine = impl(network, steps=16, step_size=0.1, update_every=update_every, momentum=momentum)
         for _ in range(2):
             results.append(engine.train_batch(x, y, apply_update=opt.step))
     for a, b in zip(net.parameters(), ref_net.parameters()):
@@ -204,7 +207,7 @@ def test_log_variance_floor_is_enforced():
     _, log_vars, net = make_net("neuron")
     with torch.no_grad():
         log_vars[0].fill_(-5.0)
-    engine = PCEngine(net, steps=2, step_size=0.1, log_variance_min=-2.0)
+    engine = PCEngine(net, Inference(steps=2, step_size=0.1), log_variance_min=-2.0)
     assert log_vars[0].min().item() == -2.0
     assert torch.allclose(engine.precisions[0], torch.exp(torch.tensor(2.0)).expand_as(engine.precisions[0]))
 
@@ -213,8 +216,8 @@ def test_log_variance_floor_is_enforced():
 def test_inference_tolerance_stops_early_and_still_updates(update_every):
     _, _, net = make_net(depth=4)
     x, y = batch(size=16)
-    full = PCEngine(copy.deepcopy(net), steps=400, step_size=0.1, update_every=update_every)
-    early = PCEngine(net, steps=400, step_size=0.1, update_every=update_every, tolerance=1e-3, check_every=8)
+    full = PCEngine(copy.deepcopy(net), Inference(steps=400, step_size=0.1, update_every=update_every))
+    early = PCEngine(net, Inference(steps=400, step_size=0.1, update_every=update_every, tolerance=1e-3, check_every=8))
     assert full.train_batch(x, y, apply_update=lambda: None).steps_used == 400
     updates = []
     result = early.train_batch(x, y, apply_update=lambda: updates.append(1), trace_energy=True)
@@ -236,9 +239,9 @@ def test_engine_equals_reference_in_float32(twin):
         p.data = p.data.float()
     ref_net = copy.deepcopy(net)
     x, y = (t.float() for t in batch())
-    for impl, network in ((PCEngine, net), (ref.AutogradPC, ref_net)):
+    inference = Inference(steps=16, step_size=0.1, update_every=update_every)
+    for engine, network in ((PCEngine(net, inference), net), (ref.ReferencePC(ref_net, inference, "autograd"), ref_net)):
         opt = torch.optim.SGD(network.parameters(), lr=0.05)
-        engine = impl(network, steps=16, step_size=0.1, update_every=update_every)
         for _ in range(2):
             engine.train_batch(x, y, apply_update=opt.step)
     for a, b in zip(net.parameters(), ref_net.parameters()):
@@ -251,17 +254,17 @@ def test_weight_changes_made_outside_the_engine_reach_its_predictions():
     in-place change, as load_state_dict makes, and is not redone when nothing changed."""
     _, _, net = make_net(depth=4)
     x, y = batch()
-    engine = PCEngine(net, steps=3, step_size=0.1)
+    engine = PCEngine(net, Inference(steps=3, step_size=0.1))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     engine.train_batch(x, y, apply_update=opt.step)
     with torch.no_grad():
         for w in net.weights:
             w.mul_(0.5)
     engine.feedforward_init(x, y)
-    engine.compute_errors()
-    fresh = PCEngine(copy.deepcopy(net), steps=3, step_size=0.1)
+    engine.recompute()
+    fresh = PCEngine(copy.deepcopy(net), Inference(steps=3, step_size=0.1))
     fresh.feedforward_init(x, y)
-    fresh.compute_errors()
+    fresh.recompute()
     assert torch.equal(engine.A, fresh.A) and torch.equal(engine.G, fresh.G)
     engine._w_t_stack.fill_(float("nan"))  # a marker: only a recomputation would overwrite it
     engine.refresh_parameters()
@@ -281,8 +284,8 @@ def test_wide_layers_balanced_over_threads_equal_the_reference():
         _, _, net = make_net(sizes=(12, 514, 5), depth=4)
         ref_net = copy.deepcopy(net)
         x, y = batch()
-        engine = PCEngine(net, steps=6, step_size=0.1, update_every=3)
-        reference = ref.AutogradPC(ref_net, steps=6, step_size=0.1, update_every=3)
+        engine = PCEngine(net, Inference(steps=6, step_size=0.1, update_every=3))
+        reference = ref.ReferencePC(ref_net, Inference(steps=6, step_size=0.1, update_every=3), "autograd")
         for impl, network in ((engine, net), (reference, ref_net)):
             impl.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
         assert engine._param_rows[0].balanced == 2
@@ -297,7 +300,7 @@ def test_activity_curvature_is_the_largest_eigenvalue_of_autograds_hessian(loss,
     """At the feedforward state the power iteration finds the top eigenvalue of the exact activity Hessian."""
     _, _, net = make_net(variance, loss, depth=4)
     x, y = batch(size=3)
-    engine = PCEngine(net, steps=1, step_size=0.1)
+    engine = PCEngine(net, Inference(steps=1, step_size=0.1))
     engine.feedforward_init(x, y)
     ours = activity_curvature(engine, iterations=300)
     xs = [t.clone() for t in engine.x]
@@ -308,7 +311,7 @@ def test_activity_curvature_is_the_largest_eigenvalue_of_autograds_hessian(loss,
         def energy_of(flat, b=b):
             parts = list(torch.split(flat, sizes))
             acts = [xs[0][b : b + 1]] + [p.unsqueeze(0) for p in parts] + [xs[-1][b : b + 1]]
-            return ref.energy_per_sample(net, acts).sum()
+            return energy(net, acts).sum()
 
         hessian = torch.autograd.functional.hessian(energy_of, hidden)
         assert ours[b].item() == pytest.approx(torch.linalg.eigvalsh(hessian).max().item(), rel=1e-6)
@@ -319,11 +322,11 @@ def test_step_size_past_two_over_curvature_diverges_and_below_it_does_not():
     steps; the nonlinearity may keep it bounded, so rises, not blow-ups, are what is watched)."""
     _, _, net = make_net(depth=6)
     x, y = batch(size=16)
-    engine = PCEngine(net, steps=1, step_size=0.1)
+    engine = PCEngine(net, Inference(steps=1, step_size=0.1))
     engine.feedforward_init(x, y)
     limit = 2 / activity_curvature(engine).max().item()
     for factor, unstable in ((0.9, False), (1.2, True)):
-        result = PCEngine(net, steps=200, step_size=factor * limit).train_batch(x, y, lambda: None, trace_energy=True)
+        result = PCEngine(net, Inference(steps=200, step_size=factor * limit)).train_batch(x, y, lambda: None, trace_energy=True)
         assert bool((result.energy_trace.diff() > 0).any()) is unstable
         assert (result.energy_rises.item() > 0) is unstable  # the engine's own watch sees it too
 
@@ -336,10 +339,10 @@ def test_heavy_ball_inference_reaches_a_fixed_point_of_the_same_energy_in_fewer_
     x, y = batch(size=8)
     energy = {}
     for momentum, steps in ((0.0, 64), (0.9, 64), (0.0, 80000), (0.9, 8000)):
-        engine = PCEngine(net, steps=steps, step_size=0.1, momentum=momentum)
+        engine = PCEngine(net, Inference(steps=steps, step_size=0.1, momentum=momentum))
         energy[momentum, steps] = engine.train_batch(x, y, apply_update=lambda: None).energy_end.item()
         if steps > 64:
-            assert max(g.abs().max().item() for g in ref.activity_gradients(net, engine.x)) < 1e-12
+            assert max(g.abs().max().item() for g in ref.autograd_activity_gradients(net, engine.x)) < 1e-12
     plain_gap = energy[0.0, 64] - energy[0.0, 80000]
     heavy_gap = energy[0.9, 64] - energy[0.9, 8000]
     assert 0 <= heavy_gap < 0.5 * plain_gap  # 0.026 vs 0.099 here

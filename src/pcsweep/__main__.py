@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pcsweep.config import quote_numeric_choices, register_resolvers
+from pcsweep.errors import UserError, exit_with
 
 CONFIG_DIR = os.environ.get("PCSWEEP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
@@ -20,7 +21,10 @@ register_resolvers()
 def main(cfg: DictConfig) -> dict:
     from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except UserError as exc:  # bad input: one line, no traceback, exit status 2
+        exit_with(str(exc))
 
 
 if __name__ == "__main__":

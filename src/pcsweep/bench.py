@@ -3,7 +3,7 @@
 For each width it prints, per twin, the milliseconds per training batch of the engine the Lightning module uses;
 the matmul floor (exactly the products that batch needs, each by the fastest kernel this machine has for its shape,
 timed alone in this run) and the efficiency floor/actual; the PC/BP time ratio beside the FLOP ratio; the speedup
-over the plain autograd implementation of the same energy (``pcsweep.reference``); the pipeline's cost (one epoch
+over the plain autograd implementation of the same energy (``pcsweep.pc.reference``); the pipeline's cost (one epoch
 through the Lightning module versus the raw engine on the same batches); and with ``--peers``, PCX on the same
 workload under each XLA CPU runtime. Speed claims are ratios measured in the same run; the absolute numbers are
 for comparing machines (``--json``).
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from pcsweep.mlp import MLP, make_log_variances
-from pcsweep.pc import PCEngine, output_loss
-from pcsweep.reference import AutogradPC
+from pcsweep.pc import Inference, PCEngine, output_loss
+from pcsweep.pc.reference import ReferencePC
 
 TWINS = {  # name -> (update every k?, trainable variance?)
     "pc": (False, False),
@@ -175,16 +175,16 @@ def best_matmul_rate(device: torch.device, quick: bool) -> tuple[float, str]:
 def time_engine(setup: Setup, twin: str, repeats: int) -> tuple[float, int]:
     """(seconds per training batch, weight updates per batch)."""
     mlp, log_vars, net, every = make_twin(setup, twin)
-    engine = PCEngine(net, steps=setup.steps, step_size=0.05, update_every=every, log_variance_min=-2.0)
+    engine = PCEngine(net, Inference(steps=setup.steps, step_size=0.05, update_every=every), log_variance_min=-2.0)
     opt = sgd(mlp, log_vars)
     x, y = make_batch(setup)
     result = engine.train_batch(x, y, opt.step)
     return median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats), result.updates
 
 
-def time_reference(setup: Setup, twin: str, repeats: int) -> float:
+def time_reference(setup: Setup, twin: str, repeats: int, gradients: str = "autograd") -> float:
     mlp, log_vars, net, every = make_twin(setup, twin)
-    engine = AutogradPC(net, steps=setup.steps, step_size=0.05, update_every=every)
+    engine = ReferencePC(net, Inference(steps=setup.steps, step_size=0.05, update_every=every), gradients)
     opt = sgd(mlp, log_vars)
     x, y = make_batch(setup)
     return median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats, warmup=1)
@@ -212,6 +212,7 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
     from pcsweep.data import Dataset, Split, TensorBatches, TensorDataModule
     from pcsweep.models import PCModule
     from pcsweep.run import quiet_lightning
+    from pcsweep.settings import InferenceSettings, RelaxSettings, Settings, TrackingSettings
 
     quiet_lightning()
 
@@ -224,9 +225,13 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
     def module() -> PCModule:
         torch.manual_seed(0)
         mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out)
-        return PCModule(mlp, optimizer=lambda params: torch.optim.SGD(params, lr=1e-3), inference_steps=setup.steps,
-                        inference_step_size=0.05, update_every=setup.every if every else None,
-                        variance="neuron" if variance else "fixed", log_variance_min=-2.0)
+        settings = Settings(
+            optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
+            inference=InferenceSettings(steps=setup.steps, step_size=0.05, momentum=0.0),
+            relax=RelaxSettings(update_every=setup.every if every else None,
+                                variance="neuron" if variance else "fixed", log_variance_min=-2.0),
+            tracking=TrackingSettings(energy_trace=False, alignment_every=0))
+        return PCModule(mlp, settings)
 
     class EpochClock(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from pcsweep.errors import UserError
+
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from pcsweep.pc import PCEngine, activity_curvature
+from pcsweep.pc.schedule import plateaued
 
 # Stiffness (step_size * lambda_max) the automatic variance floor allows: below the limit 2, with room for the
 # curvature to grow as the weights train (1 would be the critically damped step for the stiffest mode).
@@ -39,7 +42,7 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 def _weight_updates(engine: PCEngine) -> list[Tensor]:
-    engine.weight_gradients()
+    engine.write_gradients()
     return [w.grad.detach().clone() for w in engine.net.weights]
 
 
@@ -51,24 +54,20 @@ def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: 
 
     Writes ``.grad`` of the weights (the next training batch overwrites it) and leaves the engine's buffers to the
     next ``feedforward_init``."""
-    predict = not engine.fixed_predictions
-    engine.feedforward_init(inputs, target)
-    engine.compute_errors(predict=False)
+    engine.start(inputs, target)
     start = float(engine.error_energy())
     for _ in range(at_step):
-        engine.inference_step()
-        engine.compute_errors(predict)
+        engine.step()
     at_t = float(engine.error_energy())
     layers_at_t = engine.layer_error_energies().tolist()
     updates_at_t = _weight_updates(engine)
     steps, previous, current = at_step, at_t, at_t
     while steps < max_steps:
         for _ in range(check_every):
-            engine.inference_step()
-            engine.compute_errors(predict)
+            engine.step()
         steps += check_every
         current = float(engine.error_energy())
-        if not math.isfinite(current) or abs(previous - current) <= tolerance * abs(previous):
+        if not math.isfinite(current) or plateaued(previous, current, tolerance):
             break
         previous = current
     updates_at_end = _weight_updates(engine)
@@ -104,7 +103,7 @@ def condition2_verdict(probes: Sequence[dict], relaxed: bool, limits: Condition2
 def stiffness(engine: PCEngine, inputs: Tensor, target: Tensor, iterations: int = 30) -> float:
     """``step_size * lambda_max`` at the feedforward state of (inputs, target), with the current variances."""
     engine.feedforward_init(inputs, target)
-    return engine.step_size * float(activity_curvature(engine, iterations).max())
+    return engine.inference.step_size * float(activity_curvature(engine, iterations).max())
 
 
 def variance_floor(step_size: float, curvature_at_unit_variance: float,
@@ -124,7 +123,7 @@ def variance_statistics(log_variances: Sequence[Tensor], floor: Optional[float])
     return rows
 
 
-class UnstableSetting(ValueError):
+class UnstableSetting(UserError, ValueError):
     """A setting that makes inference provably unstable at the initial weights (one line, before any training)."""
 
 
@@ -136,7 +135,7 @@ def follow_variance_floor(engine: PCEngine, inputs: Tensor, target: Tensor, targ
     the initial weights would let inference become unstable. Returns the new floor."""
     engine.feedforward_init(inputs, target)
     curvature = float(activity_curvature(engine, unit_variance=True).max())
-    engine.log_variance_min = variance_floor(engine.step_size, curvature, target_stiffness)
+    engine.log_variance_min = variance_floor(engine.inference.step_size, curvature, target_stiffness)
     engine.refresh_parameters()
     return engine.log_variance_min
 
@@ -151,7 +150,7 @@ def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_
     raises ``UnstableSetting`` for a step size or a floor past the limit."""
     engine.feedforward_init(inputs, target)
     lam = float(activity_curvature(engine).max())
-    gamma, beta = engine.step_size, engine.momentum
+    gamma, beta = engine.inference.step_size, engine.inference.momentum
     limit, stiff = 2 * (1 + beta), gamma * lam
     if stiff >= limit:
         raise UnstableSetting(

@@ -1,75 +1,41 @@
-"""What a run is, from its config: validation, the paper's name, the identity hash, duplicates.
+"""What a run is, from its config: the typed settings, the paper's name, the identity hash, duplicates.
 
-A run's folder is ``<paper name>_<dataset>-<hash>``: the hash covers everything that changes the numbers (not paths,
-logging or launching), so the same config always lands in the same folder (dedup and resume come for free), and two
-configs that differ in anything that matters never share one.
+A run's folder is ``<paper name>_<dataset>-<hash>``. The hash covers what differs from the defaults of
+``pcsweep.settings`` (Dora's rule) among the settings that change the numbers (fields marked ``identity=False`` are
+left out, and PC's settings for BP): the same config always lands in the same folder (dedup and resume come for
+free), two configs that differ in anything that matters never share one, and a release that adds a setting with
+a default that keeps the old behaviour leaves every finished run where it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from pcsweep.data import DATASETS
-from pcsweep.mlp import INITS
-from pcsweep.pc import ACTIVATIONS, OUTPUT_LOSSES
+from pcsweep.settings import ConfigError, Settings
 
-# Top-level keys that never change a run's numbers: left out of its identity.
-NOT_IDENTITY = ("hydra", "sweep_name", "learning_rates",  # the lr in force is optimizer.lr "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.gpu_slots",
-                "dataset.data_dir",
-                "dataset.download", "dataset.mirrors", "logger", "tracking", "report")
+ConfigStore.instance().store(name="pcsweep_schema", node=Settings)
 
 
-class ConfigError(ValueError):
-    """An invalid setting, reported in one line before any work starts."""
-
-
-def _positive(cfg: DictConfig, key: str, minimum: float = 0, strict: bool = True) -> None:
-    value = OmegaConf.select(cfg, key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ConfigError(f"{key} must be {bound}, got {value!r}")
+def settings_from(cfg: DictConfig) -> Settings:
+    """The composed config as typed settings, every check run once (``ConfigError``: one line, before any work)."""
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` with a one-line message for the first invalid setting."""
-    _positive(cfg, "width")
-    _positive(cfg, "depth", 1, strict=False)
-    _positive(cfg, "batch_size")
-    _positive(cfg, "epochs", 1, strict=False)
-    _positive(cfg, "optimizer.lr")
-    _positive(cfg, "weight_decay", 0, strict=False)
-    _positive(cfg, "variance_weight_decay", 0, strict=False)
-    _positive(cfg, "variance_floor_every", 0, strict=False)
-    if cfg.activation not in ACTIVATIONS:
-        raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
-    if cfg.output_loss not in OUTPUT_LOSSES:
-        raise ConfigError(f"output_loss must be one of {list(OUTPUT_LOSSES)}, got {cfg.output_loss!r}")
-    if cfg.init not in INITS:
-        raise ConfigError(f"init must be one of {list(INITS)}, got {cfg.init!r}")
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(f"dataset.name must be one of {list(DATASETS)}, got {cfg.dataset.name!r}")
-    if cfg.algo.name == "pc":
-        _positive(cfg, "inference.steps", 1, strict=False)
-        _positive(cfg, "inference.step_size")
-        _positive(cfg, "inference.check_every", 1, strict=False)
-        if cfg.inference.tolerance is not None:
-            _positive(cfg, "inference.tolerance")
-        k, steps = cfg.relax.update_every, cfg.inference.steps
-        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= steps):
-            raise ConfigError(f"relax.update_every must be null or in [1, inference.steps={steps}], got {k!r}")
-        floor = cfg.relax.log_variance_min
-        if floor != "auto" and not (isinstance(floor, (int, float)) and not isinstance(floor, bool)):
-            raise ConfigError(f"relax.log_variance_min must be auto or a number, got {floor!r}")
-        momentum = cfg.inference.momentum
-        if not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0 <= momentum < 1):
-            raise ConfigError(f"inference.momentum must be in [0, 1), got {momentum!r}")
-        if cfg.relax.variance not in ("fixed", "neuron", "layer"):
-            raise ConfigError(f"relax.variance must be fixed, neuron or layer, got {cfg.relax.variance!r}")
+    settings_from(cfg)
 
 
 def is_bp_duplicate(cfg: DictConfig) -> bool:
@@ -92,30 +58,64 @@ def twin_name(cfg: DictConfig) -> str:
     return str(cfg.algo.name)
 
 
-def _drop(container: dict, dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node = container
-    for key in parents:
-        node = node.get(key)
-        if not isinstance(node, dict):
-            return
-    node.pop(leaf, None)
+def _identity_roles(schema: type, prefix: str = "") -> dict[str, Any]:
+    """dotted key -> its identity role, for every field (and nested field) of a settings dataclass."""
+    roles = {}
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        roles[key] = f.metadata.get("identity", True)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            roles.update({k: roles[key] if v is True else v for k, v in _identity_roles(type(default), key + ".").items()})
+    return roles
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings that determine a run's numbers."""
-    keys = [k for k in cfg.keys() if k != "hydra" and k != "sweep_name"]
-    if cfg.algo.name == "bp":
-        keys = [k for k in keys if k not in ("relax", "inference")]
-    container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
-    for dotted in NOT_IDENTITY:
-        _drop(container, dotted)
-    return container
+IDENTITY_ROLES = _identity_roles(Settings)
 
 
-def config_hash(cfg: DictConfig, length: int = 8) -> str:
-    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _role(key: str) -> Any:
+    while key not in IDENTITY_ROLES and "." in key:
+        key = key.rsplit(".", 1)[0]
+    return IDENTITY_ROLES.get(key, True)  # a key no schema declares (an optimizer's option) counts
+
+
+DEFAULTS = _flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resolve=True))
+
+
+def identity(config: Any) -> dict[str, Any]:
+    """The settings that determine a run's numbers and differ from the defaults, as ``{dotted key: value}``.
+    ``config``: a composed config or a resolved one read back from a run's ``config.yaml``."""
+    if OmegaConf.is_config(config):  # without hydra's node: its run dir is named from this identity
+        config = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
+    flat = _flatten({k: v for k, v in config.items() if k != "hydra"})
+    pc = flat.get("algo.name") == "pc"
+    return {k: v for k, v in sorted(flat.items())
+            if (_role(k) is True or (_role(k) == "pc" and pc)) and (k not in DEFAULTS or DEFAULTS[k] != v)}
+
+
+def config_hash(config: Any, length: int = 8) -> str:
+    blob = json.dumps(identity(config), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:length]
+
+
+def find_previous_folder(sweep_dir: Path, cfg: DictConfig) -> Optional[Path]:
+    """A folder of this run under an earlier naming (same paper name and dataset, same identity read from its
+    ``config.yaml``), or None: the caller renames it, so a re-run of an old sweep resumes instead of retraining."""
+    wanted, name = config_hash(cfg), run_dir_name(cfg)
+    for folder in sorted(Path(sweep_dir).glob(f"{paper_name(cfg)}_{cfg.dataset.name}-*")):
+        if folder.name != name and (folder / "config.yaml").is_file():
+            try:
+                if config_hash(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))) == wanted:
+                    return folder
+            except Exception:  # an unreadable old config is not this run
+                continue
+    return None
 
 
 def run_dir_name(cfg: DictConfig) -> str:

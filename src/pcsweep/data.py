@@ -5,6 +5,8 @@ No torchvision: the idx format is a 4-byte magic, the dimensions, then raw bytes
 
 from __future__ import annotations
 
+from pcsweep.errors import UserError
+
 import gzip
 import hashlib
 import math
@@ -44,7 +46,7 @@ DATASETS = BUNDLED + tuple(IDX_FILES)
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset that cannot be read or fetched; the message says what to do."""
 
 
@@ -240,14 +242,14 @@ def load_idx_dataset(name: str, data_dir: Path | str, download: bool = False, mi
     return Dataset(name, split("train"), split("t10k"), num_classes=10)
 
 
-def load_dataset(cfg) -> Dataset:
-    """From the ``dataset`` config node."""
-    if cfg.name == "digits":
-        return load_digits(cfg.get("test_fraction", 0.2))
-    if cfg.name == "digits28":
-        return load_digits28(cfg.get("train_size", 60000), cfg.get("test_size", 10000), cfg.get("test_fraction", 0.2),
-                             cfg.get("seed", 0))
-    return load_idx_dataset(cfg.name, cfg.data_dir, cfg.get("download", False), list(cfg.get("mirrors", [])))
+def load_dataset(settings) -> Dataset:
+    """From the dataset settings (``pcsweep.settings.DatasetSettings``)."""
+    if settings.name == "digits":
+        return load_digits(settings.test_fraction)
+    if settings.name == "digits28":
+        return load_digits28(settings.train_size or 60000, settings.test_size or 10000, settings.test_fraction,
+                             settings.seed)
+    return load_idx_dataset(settings.name, settings.data_dir, settings.download, list(settings.mirrors))
 
 
 # ------------------------------------------------------------------------------------------------ batches

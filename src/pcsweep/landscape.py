@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from pcsweep.pc import get_activation
+from pcsweep.pc.energy import get_activation
 
 
 def filter_normalized_direction(weights: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:

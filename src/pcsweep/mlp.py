@@ -7,9 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from pcsweep.pc import Network, get_activation
-
-INITS = ("xavier", "torch")
+from pcsweep.pc.energy import Network, get_activation
+from pcsweep.settings import INITS
 
 
 class MLP(nn.Module):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from pcsweep.conditions import follow_variance_floor
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
+from pcsweep.settings import Settings
 
 
 def batch_mean() -> MeanMetric:
@@ -29,20 +28,10 @@ def batch_mean() -> MeanMetric:
 class TwinModule(L.LightningModule):
     """What both twins share: the MLP, the output loss, the feedforward test pass and the optimizer set-up."""
 
-    def __init__(
-        self,
-        mlp: MLP,
-        optimizer: OptimizerFactory = partial(torch.optim.Adam, lr=1e-3),
-        output_loss: str = "mse",
-        weight_decay: float = 0.0,
-        variance_weight_decay: float = 0.0,
-    ) -> None:
+    def __init__(self, mlp: MLP, settings: Settings) -> None:
         super().__init__()
-        self.mlp = mlp
-        self.optimizer_factory = optimizer
-        self.loss_kind = output_loss
-        self.weight_decay = weight_decay
-        self.variance_weight_decay = variance_weight_decay
+        self.mlp, self.settings = mlp, settings
+        self.loss_kind = settings.output_loss
         self.log_variances: Optional[torch.nn.ParameterList] = None
         num_classes = mlp.sizes[-1]
         # per-epoch training means; recorded in groups of batches, logged once per epoch (self.log per batch is costly)
@@ -66,12 +55,12 @@ class TwinModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [
-            {"params": [layer.weight for layer in self.mlp.layers], "weight_decay": self.weight_decay},
+            {"params": [layer.weight for layer in self.mlp.layers], "weight_decay": self.settings.weight_decay},
             {"params": [layer.bias for layer in self.mlp.layers], "weight_decay": 0.0},
         ]
         if self.log_variances is not None:
-            groups.append({"params": list(self.log_variances), "weight_decay": self.variance_weight_decay})
-        return self.optimizer_factory(groups)
+            groups.append({"params": list(self.log_variances), "weight_decay": self.settings.variance_weight_decay})
+        return hydra.utils.instantiate(self.settings.optimizer)(groups)
 
     def check_finite(self, *values: Tensor) -> None:
         """Stop the run cleanly (not the sweep) when training blows up."""
@@ -144,52 +133,28 @@ class BPModule(TwinModule):
 class PCModule(TwinModule):
     """Predictive coding: manual optimization; the engine writes local gradients, the optimizer applies them."""
 
-    def __init__(
-        self,
-        mlp: MLP,
-        optimizer: OptimizerFactory = partial(torch.optim.Adam, lr=1e-3),
-        output_loss: str = "mse",
-        weight_decay: float = 0.0,
-        variance_weight_decay: float = 0.0,
-        inference_steps: int = 256,
-        inference_step_size: float = 0.1,
-        update_every: Optional[int] = None,
-        variance: str = "fixed",
-        log_variance_min: float = -math.inf,
-        inference_tolerance: Optional[float] = None,
-        inference_check_every: int = 8,
-        inference_momentum: float = 0.0,
-        trace_energy: bool = False,
-        alignment_every: int = 0,
-        divergence_factor: float = 100.0,
-        variance_floor_every: int = 100,
-    ) -> None:
-        super().__init__(mlp, optimizer, output_loss, weight_decay, variance_weight_decay)
+    def __init__(self, mlp: MLP, settings: Settings) -> None:
+        super().__init__(mlp, settings)
         self.automatic_optimization = False
-        if variance != "fixed":
-            self.log_variances = make_log_variances(mlp.sizes, variance, output_loss)
-        self.engine = PCEngine(
-            mlp.as_pc_network(self.log_variances, output_loss),
-            steps=inference_steps,
-            step_size=inference_step_size,
-            update_every=update_every,
-            log_variance_min=log_variance_min,
-            tolerance=inference_tolerance,
-            check_every=inference_check_every,
-            momentum=inference_momentum,
-        )
-        self.divergence_factor = divergence_factor
+        if settings.relax.variance != "fixed":
+            self.log_variances = make_log_variances(mlp.sizes, settings.relax.variance, settings.output_loss)
+        # relax.log_variance_min=auto: no floor until the pre-flight measures one (run.check_stability)
+        floor = settings.relax.log_variance_min
+        self.engine = PCEngine(mlp.as_pc_network(self.log_variances, settings.output_loss), settings.schedule(),
+                               log_variance_min=-math.inf if floor == "auto" else float(floor))
+        tracking = settings.tracking
+        self.divergence_factor = tracking.divergence_factor
         # relax.log_variance_min=auto: the stiffness the floor keeps (set by the pre-flight), re-measured every
         # ``variance_floor_every`` batches of each epoch (conditions.follow_variance_floor)
         self.floor_stiffness: Optional[float] = None
-        self.variance_floor_every = variance_floor_every
+        self.variance_floor_every = settings.variance_floor_every
         self.train_means["energy"] = batch_mean()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
         self.train_means["energy_rises"] = batch_mean()  # checks per batch at which the error energy had risen
         if self.log_variances is not None:
             self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
-        self.trace_energy, self.alignment_every = trace_energy, alignment_every
+        self.trace_energy, self.alignment_every = tracking.energy_trace, tracking.alignment_every
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pcsweep.claims import ClaimRules, claims_document, evaluate  # noqa: E402
 from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness  # noqa: E402
 from pcsweep.layers import wasserstein1  # noqa: E402
-from pcsweep.summary import checks_text  # noqa: E402
+from pcsweep.summary import checks_text, read_manifest  # noqa: E402
 
 TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
 PALETTE = dict(zip(TWIN_ORDER, sns.color_palette("deep", 5)))
@@ -88,9 +88,9 @@ def load_sweep(path: Path) -> Sweep:
         summary = json.loads(summary_path.read_text())
         runs.append(Run(summary_path.parent, summary, summary.get("config", {})))
     skipped = []
-    manifest = path / "sweep_runs.json"
-    if manifest.is_file():
-        for entry in json.loads(manifest.read_text())["runs"]:
+    manifest = read_manifest(path)
+    if manifest is not None:
+        for entry in manifest["runs"]:
             if entry["status"] == "duplicate":
                 skipped.append({"model": entry["model"], "reason": f"duplicate of {entry['duplicate_of']}"})
             elif not (path / entry.get("run_dir", "") / "summary.json").is_file():
@@ -242,11 +242,12 @@ _DATASETS: dict = {}
 def _loss_setting(run: Run, samples: int, seed: int):
     """What a run's landscape is measured on: its trained weights and biases (float64) and a fixed training subset."""
     from pcsweep.data import load_dataset
+    from pcsweep.settings import dataset_settings
 
     cfg = OmegaConf.create(run.config)
     key = OmegaConf.to_yaml(cfg.dataset)
     if key not in _DATASETS:  # one load per dataset for the whole report
-        _DATASETS[key] = load_dataset(cfg.dataset)
+        _DATASETS[key] = load_dataset(dataset_settings(run.config["dataset"]))
     data = _DATASETS[key]
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data.train), generator=gen)[:samples]
@@ -600,8 +601,8 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
 
     logger_cfg = logger_cfg or OmegaConf.create({"mode": "auto", "project": "pcsweep", "entity": None,
                                                  "init_timeout": 30})
-    manifest = Path(sweep_dir) / "sweep_runs.json"
-    group = json.loads(manifest.read_text()).get("sweep_id") if manifest.is_file() else None
+    manifest = read_manifest(Path(sweep_dir))
+    group = manifest.get("sweep_id") if manifest is not None else None
     run = start_wandb(logger_cfg, html_path.parent, name=f"report {Path(sweep_dir).name}",
                       group=group or Path(sweep_dir).name, job_type="report")
     try:

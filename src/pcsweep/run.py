@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import sys
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import hydra
@@ -23,13 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from pcsweep.conditions import Condition2Thresholds, UnstableSetting, condition2_verdict, preflight_stability
-from pcsweep.config import ConfigError, duplicate_target, paper_name, twin_name, validate
+from pcsweep.conditions import Condition2Thresholds, condition2_verdict, preflight_stability
+from pcsweep.config import duplicate_target, find_previous_folder, paper_name, settings_from, twin_name
 from pcsweep.devices import training_devices
-from pcsweep.data import BUNDLED, DatasetError, TensorDataModule, load_dataset
+from pcsweep.data import BUNDLED, TensorDataModule, load_dataset
 from pcsweep.history import History, time_to_fraction
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
+from pcsweep.settings import Settings
 from pcsweep.tracking import (EnergyTraces, LayerLearning, ResumableCSVLogger, RunConditions, WeightHistograms,
                               start_wandb, trim_metrics)
 
@@ -45,12 +45,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial = path.with_name(path.name + ".partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
         os.replace(partial, path)
-
-
-def fail(message: str) -> None:
-    """One line on stderr and a non-zero exit, before any work: no traceback for a user's typo."""
-    print(f"pcsweep: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 
 
 def quiet_lightning() -> None:
@@ -74,52 +68,26 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
     return summary if summary.get("status") in FINISHED else None
 
 
-def build_model(cfg: DictConfig, num_features: int, num_classes: int) -> TwinModule:
-    """The twin ``cfg.algo.name`` on a fresh MLP; the MLP is drawn first, so both twins start from the same weights."""
-    torch.manual_seed(cfg.seed)
-    mlp = MLP(num_features, cfg.width, cfg.depth, num_classes, activation=cfg.activation, init=cfg.init)
-    common = dict(
-        mlp=mlp,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        output_loss=cfg.output_loss,
-        weight_decay=cfg.weight_decay,
-        variance_weight_decay=cfg.variance_weight_decay,
-    )
-    if cfg.algo.name == "bp":
-        return BPModule(**common)
-    return PCModule(
-        **common,
-        inference_steps=cfg.inference.steps,
-        inference_step_size=cfg.inference.step_size,
-        inference_tolerance=cfg.inference.tolerance,
-        inference_check_every=cfg.inference.check_every,
-        inference_momentum=cfg.inference.momentum,
-        update_every=cfg.relax.update_every,
-        variance=cfg.relax.variance,
-        # "auto" is set by check_stability, from the curvature measured at the initial weights
-        log_variance_min=-math.inf if cfg.relax.log_variance_min == "auto" else float(cfg.relax.log_variance_min),
-        trace_energy=cfg.tracking.energy_trace,
-        alignment_every=cfg.tracking.alignment_every,
-        divergence_factor=cfg.tracking.divergence_factor,
-        variance_floor_every=cfg.variance_floor_every,
-    )
+def build_model(settings: Settings, num_features: int, num_classes: int) -> TwinModule:
+    """The twin ``settings.algo.name`` on a fresh MLP; the MLP is drawn first, so both twins start from the same weights."""
+    torch.manual_seed(settings.seed)
+    mlp = MLP(num_features, settings.width, settings.depth, num_classes, activation=settings.activation,
+              init=settings.init)
+    return (BPModule if settings.algo.name == "bp" else PCModule)(mlp, settings)
 
 
-def measure_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
+def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
     """At the initial weights on the first training batch: ``preflight_stability`` (raises ``UnstableSetting``).
     The sweeper runs it for every PC job before launching any; each run again, to set its automatic floor."""
-    inputs, target = model.probe_batch(dataset.train, cfg.batch_size)
-    return preflight_stability(model.engine, inputs, target, cfg.relax.log_variance_min,
+    inputs, target = model.probe_batch(dataset.train, settings.batch_size)
+    return preflight_stability(model.engine, inputs, target, settings.relax.log_variance_min,
                                trainable_variance=model.log_variances is not None)
 
 
-def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
-    """Pre-flight: a step size or variance floor that makes inference diverge is one line, not a run;
-    ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
-    try:
-        stability = measure_stability(cfg, model, dataset)
-    except UnstableSetting as exc:
-        fail(str(exc))
+def check_stability(settings: Settings, model: PCModule, dataset) -> dict:
+    """Pre-flight: a step size or variance floor that makes inference diverge is one line (``UnstableSetting``), not
+    a run; ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
+    stability = measure_stability(settings, model, dataset)
     if stability["log_variance_min"] is not None:
         model.engine.log_variance_min = stability["log_variance_min"]
         model.engine.refresh_parameters()
@@ -127,23 +95,23 @@ def check_stability(cfg: DictConfig, model: PCModule, dataset) -> dict:
     return stability
 
 
-def learned(cfg: DictConfig, final_test_acc: Optional[float], num_classes: int) -> bool:
+def learned(settings: Settings, final_test_acc: Optional[float], num_classes: int) -> bool:
     """A final accuracy more than ``tracking.chance_margin`` above chance."""
-    return final_test_acc is not None and final_test_acc >= 1.0 / num_classes + cfg.tracking.chance_margin
+    return final_test_acc is not None and final_test_acc >= 1.0 / num_classes + settings.tracking.chance_margin
 
 
-def run_checks(cfg: DictConfig, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]) -> dict:
+def run_checks(settings: Settings, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]) -> dict:
     """Whether the run's assumptions held, each with a verdict and its numbers (the summary's ``checks``)."""
     chance = 1.0 / summary["num_classes"]
     final = summary.get("final_test_acc")
-    checks: dict[str, Any] = {"learned": {"verdict": "learned" if learned(cfg, final, summary["num_classes"])
+    checks: dict[str, Any] = {"learned": {"verdict": "learned" if learned(settings, final, summary["num_classes"])
                                                      else "failed to learn", "final_test_acc": final,
-                                          "chance": chance, "margin": cfg.tracking.chance_margin}}
+                                          "chance": chance, "margin": settings.tracking.chance_margin}}
     if conditions is None:
         return checks
     records = conditions.records
-    limits = Condition2Thresholds(cfg.tracking.condition2_max_gap, cfg.tracking.condition2_min_cosine)
-    checks["condition2"] = condition2_verdict([r["condition2"] for r in records], cfg.relax.update_every is not None,
+    limits = Condition2Thresholds(settings.tracking.condition2_max_gap, settings.tracking.condition2_min_cosine)
+    checks["condition2"] = condition2_verdict([r["condition2"] for r in records], settings.relax.update_every is not None,
                                               limits)
     worst = max((r["stiffness"] for r in records), default=stability["stiffness"])
     rises = [r.get("train_energy_rises") for r in summary["history"] if r.get("train_energy_rises") is not None]
@@ -165,16 +133,17 @@ def run_checks(cfg: DictConfig, summary: dict, conditions: Optional[RunCondition
     return checks
 
 
-def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str, num_classes: int) -> dict[str, Any]:
+def _summary(cfg: DictConfig, settings: Settings, run_dir: Path, history: History, status: str,
+             num_classes: int) -> dict[str, Any]:
     records = history.records
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
-    if status == "complete" and not learned(cfg, last.get("test_acc"), num_classes):
+    if status == "complete" and not learned(settings, last.get("test_acc"), num_classes):
         status = "failed_to_learn"  # listed, never ranked: a time to 90% of chance means nothing
     t90 = time_to_fraction(history.curve or records, 0.9) if status == "complete" else None
     return {
-        "name": paper_name(cfg),
-        "dataset": cfg.dataset.name,
+        "name": paper_name(settings),
+        "dataset": settings.dataset.name,
         "run_dir": run_dir.name,
         "status": status,
         "diverged": status == "diverged",
@@ -195,107 +164,161 @@ def _summary(cfg: DictConfig, run_dir: Path, history: History, status: str, num_
     }
 
 
-def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Train (or resume, or skip) the run ``cfg`` describes; returns its summary."""
-    quiet_lightning()
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
-    try:
-        validate(cfg)
-    except ConfigError as exc:
-        fail(str(exc))
-    target = duplicate_target(cfg)
+@dataclass
+class Callbacks:
+    """The callbacks a run trains with, kept by name: the summary reads their records afterwards."""
+
+    history: History
+    layers: LayerLearning
+    conditions: Optional[RunConditions]
+    others: list
+
+    def all(self) -> list:
+        return [self.history, self.layers, *([self.conditions] if self.conditions else []), *self.others]
+
+
+def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: bool) -> Callbacks:
+    tracking = settings.tracking
+    # one file, rewritten after every epoch (save_last alone only mirrors top-k saves), after every callback's
+    # epoch-end work (the condition probes) is in its state
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                                                      enable_version_counter=False, save_on_train_epoch_end=True)
+    others = [WeightHistograms(run_dir, tracking.histogram_every)]
+    if pc and tracking.energy_trace:
+        others.append(EnergyTraces(run_dir, tracking.energy_tolerance))
+    conditions = RunConditions(tracking.condition2_every, tracking.condition2_max_multiple) if pc else None
+    # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
+    layers = LayerLearning([layer.weight for layer in model.mlp.layers])
+    return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + [checkpoints])
+
+
+def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
+    """The checkpoint to resume from (metrics.csv trimmed to match) and a note saying so; (None, "") if fresh."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None, ""
+    # mmap: only the epoch is read here; Lightning loads the tensors once, in fit
+    completed_epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]
+    trim_metrics(run_dir / "metrics.csv", last_epoch=completed_epoch)
+    return last, f", resuming after epoch {completed_epoch} from {last.relative_to(run_dir)}"
+
+
+def start_logging(cfg: DictConfig, settings: Settings, run_dir: Path) -> tuple[list, Any]:
+    """Lightning loggers (CSV always; W&B with logger=wandb) and the W&B run, if any."""
+    loggers: list = [ResumableCSVLogger(run_dir)]
+    if settings.logger.name != "wandb":
+        return loggers, None
+    wandb_run = start_wandb(
+        settings.logger, run_dir, name=f"{paper_name(settings)}_{settings.dataset.name}",
+        group=settings.tracking.group or settings.sweep_name, job_type=twin_name(settings),
+        tags=[settings.dataset.name, f"width={settings.width}", f"depth={settings.depth}",
+              f"relax={settings.relax.name}"],
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return loggers + [L.pytorch.loggers.WandbLogger(experiment=wandb_run)], wandb_run
+
+
+def fit(settings: Settings, run_dir: Path, model: TwinModule, datamodule, callbacks: list, loggers: list,
+        last: Optional[Path], resume: str) -> None:
+    """Lightning's fit on the configured devices, from the checkpoint ``last`` if there is one."""
+    trainer_settings = settings.trainer
+    # holds a GPU slot (launcher=gpus) until training ends
+    with training_devices(trainer_settings.accelerator, trainer_settings.gpu_slots, run_dir.parent / ".gpu_slots") as (
+        accelerator, device_ids, plugins
+    ):
+        trainer = L.Trainer(
+            max_epochs=settings.epochs, accelerator=accelerator, devices=device_ids,
+            plugins=plugins + [AtomicCheckpointIO()], precision=trainer_settings.precision, logger=loggers,
+            callbacks=callbacks, enable_progress_bar=trainer_settings.progress_bar, enable_model_summary=False,
+            num_sanity_val_steps=0, log_every_n_steps=trainer_settings.log_every_n_steps, default_root_dir=run_dir,
+        )
+        print(f"[pcsweep] training {run_dir.name} ({settings.epochs} epochs on {trainer.strategy.root_device}"
+              f"{resume})", flush=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=last)
+
+
+def announce(summary: dict, run_dir: Path, num_classes: int) -> None:
+    """One line on how the run ended."""
+    if summary["status"] == "diverged":
+        print(f"[pcsweep] {run_dir.name}: diverged ({summary['diverged_reason']}); marked, the sweep goes on", flush=True)
+    elif summary["status"] == "failed_to_learn":
+        print(f"[pcsweep] {run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
+              f"{1 / num_classes:.2f}); listed, not ranked", flush=True)
+    else:
+        print(f"[pcsweep] {run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
+              f"{summary['train_seconds']:.1f} s of training", flush=True)
+
+
+def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule, callbacks: Callbacks,
+           stability: Optional[dict], num_classes: int) -> dict[str, Any]:
+    """Final weights, ``summary.json`` (with the run's checks) and, for a diverged run, its ``DIVERGED`` marker."""
+    status = "diverged" if model.diverged else "complete"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
+               run_dir / "weights.pt")
+    summary = _summary(cfg, settings, run_dir, callbacks.history, status, num_classes)
+    summary["diverged_reason"] = model.diverged_reason
+    summary["checks"] = run_checks(settings, summary, callbacks.conditions, stability)
+    summary["conditions"] = callbacks.conditions.records if callbacks.conditions is not None else []
+    summary["layers"] = callbacks.layers.records
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if model.diverged:
+        (run_dir / "DIVERGED").write_text(f"{model.diverged_reason}\n")
+    return summary
+
+
+def adopt_previous_folder(run_dir: Path, cfg: DictConfig) -> None:
+    """Rename this run's folder from an earlier release's naming, if there is one, so it resumes or is skipped."""
+    previous = None if run_dir.exists() else find_previous_folder(run_dir.parent, cfg)
+    if previous is not None:
+        os.replace(previous, run_dir)
+        print(f"[pcsweep] {previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}",
+              flush=True)
+
+
+def skipped(cfg: DictConfig, settings: Settings, run_dir: Optional[Path]) -> Optional[dict]:
+    """The summary of a run that needs no training (a BP duplicate, or finished in its folder), or None."""
+    target = duplicate_target(settings)
     if target is not None:
-        print(f"[pcsweep] skipped {paper_name(cfg)} relax={cfg.relax.name}: duplicate of {target}", flush=True)
-        return {"name": paper_name(cfg), "dataset": cfg.dataset.name, "status": "duplicate", "duplicate_of": target}
-    if run_dir is None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-    run_dir = Path(run_dir)
+        print(f"[pcsweep] skipped {paper_name(settings)} relax={settings.relax.name}: duplicate of {target}", flush=True)
+        return {"name": paper_name(settings), "dataset": settings.dataset.name, "status": "duplicate",
+                "duplicate_of": target}
+    adopt_previous_folder(run_dir, cfg)
     done = finished_summary(run_dir)
     if done is not None:
         print(f"[pcsweep] {run_dir.name}: already {done['status']}, nothing to train", flush=True)
+    return done
+
+
+def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Train (or resume, or skip) the run ``cfg`` describes; returns its summary. Raises ``UserError`` (one line)
+    for bad input, before any folder is made."""
+    quiet_lightning()
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    if cfg.dataset.name not in BUNDLED:
+        cfg.dataset.data_dir = str(resolve_data_dir(cfg))
+    settings = settings_from(cfg)
+    run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
+    done = skipped(cfg, settings, run_dir)
+    if done is not None:
         return done
-
-    try:  # before any training: a missing dataset is one line, not a traceback (load_dataset checks the files)
-        if cfg.dataset.name not in BUNDLED:
-            cfg.dataset.data_dir = str(resolve_data_dir(cfg))
-        dataset = load_dataset(cfg.dataset)
-    except DatasetError as exc:
-        fail(str(exc))
-
-    model = build_model(cfg, dataset.num_features, dataset.num_classes)
-    stability = check_stability(cfg, model, dataset) if isinstance(model, PCModule) else None  # before any folder
+    dataset = load_dataset(settings.dataset)  # a missing dataset is one line (DatasetError), not a traceback
+    model = build_model(settings, dataset.num_features, dataset.num_classes)
+    pc = isinstance(model, PCModule)
+    stability = check_stability(settings, model, dataset) if pc else None  # before any folder exists
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    datamodule = TensorDataModule(dataset, cfg.batch_size, seed=cfg.seed)
-    history = History(cfg.tracking.evals_per_epoch)
-    # one file, rewritten after every epoch's validation (save_last alone only mirrors top-k saves)
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
-        save_on_train_epoch_end=True,  # after every callback's epoch-end work (the condition probes) is in its state
-    )
-    # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
-    layer_learning = LayerLearning([layer.weight for layer in model.mlp.layers])
-    callbacks = [history, WeightHistograms(run_dir, cfg.tracking.histogram_every), layer_learning]
-    if cfg.algo.name == "pc" and cfg.tracking.energy_trace:
-        callbacks.append(EnergyTraces(run_dir, cfg.tracking.energy_tolerance))
-    conditions = None
-    if stability is not None:
-        conditions = RunConditions(cfg.tracking.condition2_every, cfg.tracking.condition2_max_multiple)
-        callbacks.append(conditions)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume = ""
-    if last.is_file():
-        # mmap: only the epoch is read here; Lightning loads the tensors once, in fit
-        completed_epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]
-        trim_metrics(run_dir / "metrics.csv", last_epoch=completed_epoch)
-        resume = f", resuming after epoch {completed_epoch} from {last.relative_to(run_dir)}"
-
-    loggers: list = [ResumableCSVLogger(run_dir)]
-    wandb_run = None
-    if cfg.logger.name == "wandb":
-        name = f"{paper_name(cfg)}_{cfg.dataset.name}"
-        wandb_run = start_wandb(
-            cfg.logger, run_dir, name=name, group=cfg.tracking.group or cfg.sweep_name, job_type=twin_name(cfg),
-            tags=[cfg.dataset.name, f"width={cfg.width}", f"depth={cfg.depth}", f"relax={cfg.relax.name}"],
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
-        loggers.append(L.pytorch.loggers.WandbLogger(experiment=wandb_run))
+    callbacks = make_callbacks(settings, run_dir, model, pc)
+    last, resume = resume_point(run_dir)
+    loggers, wandb_run = start_logging(cfg, settings, run_dir)
     succeeded = False
     try:
-        # holds a GPU slot (launcher=gpus) until training ends
-        with training_devices(cfg.trainer.accelerator, cfg.trainer.gpu_slots, run_dir.parent / ".gpu_slots") as (
-            accelerator, device_ids, plugins
-        ):
-            trainer = L.Trainer(
-                max_epochs=cfg.epochs,
-                accelerator=accelerator,
-                devices=device_ids,
-                plugins=plugins + [AtomicCheckpointIO()],
-                precision=cfg.trainer.precision,
-                logger=loggers,
-                callbacks=callbacks + [checkpoints],
-                enable_progress_bar=cfg.trainer.progress_bar,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                log_every_n_steps=cfg.trainer.log_every_n_steps,
-                default_root_dir=run_dir,
-            )
-            print(f"[pcsweep] training {run_dir.name} ({cfg.epochs} epochs on {trainer.strategy.root_device}{resume})",
-                  flush=True)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", ".*does not have many workers.*")
-                warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
-                trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
-
-        status = "diverged" if model.diverged else "complete"
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
-                   run_dir / "weights.pt")
-        summary = _summary(cfg, run_dir, history, status, dataset.num_classes)
-        summary["diverged_reason"] = model.diverged_reason
-        summary["checks"] = run_checks(cfg, summary, conditions, stability)
-        summary["conditions"] = conditions.records if conditions is not None else []
-        summary["layers"] = layer_learning.records
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        fit(settings, run_dir, model, TensorDataModule(dataset, settings.batch_size, seed=settings.seed),
+            callbacks.all(), loggers, last, resume)
+        summary = finish(cfg, settings, run_dir, model, callbacks, stability, dataset.num_classes)
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items()
                                       if k not in ("history", "config", "curve", "conditions", "layers")})
@@ -303,13 +326,5 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
         if wandb_run is not None:
             wandb_run.finish(exit_code=0 if succeeded else 1)
-    if model.diverged:
-        (run_dir / "DIVERGED").write_text(f"{model.diverged_reason}\n")
-        print(f"[pcsweep] {run_dir.name}: diverged ({model.diverged_reason}); marked, the sweep goes on", flush=True)
-    elif summary["status"] == "failed_to_learn":
-        print(f"[pcsweep] {run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
-              f"{1 / dataset.num_classes:.2f}); listed, not ranked", flush=True)
-    else:
-        print(f"[pcsweep] {run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
-              f"{summary['train_seconds']:.1f} s of training", flush=True)
+    announce(summary, run_dir, dataset.num_classes)
     return summary

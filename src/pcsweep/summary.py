@@ -52,11 +52,23 @@ def row_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+MANIFEST = "sweep_runs.json"  # the sweeper's list of this sweep's jobs: launched, finished or skipped, and why
+
+
+def write_manifest(sweep_dir: Path, sweep_id: str, runs: list[dict]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / MANIFEST).write_text(json.dumps({"sweep_id": sweep_id, "runs": runs}, indent=1))
+
+
+def read_manifest(sweep_dir: Path) -> Optional[dict]:
+    """``{"sweep_id": ..., "runs": [...]}`` of the last sweep launched into ``sweep_dir``, or None."""
+    path = Path(sweep_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """Rows for the runs of the last sweep launched into ``sweep_dir`` (from the sweeper's manifest)."""
-    from hydra_plugins.pcsweep_sweeper import MANIFEST
-
-    manifest = json.loads((sweep_dir / MANIFEST).read_text())["runs"]
+    manifest = read_manifest(sweep_dir)["runs"]
     rows = []
     for entry in manifest:
         if entry["status"] == "duplicate":
@@ -102,7 +114,7 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not (sweep_dir / "sweep_runs.json").is_file():
+        if read_manifest(sweep_dir) is None:
             return
         rows = sweep_rows(sweep_dir)
         write_csv(rows, sweep_dir / "summary.csv")

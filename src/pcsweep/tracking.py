@@ -237,9 +237,10 @@ class EnergyTraces(L.Callback):
 
 def steps_to_tolerance(trace: list[float], tolerance: float) -> Optional[int]:
     """The first inference step whose relative energy change is below ``tolerance`` (None if none is)."""
+    from pcsweep.pc.schedule import plateaued
+
     for t in range(1, len(trace)):
-        previous = trace[t - 1]
-        if abs(previous - trace[t]) <= tolerance * abs(previous):
+        if plateaued(trace[t - 1], trace[t], tolerance):
             return t
     return None
 
@@ -262,8 +263,9 @@ class RunConditions(L.Callback):
             return
         engine = pl_module.engine
         inputs, target = pl_module.probe_batch(trainer.datamodule.train_split, trainer.datamodule.batch_size)
-        probe = probe_condition2(engine, inputs, target, at_step=engine.update_every or engine.steps,
-                                 max_steps=self.max_multiple * engine.steps, tolerance=self.tolerance)
+        schedule = engine.inference
+        probe = probe_condition2(engine, inputs, target, at_step=schedule.update_every or schedule.steps,
+                                 max_steps=self.max_multiple * schedule.steps, tolerance=self.tolerance)
         record = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
         metrics = {"cond2/gap": probe["gap"], "cond2/min_cosine": min(probe["cosine"]),
                    "cond2/steps_converged": float(probe["steps_converged"]), "inference/stiffness": record["stiffness"]}

@@ -20,12 +20,8 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig
 
-def fail(message: str) -> None:
-    from pcsweep.run import fail as pcsweep_fail
-
-    pcsweep_fail(message)
-
-MANIFEST = "sweep_runs.json"
+from pcsweep.errors import UserError
+from pcsweep.errors import exit_with as fail
 
 
 @dataclass
@@ -50,53 +46,58 @@ class FilteringLauncher(Launcher):
     def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
         self.inner.setup(**kwargs)
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from pcsweep.conditions import UnstableSetting
-        from pcsweep.config import ConfigError, duplicate_target, paper_name, run_dir_name, validate
-        from pcsweep.data import BUNDLED, DatasetError, check_available
-        from pcsweep.run import finished_summary, resolve_data_dir
+    def plan(self, overrides: Sequence[str], seen: Dict[str, str]) -> dict:
+        """One job's manifest entry: ``launched``, or skipped as a duplicate or finished run (with one line why).
+        Every job is composed and checked here, so bad input anywhere stops the sweep before any training."""
+        from hydra.errors import ConfigCompositionException
 
+        from pcsweep.config import duplicate_target, paper_name, run_dir_name, settings_from
+        from pcsweep.data import BUNDLED, check_available
+        from pcsweep.run import adopt_previous_folder, finished_summary, resolve_data_dir
+
+        label = " ".join(overrides)
+        try:
+            cfg = self.sweeper.hydra_context.config_loader.load_sweep_config(self.sweeper.config, list(overrides))
+            if cfg.dataset.name not in BUNDLED:
+                cfg.dataset.data_dir = str(resolve_data_dir(cfg))
+            settings = settings_from(cfg)
+            check_available(settings.dataset.name, settings.dataset.data_dir, settings.dataset.download)
+        except ConfigCompositionException as exc:
+            fail(f"{label}: {str(exc.__cause__ or exc).splitlines()[0]}")
+        except UserError as exc:
+            fail(f"{label}: {exc}")
+        entry = {"overrides": list(overrides), "model": paper_name(settings), "dataset": settings.dataset.name}
+        target, run_dir = duplicate_target(settings), run_dir_name(cfg)
+        if target is not None:
+            entry["model"] += f" relax={settings.relax.name}"
+            print(f"[pcsweep] skipped {entry['model']}: duplicate of {target} (BP has no conditions to relax)", flush=True)
+            return {**entry, "status": "duplicate", "duplicate_of": target}
+        if run_dir in seen:
+            print(f"[pcsweep] skipped {label}: same run as {seen[run_dir]}", flush=True)
+            return {**entry, "status": "duplicate", "duplicate_of": run_dir}
+        seen[run_dir] = label
+        entry["run_dir"] = run_dir
+        adopt_previous_folder(Path(self.sweeper.config.hydra.sweep.dir) / run_dir, cfg)
+        done = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir)
+        if done is not None:
+            print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
+            return {**entry, "status": "finished"}
+        if settings.algo.name == "pc":
+            try:  # a step size or floor past the stability limit stops the sweep before its first job
+                self.stability(settings)
+            except UserError as exc:
+                fail(f"{label}: {exc}")
+        return {**entry, "status": "launched"}
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         slurm = "SlurmLauncher" in str(self.sweeper.config.hydra.launcher.get("_target_", ""))
         if slurm and shutil.which("sbatch") is None:
             fail("launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's login node "
                  "(or launcher=local)")
-        loader = self.sweeper.hydra_context.config_loader
-        entries, to_launch, seen = [], [], {}
-        for overrides in job_overrides:
-            cfg = loader.load_sweep_config(self.sweeper.config, list(overrides))
-            label = " ".join(overrides)
-            try:
-                validate(cfg)
-                if cfg.dataset.name not in BUNDLED:
-                    check_available(cfg.dataset.name, resolve_data_dir(cfg), cfg.dataset.get("download", False))
-            except (ConfigError, DatasetError) as exc:
-                fail(f"{label}: {exc}")
-            run_dir = run_dir_name(cfg)
-            entry = {"overrides": list(overrides), "model": paper_name(cfg), "dataset": cfg.dataset.name}
-            target = duplicate_target(cfg)
-            if target is not None:
-                entry["model"] += f" relax={cfg.relax.name}"
-                print(f"[pcsweep] skipped {entry['model']}: duplicate of {target} (BP has no conditions to relax)", flush=True)
-                entries.append({**entry, "status": "duplicate", "duplicate_of": target})
-                continue
-            if run_dir in seen:
-                print(f"[pcsweep] skipped {label}: same run as {seen[run_dir]}", flush=True)
-                entries.append({**entry, "status": "duplicate", "duplicate_of": run_dir})
-                continue
-            seen[run_dir] = label
-            entry["run_dir"] = run_dir
-            done = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir)
-            if done is not None:
-                print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
-                entries.append({**entry, "status": "finished"})
-                continue
-            if cfg.algo.name == "pc":
-                try:  # a step size or floor past the stability limit stops the sweep before its first job
-                    self.stability(cfg)
-                except (UnstableSetting, DatasetError) as exc:
-                    fail(f"{label}: {exc}")
-            entries.append({**entry, "status": "launched"})
-            to_launch.append(list(overrides) + [f"++tracking.group={self.sweeper.sweep_id}"])
+        seen: Dict[str, str] = {}
+        entries = [self.plan(overrides, seen) for overrides in job_overrides]
+        to_launch = [list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"]
+                     for entry in entries if entry["status"] == "launched"]
         self.sweeper.manifest.extend(entries)
         self.sweeper.write_manifest()
         if not to_launch:
@@ -123,21 +124,16 @@ class StabilityPreflight:
     def __init__(self) -> None:
         self.datasets: Dict[str, Any] = {}
 
-    def __call__(self, cfg: DictConfig) -> dict:
-        from omegaconf import OmegaConf
+    def __call__(self, settings: Any) -> dict:
+        from pcsweep.data import load_dataset
+        from pcsweep.run import build_model, measure_stability
 
-        from pcsweep.data import BUNDLED, load_dataset
-        from pcsweep.run import build_model, measure_stability, resolve_data_dir
-
-        cfg = cfg.copy()
-        if cfg.dataset.name not in BUNDLED:
-            cfg.dataset.data_dir = str(resolve_data_dir(cfg))
-        key = OmegaConf.to_yaml(cfg.dataset)
+        key = repr(settings.dataset)
         if key not in self.datasets:
-            self.datasets[key] = load_dataset(cfg.dataset)
+            self.datasets[key] = load_dataset(settings.dataset)
         dataset = self.datasets[key]
-        model = build_model(cfg, dataset.num_features, dataset.num_classes)
-        return measure_stability(cfg, model, dataset)
+        model = build_model(settings, dataset.num_features, dataset.num_classes)
+        return measure_stability(settings, model, dataset)
 
 
 class PcsweepSweeper(BasicSweeper):
@@ -181,6 +177,6 @@ class PcsweepSweeper(BasicSweeper):
         pass  # FilteringLauncher composes (and so validates) every job itself
 
     def write_manifest(self) -> None:
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / MANIFEST).write_text(json.dumps({"sweep_id": self.sweep_id, "runs": self.manifest}, indent=1))
+        from pcsweep.summary import write_manifest
+
+        write_manifest(Path(self.config.hydra.sweep.dir), self.sweep_id, self.manifest)

@@ -1,22 +1,17 @@
-"""Predictive coding on an MLP, written from the energy (pure torch: no Lightning, no Hydra, no autograd).
+"""The fast PC engine: the math of ``pcsweep.pc.energy`` in preallocated, layer-stacked buffers, worked in place.
 
-Notation (see ``shared/paper.md``): weight layers ``l = 1..L``, activities ``x_0`` (clamped to the input) ..
-``x_L`` (clamped to the target while training), pre-activations ``a_l = x_{l-1} W_l^T + b_l``, predictions
-``mu_l = f_l(a_l)`` (the output layer is linear), errors ``e_l = x_l - mu_l`` and variances ``S_l`` (stored as
-``log S_l``; fixed at 1 when ``log_variances[l]`` is ``None``). Per sample the energy is::
+Nothing here changes the arithmetic beyond float rounding; every trick is measured by ``python -m pcsweep.bench``
+(its "engine tricks" table) and the engine is tested against the plain functions and autograd in float64:
 
-    E = sum_l sum_i [ e_{l,i}^2 / (2 S_{l,i}) + 0.5 log S_{l,i} ]
-
-(with ``output_loss="ce"`` the output term is the cross-entropy of ``softmax(mu_L)`` instead, and ``e_L`` is its
-negative gradient). Everything below uses the precision-weighted error ``eps_l = e_l / S_l = -dE/dmu_l`` and
-``g_l = f'(a_l) * eps_l = -dE/da_l``, so that
-
-- activities descend ``dE/dx_l = eps_l - g_{l+1} W_{l+1}`` (summed energy: each sample moves on its own),
-- weights descend ``dE/dW_l = -g_l^T x_{l-1} / B`` (energy averaged over the batch, like the BP loss),
-- log-variances descend ``dE/dlog S_l = mean_batch 0.5 (1 - e_l^2 / S_l)``.
-
-The engine keeps every tensor of the loop preallocated and works in place; ``pcsweep.reference`` holds the same
-energy written for autograd, and the tests check one against the other.
+- **stacks**: the hidden activities of all layers live in one (L-1, B, width) tensor and the equal-shape hidden
+  weight matrices W_2 .. W_{L-1} are views of one (L-2, width, width) stack, so an inference step is a fixed handful
+  of batched kernels (one ``baddbmm`` for all predictions, one for all feedbacks, fused elementwise work over all
+  layers) whatever the depth;
+- **views built once** per buffer or parameter change (a view costs as much as a whole kernel at width 256);
+- **the error front**: after the feedforward init the hidden errors are exactly zero and the front moves down one
+  layer per step, so rows below it are not recomputed (also what keeps their errors exactly zero on every CPU);
+- **transposed copy** (CPU, width <= ``NARROW_MAX_WIDTH``): narrow layers predict from a contiguous copy of W^T;
+- **thread-balanced batches** (CPU, wider): batched products over a multiple of the thread count, the rest split.
 """
 
 from __future__ import annotations
@@ -28,113 +23,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-OUTPUT_LOSSES = ("mse", "ce")
+from pcsweep.pc.energy import Network, log_variance_energy
+from pcsweep.pc.schedule import BatchResult, Inference, train_batch
+
 # CPU layers up to this width predict from a transposed weight copy (_refresh_transposed_weights); wider ones batch
-# their products in multiples of the thread count (_build_param_views). Both rules measured with pcsweep.bench.
+# their products in multiples of the thread count (_build_param_views). pcsweep.bench measures both.
 NARROW_MAX_WIDTH = 512
-
-
-@dataclass(frozen=True)
-class Activation:
-    """A hidden nonlinearity and its derivative, both writing into ``out`` (the loop allocates nothing).
-
-    The derivative takes ``a`` and ``f(a)`` because tanh and sigmoid are cheapest from ``f(a)``.
-    """
-
-    name: str
-    fn: Callable[[Tensor], Tensor]  # differentiable, for the MLP's forward pass and autograd
-    forward: Callable[[Tensor, Tensor], Tensor]  # (a, out) -> out
-    derivative: Callable[[Tensor, Tensor, Tensor], Tensor]  # (a, fa, out) -> out
-
-
-ACTIVATIONS: dict[str, Activation] = {
-    "tanh": Activation(
-        "tanh",
-        torch.tanh,
-        lambda a, out: torch.tanh(a, out=out),
-        lambda a, fa, out: torch.addcmul(out.fill_(1.0), fa, fa, value=-1.0, out=out),
-    ),
-    "sigmoid": Activation(
-        "sigmoid",
-        torch.sigmoid,
-        lambda a, out: torch.sigmoid(a, out=out),
-        lambda a, fa, out: torch.addcmul(fa, fa, fa, value=-1.0, out=out),
-    ),
-    "relu": Activation(
-        "relu",
-        torch.relu,
-        lambda a, out: torch.clamp_min(a, 0.0, out=out),
-        lambda a, fa, out: out.copy_(a > 0),
-    ),
-    "linear": Activation("linear", lambda a: a, lambda a, out: out.copy_(a), lambda a, fa, out: out.fill_(1.0)),
-}
-
-
-def get_activation(name: str) -> Activation:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
-
-
-@dataclass
-class Network:
-    """The parameters PC needs, by reference: ``weights[l]`` has shape (n_{l+1}, n_l) as in ``nn.Linear``.
-
-    ``log_variances[l]`` is ``None`` (S = 1, condition 3 enforced) or a tensor broadcastable to (n_{l+1},): one value
-    per neuron, or a single value per layer.
-    """
-
-    weights: Sequence[Tensor]
-    biases: Sequence[Tensor]
-    log_variances: Sequence[Optional[Tensor]]
-    activation: Activation
-    output_loss: str = "mse"
-
-    def __post_init__(self) -> None:
-        if self.output_loss not in OUTPUT_LOSSES:
-            raise ValueError(f"unknown output loss {self.output_loss!r}; choose one of {OUTPUT_LOSSES}")
-        if not (len(self.weights) == len(self.biases) == len(self.log_variances)):
-            raise ValueError("weights, biases and log_variances need one entry per layer")
-        if self.output_loss == "ce" and self.log_variances[-1] is not None:
-            raise ValueError("the cross-entropy output has no variance: pass None for the last layer")
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.weights)
-
-    @property
-    def sizes(self) -> list[int]:
-        return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
-
-    def parameters(self) -> list[Tensor]:
-        params = list(self.weights) + list(self.biases)
-        return params + [s for s in self.log_variances if s is not None]
-
-
-def output_loss(logits: Tensor, target: Tensor, kind: str) -> Tensor:
-    """The loss both twins train on, averaged over the batch: Gaussian (0.5 * squared error summed over the
-    outputs) or cross-entropy, to a one-hot ``target``."""
-    if kind == "mse":
-        return 0.5 * (target - logits).pow(2).sum(dim=1).mean()
-    if kind == "ce":
-        return -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    raise ValueError(f"unknown output loss {kind!r}; choose one of {OUTPUT_LOSSES}")
-
-
-@dataclass
-class BatchResult:
-    """What one training batch produced; tensors stay on the device (no host sync inside the loop)."""
-
-    loss: Tensor  # output loss of the feedforward pass, before any update (the same number BP reports)
-    logits: Tensor  # feedforward prediction, before any update
-    energy_start: Tensor  # mean ERROR energy per sample right after the output is clamped (no log-variance term)
-    energy_end: Tensor  # mean error energy per sample after the last inference step (before the last weight update)
-    updates: int  # weight updates applied
-    energy_trace: Optional[Tensor] = None  # (T + 1,) mean error energy per sample after each step, when asked for
-    steps_used: int = 0  # inference steps run (fewer than T only when a tolerance stopped inference early)
-    energy_rises: Optional[Tensor] = None  # checks (every check_every steps) at which the error energy had risen
-    log_variance_energy: Optional[Tensor] = None  # 0.5 sum log S at the end: the constant the error energy leaves out
 
 
 @dataclass
@@ -191,69 +85,26 @@ def _bind(params: Sequence[Tensor], stack: Optional[Tensor]) -> Tensor:
 
 
 class PCEngine:
-    """Runs inference and learning for one network; buffers are allocated once per batch size and reused.
-
-    ``update_every=None`` is condition 2 enforced (one weight update after ``steps`` inference steps); an integer k
-    updates the weights every k steps from the current activities (relaxed). ``fixed_predictions`` holds every
-    prediction at its feedforward value (Rosenbaum's FixedPred), which with ``step_size=1`` and ``>= L`` steps turns
-    the weight updates into BP's gradients exactly. ``tolerance`` (off by default: the paper's condition 2 is a fixed
-    T) ends inference early once the energy stops changing. ``momentum`` (beta) turns the activity descent into the
-    heavy ball, ``v <- beta v - step_size dE/dx; x <- x + v``: the same fixed points, reached in far fewer steps on
-    the ill-conditioned energy of a deep network (stable while ``step_size * lambda_max < 2 (1 + beta)``).
-
-    Speed: the hidden activities of all layers live in one (L-1, B, width) tensor and the equal-shape hidden weight
-    matrices W_2 .. W_{L-1} are views of one (L-2, width, width) stack, so each inference step is a fixed handful of
-    batched kernels (one ``baddbmm`` for all predictions, one for all feedbacks, fused elementwise work over all
-    layers) whatever the depth. The per-layer lists ``x, a, mu, fprime, e, eps, g`` are views into those stacks.
-    Until the first weight update of a batch only the layers above the error front are computed (the rest are
-    exact zeros or unchanged). On a CPU, narrow layers predict from a transposed copy of the stack and wide ones
-    batch their products in multiples of the thread count (``NARROW_MAX_WIDTH``); neither changes the arithmetic
-    beyond float rounding.
+    """Runs inference and learning for one network (a ``Stepper`` of ``pcsweep.pc.schedule``); buffers are
+    allocated once per batch size and reused. The per-layer lists ``x, a, mu, fprime, e, eps, g`` (indexed by l as
+    in the equations) are views into the stacks. ``log_variance_min`` is a floor on log S (the run may move it).
     """
 
-    def __init__(
-        self,
-        network: Network,
-        steps: int = 256,
-        step_size: float = 0.1,
-        update_every: Optional[int] = None,
-        log_variance_min: float = -math.inf,
-        fixed_predictions: bool = False,
-        tolerance: Optional[float] = None,
-        check_every: int = 8,
-        momentum: float = 0.0,
-    ) -> None:
-        if steps < 1:
-            raise ValueError(f"inference steps must be >= 1, got {steps}")
-        if update_every is not None and not 1 <= update_every <= steps:
-            raise ValueError(f"update_every must be in [1, steps={steps}], got {update_every}")
-        if step_size <= 0:
-            raise ValueError(f"inference step size must be > 0, got {step_size}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"inference momentum must be in [0, 1), got {momentum}")
+    def __init__(self, network: Network, inference: Inference = Inference(),
+                 log_variance_min: float = -math.inf) -> None:
         hidden_sizes = set(network.sizes[1:-1])
         if len(hidden_sizes) != 1:
             raise ValueError(f"the hidden layers must share one width, got sizes {network.sizes}")
         hidden_vars = [v is None for v in network.log_variances[:-1]]
         if any(hidden_vars) and not all(hidden_vars):
             raise ValueError("hidden layers need a log-variance each, or none at all")
-        self.net = network
-        self.steps = steps
-        self.step_size = step_size
-        self.momentum = momentum
+        self.net, self.inference, self.log_variance_min = network, inference, log_variance_min
         self.V: Optional[Tensor] = None
-        self.update_every = update_every
-        self.log_variance_min = log_variance_min
-        self.fixed_predictions = fixed_predictions
-        if tolerance is not None and not tolerance > 0:
-            raise ValueError(f"inference tolerance must be > 0 or None, got {tolerance}")
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        self.tolerance, self.check_every = tolerance, check_every
         self._buffers_for: Optional[tuple] = None
         self._w_stack: Optional[Tensor] = None
         self._b_stack: Optional[Tensor] = None
         self._s_stack: Optional[Tensor] = None
+        self._grad_stacks: dict[str, Tensor] = {}
         self._precision_base: Optional[Tensor] = None  # exp(-log S) of the hidden layers, updated in place
         self._w_t_stack: Optional[Tensor] = None  # a contiguous copy of the stack's transpose (narrow CPU layers)
         self._w_t_version: Optional[tuple] = None  # the weights it was copied from
@@ -350,7 +201,7 @@ class PCEngine:
             return torch.empty(*shape, dtype=like.dtype, device=like.device)
 
         self.X, self.A, self.MU, self.FP, self.E, self.G = (new(H, batch, width) for _ in range(6))
-        self.V = new(H, batch, width) if self.momentum else None  # activity velocity (heavy ball)
+        self.V = new(H, batch, width) if self.inference.momentum else None  # activity velocity (heavy ball)
         self.EPS = new(H, batch, width) if self._hidden_variances else self.E
         self.x0, self.target = new(batch, sizes[0]), new(batch, n_out)
         self.aL, self.eL = new(batch, n_out), new(batch, n_out)
@@ -402,24 +253,10 @@ class PCEngine:
                              w.view(blocks, n // blocks, w.shape[1]).transpose(1, 2))
         out.view(batch, blocks, n // blocks).copy_(part.transpose(0, 1))
 
-    @torch.no_grad()
-    def compute_errors(self, predict: bool = True) -> None:
-        """e_l, eps_l and g_l at the current activities (and predictions, unless FixedPred), for every row at or
-        above the error front; the rows below it are exactly at their feedforward values and keep e = 0."""
-        self._errors(predict, lo=min(self._front, self.X.shape[0] - 1))
-
-    @torch.no_grad()
-    def inference_step(self) -> None:
-        """One Jacobi step of gradient descent on all hidden activities at once (errors must be current); moves the
-        error front down one row."""
-        self._front = max(self._front - 1, 0)
-        self._step(self._front)
-
     def activities_changed(self) -> None:
-        """Call after writing ``x`` by hand: the next ``compute_errors`` recomputes every prediction."""
+        """Call after writing ``x`` by hand: the next ``recompute`` recomputes every prediction."""
         self._front = 0
 
-    # the loop's bodies, undecorated: train_batch enters no_grad once instead of twice per step (~5% at width 256)
     # ``lo``: the lowest hidden row (x_{lo+1}) the last step moved. After the feedforward init the hidden errors are
     # exactly zero and the error front moves down one layer per step, so for the first L-1 steps of a batch the rows
     # below it hold exact zeros (errors) and unchanged values (activities, predictions): no work is spent on them.
@@ -441,10 +278,10 @@ class PCEngine:
             self.eL.copy_(self.epsL)
 
     def _step(self, lo: int = 0) -> None:
-        gamma, rows, params = self.step_size, self._rows[lo], self._param_rows[lo]
+        gamma, beta, rows, params = self.inference.step_size, self.inference.momentum, self._rows[lo], self._param_rows[lo]
         # plain descent moves x by -gamma dE/dx; the heavy ball moves its velocity so, then x by the velocity
-        if self.momentum:
-            moved, moved_below, top = rows.v.mul_(self.momentum), rows.v_below, self.V[-1]
+        if beta:
+            moved, moved_below, top = rows.v.mul_(beta), rows.v_below, self.V[-1]
         else:
             moved, moved_below, top = rows.x, rows.x_below, self.x_top
         moved.add_(rows.eps, alpha=-gamma)
@@ -457,7 +294,7 @@ class PCEngine:
                 for j in range(n, rows.x_below.shape[0]):  # the rest one by one: MKL spreads one product itself
                     moved_below[j].addmm_(rows.g_above[j], params.w[j], alpha=gamma)
         top.addmm_(self.epsL, self._w_out, alpha=gamma)
-        if self.momentum:
+        if beta:
             rows.x.add_(rows.v)
 
     def _error_energy(self) -> Tensor:
@@ -476,13 +313,7 @@ class PCEngine:
 
     @torch.no_grad()
     def log_variance_energy(self) -> Tensor:
-        """0.5 sum_l sum_i log S_{l,i}: the rest of the energy (zero with fixed variances)."""
-        L, n = self.net.num_layers, self.net.sizes
-        total = torch.zeros((), dtype=self.net.weights[0].dtype, device=self.net.weights[0].device)
-        for l, log_s in enumerate(self.net.log_variances):
-            if log_s is not None:
-                total = total + 0.5 * log_s.expand(n[l + 1]).sum()
-        return total
+        return log_variance_energy(self.net)
 
     @torch.no_grad()
     def energy(self) -> Tensor:
@@ -502,10 +333,10 @@ class PCEngine:
 
     def _grad_stack(self, params: Sequence[Tensor], name: str) -> Tensor:
         """A stacked gradient buffer whose slices are the parameters' ``.grad`` (rebuilt if anyone replaced them)."""
-        stack = getattr(self, name, None)
+        stack = self._grad_stacks.get(name)
         if stack is None or stack.shape[1:] != params[0].shape or stack.device != params[0].device or stack.dtype != params[0].dtype:
             stack = torch.zeros(len(params), *params[0].shape, dtype=params[0].dtype, device=params[0].device)
-            setattr(self, name, stack)
+            self._grad_stacks[name] = stack
         for i, p in enumerate(params):
             if p.grad is None or p.grad.data_ptr() != stack[i].data_ptr():
                 p.grad = stack[i]
@@ -518,7 +349,7 @@ class PCEngine:
         return p.grad
 
     @torch.no_grad()
-    def weight_gradients(self) -> list[Tensor]:
+    def write_gradients(self) -> list[Tensor]:
         """Write dE/dtheta into every parameter's ``.grad`` (energy averaged over the batch).
 
         Returns the gradients in the order of ``Network.parameters()``.
@@ -527,7 +358,7 @@ class PCEngine:
         W, b = self.net.weights, self.net.biases
         scale = -1.0 / B
         # FixedPred pairs each error with the feedforward activity below it, as backprop does
-        below = self.MU if self.fixed_predictions else self.X
+        below = self.MU if self.inference.fixed_predictions else self.X
         torch.addmm(self._grad(W[0]), self.G[0].t(), self.x0, beta=0.0, alpha=scale, out=W[0].grad)
         torch.sum(self.G[0], dim=0, out=self._grad(b[0])).mul_(scale)
         if self._w_stack is not None:
@@ -570,76 +401,40 @@ class PCEngine:
             self.V.zero_()  # inference starts at rest
         self._front = self.X.shape[0]  # no hidden row has moved
 
-    def train_batch(
-        self,
-        inputs: Tensor,
-        target: Tensor,
-        apply_update: Callable[[], None],
-        trace_energy: bool = False,
-    ) -> BatchResult:
-        """Feedforward init, clamp, ``steps`` inference steps with weight updates on schedule.
-
-        ``apply_update`` is called after the gradients are written to ``.grad`` (typically ``optimizer.step``).
-        With a ``tolerance``, inference ends early once the energy's relative change over ``check_every`` steps falls
-        below it (one host sync per check); a last weight update is then made from the converged activities.
-        """
-        with torch.no_grad():
-            return self._train_batch(inputs, target, apply_update, trace_energy)
-
-    def _train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None],
-                     trace_energy: bool) -> BatchResult:
+    # ------------------------------------------- the Stepper protocol (schedule.train_batch)
+    # train_batch enters no_grad once per batch; step and recompute enter it only when called outside (a context per
+    # step costs ~1% at width 256)
+    def start(self, inputs: Tensor, target: Tensor) -> Tensor:
         self.feedforward_init(inputs, target)
-        self.compute_errors(predict=False)  # the output's error: the predictions are current from the feedforward pass
-        logits = self.aL.clone()
-        loss = output_loss(logits, target, self.net.output_loss)
-        energy_start = self._error_energy()
-        trace = [energy_start] if trace_energy else None
-        every = self.update_every or self.steps
-        updates, steps_used = 0, self.steps
-        tolerance_ref = rise_ref = energy_start
-        rises = torch.zeros((), dtype=torch.int64, device=energy_start.device)
-        energy_end = energy_start
-        for t in range(1, self.steps + 1):
-            self.inference_step()
-            self.compute_errors(predict=not self.fixed_predictions)
-            if trace is not None:
-                trace.append(self._error_energy())
-            converged = False
-            if t % self.check_every == 0 or t == self.steps:  # stability watch (and the optional tolerance)
-                current = trace[-1] if trace is not None else self._error_energy()
-                rises += current > rise_ref
-                rise_ref = current
-                if self.tolerance is not None and t % self.check_every == 0 and t < self.steps:
-                    converged = bool((tolerance_ref - current).abs() <= self.tolerance * tolerance_ref.abs())
-                    tolerance_ref = current
-            if t == self.steps or converged:  # before the last weight update changes what the energy depends on
-                energy_end = trace[-1] if trace is not None else self._error_energy()
-            if t % every == 0 or converged:
-                self.weight_gradients()
-                apply_update()
-                self.refresh_parameters()  # new weights: every prediction is stale (the front is back at row 0)
-                updates += 1
-                if t < self.steps and not converged:
-                    self.compute_errors(predict=not self.fixed_predictions)
-                    rise_ref = self._error_energy()  # rises are counted within inference, not across updates
-            if converged:
-                steps_used = t
-                break
-        return BatchResult(
-            loss=loss,
-            logits=logits,
-            energy_start=energy_start,
-            energy_end=energy_end,
-            updates=updates,
-            energy_trace=torch.stack(trace) if trace is not None else None,
-            steps_used=steps_used,
-            energy_rises=rises,
-            log_variance_energy=self.log_variance_energy(),
-        )
+        self._errors(predict=False)  # the output's error: the predictions are current from the feedforward pass
+        return self.aL.clone()
+
+    def step(self) -> None:
+        """One Jacobi step of gradient descent on all hidden activities at once; moves the error front down a row."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.step()
+        self._front = max(self._front - 1, 0)
+        self._step(self._front)
+        self.recompute()
+
+    def recompute(self) -> None:
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.recompute()
+        self._errors(not self.inference.fixed_predictions, lo=min(self._front, self.X.shape[0] - 1))
+
+    def parameters_changed(self) -> None:
+        self.refresh_parameters()
+
+    def train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None],
+                    trace_energy: bool = False) -> BatchResult:
+        """``schedule.train_batch`` with this engine and its inference settings."""
+        return train_batch(self, self.inference, inputs, target, apply_update, trace_energy)
 
 
 @torch.no_grad()
-def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0, unit_variance: bool = False) -> Tensor:
+def activity_curvature(engine: "PCEngine", iterations: int = 30, seed: int = 0, unit_variance: bool = False) -> Tensor:
     """Largest eigenvalue of each sample's Gauss-Newton Hessian of E over the hidden activities, by power iteration
     at the engine's current state (shape (B,)). Gradient descent on the activities is stable while
     ``step_size * lambda_max < 2``. At the feedforward state (hidden errors zero, linear output) Gauss-Newton is the

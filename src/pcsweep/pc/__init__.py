@@ -1,0 +1,14 @@
+"""Predictive coding in pure torch (no Lightning, no Hydra).
+
+- ``energy``: the math, as plain functions a reader checks against ``shared/paper.md``;
+- ``schedule``: when inference steps and weight updates happen (one loop for every implementation);
+- ``engine``: the same math in preallocated layer-stacked buffers (speed only, measured by ``pcsweep.bench``);
+- ``reference``: the plain and the autograd implementations the engine is tested against.
+"""
+
+from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES, Activation, Network, get_activation, output_loss
+from pcsweep.pc.engine import PCEngine, activity_curvature
+from pcsweep.pc.schedule import BatchResult, Inference, train_batch
+
+__all__ = ["ACTIVATIONS", "OUTPUT_LOSSES", "Activation", "BatchResult", "Inference", "Network", "PCEngine",
+           "activity_curvature", "get_activation", "output_loss", "train_batch"]

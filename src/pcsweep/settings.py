@@ -1,0 +1,230 @@
+"""Every setting of a run, typed, with its default and its check: the schema Hydra composes ``conf/`` onto.
+
+One dataclass per concept (the config group of the same name), validated once when the composed config becomes
+these objects (``settings_from``), then passed whole to what uses it. A field marked ``identity=False`` never changes
+a run's numbers, and ``identity="pc"`` only matters to PC twins: a run's identity (``pcsweep.config.identity``) is
+what differs from these defaults, minus those. Plain python: Hydra registers it (``pcsweep.config``), nothing here
+imports Hydra.
+"""
+
+from __future__ import annotations
+
+from pcsweep.errors import UserError
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from pcsweep.data import DATASETS
+from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES
+from pcsweep.pc.schedule import Inference
+
+INITS = ("xavier", "torch")
+VARIANCES = ("fixed", "neuron", "layer")
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid setting, reported in one line before any work starts."""
+
+
+def setting(default: Any = None, *, identity: Any = True, factory: Any = None) -> Any:
+    """A field with its identity role (True: part of a run's identity; False: never; "pc": for PC twins only)."""
+    metadata = {"identity": identity}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def one_of(key: str, value: Any, choices) -> None:
+    check(value in choices, key, f"one of {sorted(choices)}", value)
+
+
+@dataclass
+class AlgoSettings:
+    """conf/algo: the learning rule."""
+
+    name: str = "pc"  # bp | pc
+
+    def __post_init__(self) -> None:
+        one_of("algo.name", self.name, ("bp", "pc"))
+
+
+@dataclass
+class RelaxSettings:
+    """conf/relax: which of the paper's conditions 2 and 3 PC relaxes."""
+
+    name: str = "none"  # none | 2 | 3 | 23 (the twin's name; the fields below are what it means)
+    update_every: Optional[int] = None  # null: one weight update after the T steps (condition 2); k: every k steps
+    variance: str = "fixed"  # fixed (S = 1, condition 3) | neuron | layer (trainable log S)
+    # floor on log S: auto = where step_size * lambda_max / S_min is 1.5 (1 + momentum), measured at the initial
+    # weights and followed as they train; a number below the stable range is rejected
+    log_variance_min: Any = "auto"
+
+    def __post_init__(self) -> None:
+        one_of("relax.name", str(self.name), ("none", "2", "3", "23"))
+        one_of("relax.variance", self.variance, VARIANCES)
+        floor = self.log_variance_min
+        check(floor == "auto" or is_number(floor), "relax.log_variance_min", "auto or a number", floor)
+
+
+@dataclass
+class InferenceSettings:
+    """PC's inference (BP ignores it, and it is not part of a BP run's identity)."""
+
+    steps: int = 256  # T: the paper's condition 2
+    step_size: float = 0.1  # gamma (rejected before training if gamma * lambda_max >= 2 (1 + momentum))
+    # heavy-ball inference (same fixed points); plain descent (0, the paper's literal reading) is far from converged
+    # after T = 256 steps at the paper's sizes (see the README); the relaxed twins use 0 (conf/twin/)
+    momentum: float = 0.95
+    tolerance: Optional[float] = None  # stop once the energy's relative change over check_every steps is below this
+    check_every: int = 8
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "inference.steps", ">= 1", self.steps)
+        check(is_number(self.step_size) and self.step_size > 0, "inference.step_size", "> 0", self.step_size)
+        check(is_number(self.momentum) and 0 <= self.momentum < 1, "inference.momentum", "in [0, 1)", self.momentum)
+        check(self.check_every >= 1, "inference.check_every", ">= 1", self.check_every)
+        check(self.tolerance is None or (is_number(self.tolerance) and self.tolerance > 0), "inference.tolerance",
+              "null or > 0", self.tolerance)
+
+
+@dataclass
+class DatasetSettings:
+    """conf/dataset: one schema for all (a field a dataset does not use keeps its default)."""
+
+    name: str = "digits"  # digits (bundled, offline) | digits28 | mnist | fashion_mnist
+    data_dir: Optional[str] = setting(None, identity=False)  # idx files (mnist, fashion_mnist)
+    download: bool = setting(False, identity=False)
+    mirrors: List[str] = setting(identity=False, factory=list)
+    test_fraction: float = 0.2  # digits, digits28: the fixed stratified split
+    train_size: Optional[int] = None  # digits28
+    test_size: Optional[int] = None  # digits28
+    seed: int = 0  # digits28: the distortions
+
+    def __post_init__(self) -> None:
+        one_of("dataset.name", self.name, DATASETS)
+
+
+def dataset_settings(node: Any) -> DatasetSettings:
+    """Dataset settings from a stored config's ``dataset`` mapping (keys a later release added keep defaults)."""
+    names = {f.name for f in fields(DatasetSettings)}
+    return DatasetSettings(**{k: v for k, v in dict(node).items() if k in names})
+
+
+@dataclass
+class TrainerSettings:
+    accelerator: str = "auto"  # auto | cpu | gpu
+    precision: str = "32-true"  # 32-true | 64-true
+    progress_bar: bool = setting(False, identity=False)
+    log_every_n_steps: int = setting(10, identity=False)
+    gpu_slots: bool = setting(False, identity=False)  # true (launcher=gpus): each job claims a free local GPU
+
+
+@dataclass
+class LoggerSettings:
+    """conf/logger: wandb (offline without an API key) | csv (metrics.csv and summary.json are always written)."""
+
+    name: str = "wandb"
+    project: str = "pcsweep"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto: online when an API key is configured, else offline | online | offline | disabled
+    init_timeout: float = 30  # seconds to reach the server before falling back to offline
+
+    def __post_init__(self) -> None:
+        one_of("logger.name", self.name, ("wandb", "csv"))
+
+
+@dataclass
+class TrackingSettings:
+    """What a run measures of itself (never changes its numbers)."""
+
+    histogram_every: int = 1  # epochs between weight (and variance) histograms; 0: never
+    energy_trace: bool = True  # PC: energy at every inference step of each epoch's first batch
+    energy_tolerance: float = 1e-4  # ... and the step at which its relative change first falls below this
+    alignment_every: int = 50  # PC: every N batches, cosine(PC update, BP gradient) per layer; 0: never
+    evals_per_epoch: int = 10  # test-accuracy points per epoch for time-to-90% (outside the training time)
+    chance_margin: float = 0.05  # a final accuracy below chance + this is `failed_to_learn`: listed, never ranked
+    divergence_factor: float = 100  # PC: error energy at the end of inference above this times its start: DIVERGED
+    condition2_every: int = 1  # PC: epochs between condition-2 probes (and stiffness, variance statistics); 0: never
+    condition2_max_multiple: int = 16  # the probe runs inference up to this many times T (or to a 1e-6 change)
+    condition2_max_gap: float = 0.05  # condition 2 held: (E_T - E_conv) / E_T at most this ...
+    condition2_min_cosine: float = 0.95  # ... and every layer's update at T within this cosine of the converged one
+    group: Optional[str] = None  # W&B group; set by the sweeper to one id per multirun (stable when re-run)
+
+    def __post_init__(self) -> None:
+        check(self.evals_per_epoch >= 1, "tracking.evals_per_epoch", ">= 1", self.evals_per_epoch)
+
+
+@dataclass
+class ReportSettings:
+    """``python -m pcsweep.report multirun/<sweep>`` builds it any time; this is the automatic one."""
+
+    auto: bool = True  # when a multirun ends: figures, report.html and report.md in multirun/<sweep>/report/
+    landscapes: bool = True
+    resolution: int = 21  # landscape grid points per axis (the CLI's default is 41)
+    samples: int = 300  # training samples the landscape loss uses (the CLI's default is 1000)
+    spans: List[float] = field(default_factory=lambda: [1.0, 0.1])  # wide and zoomed (the zoomed is the sharpness radius)
+    claims: Dict[str, Any] = field(default_factory=dict)  # verdict thresholds: pcsweep.claims.ClaimRules
+
+
+@dataclass
+class Settings:
+    """A whole run. Top-level keys are the ones users sweep (``width=256,1024``)."""
+
+    algo: AlgoSettings = field(default_factory=AlgoSettings)
+    relax: RelaxSettings = setting(identity="pc", factory=RelaxSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    optimizer: Any = None  # conf/optimizer: a torch.optim class for hydra.utils.instantiate (_partial_)
+    logger: LoggerSettings = setting(identity=False, factory=LoggerSettings)
+    seed: int = 0
+    width: int = 256  # neurons per hidden layer
+    depth: int = 8  # hidden layers (depth + 1 weight matrices)
+    activation: str = "tanh"  # tanh | relu | sigmoid | linear (the output layer is always linear)
+    init: str = "xavier"  # xavier (Glorot, activation gain) | torch (nn.Linear default)
+    output_loss: str = "mse"  # mse (Gaussian energy, the paper's) | ce (cross-entropy output, both twins)
+    epochs: int = 5
+    batch_size: int = 64
+    # per optimizer; each twin's file (conf/twin/) sets its own and the optimizer reads its entry into optimizer.lr
+    learning_rates: Dict[str, float] = setting(identity=False, factory=lambda: {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.1})
+    inference: InferenceSettings = setting(identity="pc", factory=InferenceSettings)
+    weight_decay: float = 0.0  # on weight matrices (not biases)
+    variance_weight_decay: float = 0.0  # on log-variances (relax 3): pulls S toward 1
+    variance_floor_every: int = 100  # relax 3 with log_variance_min=auto: batches between re-measurements
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    tracking: TrackingSettings = setting(identity=False, factory=TrackingSettings)
+    report: ReportSettings = setting(identity=False, factory=ReportSettings)
+    sweep_name: str = setting("default", identity=False)  # runs live in multirun/<sweep_name>/
+
+    def __post_init__(self) -> None:
+        check(self.width >= 1, "width", ">= 1", self.width)
+        check(self.depth >= 1, "depth", ">= 1", self.depth)
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        check(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        lr = (self.optimizer or {}).get("lr")
+        check(is_number(lr) and lr > 0, "optimizer.lr", "> 0", lr)
+        check(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        check(is_number(self.variance_weight_decay) and self.variance_weight_decay >= 0, "variance_weight_decay",
+              ">= 0", self.variance_weight_decay)
+        check(self.variance_floor_every >= 0, "variance_floor_every", ">= 0", self.variance_floor_every)
+        one_of("activation", self.activation, ACTIVATIONS)
+        one_of("output_loss", self.output_loss, OUTPUT_LOSSES)
+        one_of("init", self.init, INITS)
+        k = self.relax.update_every
+        if self.algo.name == "pc" and k is not None:
+            steps = self.inference.steps
+            check(1 <= k <= steps, "relax.update_every", f"null or in [1, inference.steps={steps}]", k)
+
+    def schedule(self) -> Inference:
+        """What the PC engine runs: the inference settings with the twin's update interval."""
+        i = self.inference
+        return Inference(steps=i.steps, step_size=i.step_size, momentum=i.momentum, update_every=self.relax.update_every,
+                         tolerance=i.tolerance, check_every=i.check_every)

@@ -1,0 +1,81 @@
+"""A run's identity: what differs from the typed defaults, among the settings that change its numbers."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import SMALL, compose, compose_settings, pcsweep
+from pcsweep import config
+from pcsweep.settings import ConfigError
+
+
+def container(*overrides):
+    cfg = compose(*overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_identity_is_the_difference_from_the_defaults():
+    ident = config.identity(compose("algo=pc", "relax=2", "width=64"))
+    assert ident["width"] == 64 and ident["relax.update_every"] == 8 and ident["optimizer.lr"] == 1e-4
+    assert "depth" not in ident and "seed" not in ident  # at their defaults
+    assert not any(k.startswith(("tracking.", "logger.", "report.", "learning_rates", "sweep_name")) for k in ident)
+
+
+def test_a_setting_added_later_with_a_default_keeps_every_old_run_where_it_is(monkeypatch):
+    """A release adds a key with a default that keeps the old behaviour: a stored config without it hashes the same,
+    and so does a new one with it."""
+    old = container("algo=pc", "relax=3", "width=24")
+    new = json.loads(json.dumps(old))
+    new["inference"]["new_option"] = 0.5
+    monkeypatch.setitem(config.DEFAULTS, "inference.new_option", 0.5)
+    assert config.config_hash(old) == config.config_hash(new)
+    new["inference"]["new_option"] = 0.25  # ... and a run that sets it differently is another run
+    assert config.config_hash(old) != config.config_hash(new)
+    # keys an old release did not have at all (the dataset fields of the schema) do not count either
+    del old["dataset"]["train_size"], old["dataset"]["mirrors"], old["inference"]["check_every"]
+    assert config.config_hash(old) == config.config_hash(container("algo=pc", "relax=3", "width=24"))
+
+
+@pytest.mark.parametrize("change,same", [
+    ("tracking.evals_per_epoch=3", True), ("logger=csv", True), ("report.resolution=5", True),
+    ("sweep_name=other", True), ("trainer.progress_bar=true", True),
+    ("width=24", False), ("seed=1", False), ("inference.steps=8", False), ("optimizer=sgd", False),
+])
+def test_only_settings_that_change_the_numbers_change_the_folder(change, same):
+    base = config.config_hash(compose("algo=pc"))
+    assert (config.config_hash(compose("algo=pc", change)) == base) is same
+
+
+def test_pc_settings_are_not_part_of_a_bp_run():
+    assert config.config_hash(compose("algo=bp", "inference.steps=8")) == config.config_hash(compose("algo=bp"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("width=0", "width must be >= 1, got 0"),
+    ("inference.momentum=1.5", "inference.momentum must be in [0, 1), got 1.5"),
+    ("relax.variance=diagonal", "relax.variance must be one of"),
+    ("relax.update_every=999", "relax.update_every must be null or in [1, inference.steps=256], got 999"),
+])
+def test_each_setting_is_checked_once_when_it_becomes_typed(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        compose_settings("algo=pc", override)
+
+
+def test_a_run_folder_of_an_earlier_release_is_found_and_resumed_not_retrained(tmp_path):
+    """A finished run whose folder carries an earlier release's hash (its config.yaml written before the typed
+    schema added keys): the sweep renames the folder and skips the run as finished."""
+    args = [*SMALL, "algo=pc", "relax=none", "logger=csv", "report.auto=false", "sweep_name=s"]
+    settings = container(*args)
+    for key in ("data_dir", "download", "mirrors", "train_size", "test_size", "seed"):
+        settings["dataset"].pop(key)  # the digits config as the previous release wrote it
+    old = tmp_path / "multirun" / "s" / "pc_24_3_digits-0123abcd"
+    old.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(settings), old / "config.yaml")
+    (old / "summary.json").write_text(json.dumps({"status": "complete", "name": "pc_24_3", "dataset": "digits"}))
+    result = pcsweep(tmp_path, "-m", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    new_name = config.run_dir_name(compose(*args))
+    assert "holds this run under an earlier folder name: renamed to " + new_name in result.stdout
+    assert "already complete" in result.stdout and "[pcsweep] training" not in result.stdout
+    assert (tmp_path / "multirun" / "s" / new_name / "summary.json").is_file() and not old.exists()
