@@ -56,6 +56,9 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
         assert row["speedup_vs_autograd"] > 0 and row["pc_bp_flops"] > 1
     assert width["twins"]["pc_rc2"]["updates"] == 2 and width["twins"]["pc"]["updates"] == 1
     assert width["pipeline"]["lightning_s"] > 0 and width["pipeline"]["raw_s"] > 0
+    # each engine trick measured against the engine with all of them (width 16 on a CPU: the transposed copy)
+    assert set(width["tricks"]) == {"all tricks", "no error front", "no transposed copy", "plain reference"}
+    assert all(ms > 0 for ms in width["tricks"].values())
     assert 0 < width["pipeline"]["engine_in_lightning_s"] < width["pipeline"]["lightning_s"]
     grid = report["paper_grid"]
     assert grid["runs"] == 2 * 5  # 2 datasets x (bp + 4 PC twins) at the one width measured

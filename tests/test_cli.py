@@ -74,13 +74,13 @@ def test_unknown_choices_list_the_options(tmp_path, override, expected):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("width=0", "width must be > 0, got 0"),
+        ("width=0", "width must be >= 1, got 0"),
         ("depth=0", "depth must be >= 1, got 0"),
         ("inference.steps=0", "inference.steps must be >= 1, got 0"),
         ("relax.update_every=0", "relax.update_every must be null or in [1, inference.steps=256], got 0"),
         ("relax.update_every=300", "relax.update_every must be null or in [1, inference.steps=256], got 300"),
         ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
-        ("batch_size=0", "batch_size must be > 0, got 0"),
+        ("batch_size=0", "batch_size must be >= 1, got 0"),
     ],
 )
 def test_invalid_numbers_fail_in_one_line_before_training(tmp_path, override, message):
@@ -94,7 +94,7 @@ def test_invalid_numbers_fail_in_one_line_before_training(tmp_path, override, me
 def test_an_invalid_job_stops_the_whole_sweep_before_any_training(tmp_path):
     result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "width=24,0")
     assert result.returncode != 0
-    assert "width must be > 0, got 0" in result.stderr and "Traceback" not in result.stderr
+    assert "width must be >= 1, got 0" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("metrics.csv"))
 
 

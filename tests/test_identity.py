@@ -56,6 +56,7 @@ def test_pc_settings_are_not_part_of_a_bp_run():
     ("inference.momentum=1.5", "inference.momentum must be in [0, 1), got 1.5"),
     ("relax.variance=diagonal", "relax.variance must be one of"),
     ("relax.update_every=999", "relax.update_every must be null or in [1, inference.steps=256], got 999"),
+    ("+foo=1", "foo is not a pcsweep setting"), ("+inference.stepsize=0.2", "inference.stepsize is not a pcsweep setting"),
 ])
 def test_each_setting_is_checked_once_when_it_becomes_typed(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -7,6 +7,7 @@ import torch
 
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature, output_loss
+from pcsweep.pc.engine import Tricks
 from pcsweep.pc import energy as pc_energy
 from pcsweep.pc.energy import energy
 from pcsweep.pc import reference as ref
@@ -346,3 +347,27 @@ def test_heavy_ball_inference_reaches_a_fixed_point_of_the_same_energy_in_fewer_
     plain_gap = energy[0.0, 64] - energy[0.0, 80000]
     heavy_gap = energy[0.9, 64] - energy[0.9, 8000]
     assert 0 <= heavy_gap < 0.5 * plain_gap  # 0.026 vs 0.099 here
+
+
+@pytest.mark.parametrize("width,trick", [(9, "error_front"), (9, "transposed_copy"), (514, "thread_balance")])
+def test_each_speed_trick_switched_off_computes_the_same_training(width, trick):
+    """pcsweep.bench times the engine with each trick off; the numbers must not depend on it (float64, 1e-12)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, _, net = make_net(variance="neuron", sizes=(12, width, 5), depth=4)
+        off_net = copy.deepcopy(net)
+        x, y = batch()
+        inference = Inference(steps=6, step_size=0.1, update_every=3)
+        on = PCEngine(net, inference)
+        off = PCEngine(off_net, inference, tricks=Tricks(**{trick: False}))
+        for engine, network in ((on, net), (off, off_net)):
+            engine.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
+        for a, b in zip(net.parameters(), off_net.parameters()):
+            assert rel(a.detach(), b.detach()) <= 1e-12
+        if trick == "transposed_copy":
+            assert on._w_t_stack is not None and off._w_t_stack is None
+        if trick == "thread_balance":
+            assert on._param_rows[0].balanced == 2 and off._param_rows[0].balanced == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, output_loss
+from pcsweep.pc.engine import NARROW_MAX_WIDTH, Tricks
 from pcsweep.pc.reference import ReferencePC
 
 TWINS = {  # name -> (update every k?, trainable variance?)
@@ -172,14 +173,30 @@ def best_matmul_rate(device: torch.device, quick: bool) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------------------------ measurements
-def time_engine(setup: Setup, twin: str, repeats: int) -> tuple[float, int]:
+def time_engine(setup: Setup, twin: str, repeats: int, tricks: Tricks = Tricks()) -> tuple[float, int]:
     """(seconds per training batch, weight updates per batch)."""
     mlp, log_vars, net, every = make_twin(setup, twin)
-    engine = PCEngine(net, Inference(steps=setup.steps, step_size=0.05, update_every=every), log_variance_min=-2.0)
+    engine = PCEngine(net, Inference(steps=setup.steps, step_size=0.05, update_every=every), log_variance_min=-2.0,
+                      tricks=tricks)
     opt = sgd(mlp, log_vars)
     x, y = make_batch(setup)
     result = engine.train_batch(x, y, opt.step)
     return median_seconds(lambda: engine.train_batch(x, y, opt.step), setup.device, repeats), result.updates
+
+
+def time_tricks(setup: Setup, twin: str, repeats: int) -> dict[str, float]:
+    """ms per batch of ``twin`` with every engine trick on, with each applicable one off in turn, and through the
+    plain reference (per-layer lists, no buffers: none of the tricks)."""
+    narrow = setup.device.type == "cpu" and setup.width <= NARROW_MAX_WIDTH
+    wide = setup.device.type == "cpu" and not narrow and torch.get_num_threads() > 1
+    variants = {"all tricks": Tricks(), "no error front": Tricks(error_front=False)}
+    if narrow:
+        variants["no transposed copy"] = Tricks(transposed_copy=False)
+    if wide:
+        variants["no thread balance"] = Tricks(thread_balance=False)
+    times = {name: time_engine(setup, twin, repeats, tricks)[0] * 1e3 for name, tricks in variants.items()}
+    times["plain reference"] = time_reference(setup, twin, max(1, repeats // 3), "plain") * 1e3
+    return times
 
 
 def time_reference(setup: Setup, twin: str, repeats: int, gradients: str = "autograd") -> float:
@@ -203,6 +220,23 @@ def time_bp(setup: Setup, repeats: int) -> float:
     return median_seconds(step, setup.device, repeats * 5, warmup=3)
 
 
+def pipeline_module(setup: Setup, twin: str):
+    """The Lightning PC module on the bench's workload (SGD 1e-3, plain descent, fixed floor, no tracking)."""
+    from pcsweep.models import PCModule
+    from pcsweep.settings import InferenceSettings, RelaxSettings, Settings, TrackingSettings
+
+    every, variance = TWINS[twin]
+    torch.manual_seed(0)
+    mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out)
+    settings = Settings(
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
+        inference=InferenceSettings(steps=setup.steps, step_size=0.05, momentum=0.0),
+        relax=RelaxSettings(update_every=setup.every if every else None, variance="neuron" if variance else "fixed",
+                            log_variance_min=-2.0),
+        tracking=TrackingSettings(energy_trace=False, alignment_every=0))
+    return PCModule(mlp, settings)
+
+
 def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, float]:
     """One epoch of ``batches`` batches: through the Lightning PC module, through the raw engine, and the time the
     engine's ``train_batch`` took inside that Lightning epoch (the rest of the epoch is the pipeline's own cost,
@@ -210,28 +244,14 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
     import lightning as L
 
     from pcsweep.data import Dataset, Split, TensorBatches, TensorDataModule
-    from pcsweep.models import PCModule
     from pcsweep.run import quiet_lightning
-    from pcsweep.settings import InferenceSettings, RelaxSettings, Settings, TrackingSettings
 
     quiet_lightning()
-
     n = batches * setup.batch
     gen = torch.Generator().manual_seed(1)
     split = Split(torch.rand(n, setup.n_in, generator=gen), torch.randint(0, setup.n_out, (n,), generator=gen))
     dataset = Dataset("bench", split, Split(split.inputs[: setup.batch], split.labels[: setup.batch]), setup.n_out)
-    every, variance = TWINS[twin]
-
-    def module() -> PCModule:
-        torch.manual_seed(0)
-        mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out)
-        settings = Settings(
-            optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
-            inference=InferenceSettings(steps=setup.steps, step_size=0.05, momentum=0.0),
-            relax=RelaxSettings(update_every=setup.every if every else None,
-                                variance="neuron" if variance else "fixed", log_variance_min=-2.0),
-            tracking=TrackingSettings(energy_trace=False, alignment_every=0))
-        return PCModule(mlp, settings)
+    module = lambda: pipeline_module(setup, twin)
 
     class EpochClock(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -321,6 +341,84 @@ def time_pcx(setup: Setup, threads: int, repeats: int, loop: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
+HEADER = (f"{'model':<16}{'ms/batch':>10}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}{'PC/BP time':>11}"
+          f"{'PC/BP FLOP':>11}{'vs autograd':>12}")
+
+
+def measure_twin(setup: Setup, twin: str, bp_seconds: float, args: argparse.Namespace, repeats: int) -> dict:
+    """One row of the width's table: the engine's time against the matmul floor, BP and the autograd reference."""
+    seconds, updates = time_engine(setup, twin, repeats)
+    shapes = matmul_shapes(setup, updates)
+    floor = matmul_floor(shapes, setup.device, 3 if args.quick else 5)
+    ref_seconds = time_reference(setup, twin, 1 if args.quick else 2) if not args.no_reference else math.nan
+    work = flops(shapes)
+    row = {
+        "ms_per_batch": seconds * 1e3, "floor_ms": floor * 1e3, "efficiency": floor / seconds,
+        "gflops": work / seconds / 1e9, "updates": updates, "pc_bp_time": seconds / bp_seconds,
+        "pc_bp_flops": work / bp_flops(setup), "reference_ms": ref_seconds * 1e3,
+        "speedup_vs_autograd": ref_seconds / seconds,
+    }
+    speedup = f"{row['speedup_vs_autograd']:>11.2f}x" if not math.isnan(ref_seconds) else f"{'-':>12}"
+    print(f"{twin + '_' + str(setup.width) + '_' + str(setup.depth):<16}{row['ms_per_batch']:>10.1f}"
+          f"{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
+          f"{row['pc_bp_time']:>10.0f}x{row['pc_bp_flops']:>10.0f}x{speedup}")
+    return row
+
+
+def measure_pipeline(setup: Setup, twin: str, batches: int) -> dict:
+    lightning_s, raw_s, inside_s = time_pipeline(setup, twin, batches)
+    print(f"pipeline ({twin}, {batches} batches): Lightning epoch {lightning_s:.2f} s, raw engine "
+          f"{raw_s:.2f} s, overhead {100 * (lightning_s / raw_s - 1):+.1f}%; within the Lightning epoch, "
+          f"all but the engine's train_batch: {100 * (lightning_s / inside_s - 1):+.1f}%")
+    return {"twin": twin, "batches": batches, "lightning_s": lightning_s, "raw_s": raw_s,
+            "overhead": lightning_s / raw_s - 1, "engine_in_lightning_s": inside_s,
+            "overhead_in_epoch": lightning_s / inside_s - 1}
+
+
+def measure_tricks(setup: Setup, twin: str, repeats: int) -> dict:
+    """What each of the engine's tricks buys (pcsweep.pc.engine): the time without it over the time with all."""
+    times = time_tricks(setup, twin, repeats)
+    base = times["all tricks"]
+    parts = [f"{name} {ms:.1f} ms ({ms / base:.2f}x)" for name, ms in times.items() if name != "all tricks"]
+    print(f"engine tricks ({twin}): all on {base:.1f} ms/batch; " + "; ".join(parts))
+    return times
+
+
+def measure_peers(setup: Setup, entry: dict, repeats: int, loop: str) -> dict:
+    peer = time_pcx(setup, torch.get_num_threads(), repeats, loop)
+    if "error" in peer:
+        print(f"PCX: not measured: {peer['error']}")
+        return peer
+    for schedule, twin in PEER_SCHEDULES.items():
+        if twin not in entry["twins"]:
+            continue
+        best, ours = peer["best"][schedule], entry["twins"][twin]["ms_per_batch"]
+        entry["twins"][twin]["pcx_ms"] = best["ms_per_batch"]
+        entry["twins"][twin]["speedup_vs_pcx"] = best["ms_per_batch"] / ours
+        print(f"PCX {peer['pcx']} (jax {peer['jax']}, {schedule}, {best['runtime']} XLA runtime, "
+              f"{peer['loop']}ed loop): {best['ms_per_batch']:.1f} ms/batch; {twin} is "
+              f"{entry['twins'][twin]['speedup_vs_pcx']:.2f}x faster")
+    return peer
+
+
+def measure_width(width: int, args: argparse.Namespace, device: torch.device, repeats: int) -> dict:
+    setup = Setup(width, args.depth, args.batch, args.steps, args.every, args.input, 10, device)
+    bp_seconds = time_bp(setup, repeats)
+    entry = {"bp_ms": bp_seconds * 1e3, "bp_gflop": bp_flops(setup) / 1e9, "twins": {}}
+    print(f"width {width}: bp {bp_seconds * 1e3:.2f} ms/batch")
+    print(HEADER)
+    for twin in args.twins:
+        entry["twins"][twin] = measure_twin(setup, twin, bp_seconds, args, repeats)
+    if not args.no_tricks:
+        entry["tricks"] = measure_tricks(setup, args.twins[0], repeats)
+    if not args.no_pipeline:
+        entry["pipeline"] = measure_pipeline(setup, args.twins[0], args.pipeline_batches)
+    if args.peers:
+        entry["pcx"] = measure_peers(setup, entry, repeats, args.peer_loop)
+    print()
+    return entry
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
@@ -338,57 +436,8 @@ def run(args: argparse.Namespace) -> dict:
           f"best torch.mm rate {rate:.0f} GFLOP/s ({rate_shape})")
     print(f"MLP {args.input} -> {args.depth} x width -> 10, batch {args.batch}, T = {args.steps}, relax 2 every "
           f"{args.every}, float32, SGD; median of {repeats}\n")
-    header = (f"{'model':<16}{'ms/batch':>10}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}{'PC/BP time':>11}"
-              f"{'PC/BP FLOP':>11}{'vs autograd':>12}")
     for width in args.widths:
-        setup = Setup(width, args.depth, args.batch, args.steps, args.every, args.input, 10, device)
-        bp_seconds = time_bp(setup, repeats)
-        entry = {"bp_ms": bp_seconds * 1e3, "bp_gflop": bp_flops(setup) / 1e9, "twins": {}}
-        print(f"width {width}: bp {bp_seconds * 1e3:.2f} ms/batch")
-        print(header)
-        for twin in args.twins:
-            seconds, updates = time_engine(setup, twin, repeats)
-            shapes = matmul_shapes(setup, updates)
-            floor = matmul_floor(shapes, device, 3 if args.quick else 5)
-            ref_seconds = time_reference(setup, twin, 1 if args.quick else 2) if not args.no_reference else math.nan
-            work = flops(shapes)
-            row = {
-                "ms_per_batch": seconds * 1e3, "floor_ms": floor * 1e3, "efficiency": floor / seconds,
-                "gflops": work / seconds / 1e9, "updates": updates, "pc_bp_time": seconds / bp_seconds,
-                "pc_bp_flops": work / bp_flops(setup), "reference_ms": ref_seconds * 1e3,
-                "speedup_vs_autograd": ref_seconds / seconds,
-            }
-            entry["twins"][twin] = row
-            speedup = f"{row['speedup_vs_autograd']:>11.2f}x" if not math.isnan(ref_seconds) else f"{'-':>12}"
-            print(f"{twin + '_' + str(width) + '_' + str(args.depth):<16}{row['ms_per_batch']:>10.1f}"
-                  f"{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
-                  f"{row['pc_bp_time']:>10.0f}x{row['pc_bp_flops']:>10.0f}x{speedup}")
-        if not args.no_pipeline:
-            twin = args.twins[0]
-            lightning_s, raw_s, inside_s = time_pipeline(setup, twin, args.pipeline_batches)
-            entry["pipeline"] = {"twin": twin, "batches": args.pipeline_batches, "lightning_s": lightning_s,
-                                 "raw_s": raw_s, "overhead": lightning_s / raw_s - 1, "engine_in_lightning_s": inside_s,
-                                 "overhead_in_epoch": lightning_s / inside_s - 1}
-            print(f"pipeline ({twin}, {args.pipeline_batches} batches): Lightning epoch {lightning_s:.2f} s, raw engine "
-                  f"{raw_s:.2f} s, overhead {100 * (lightning_s / raw_s - 1):+.1f}%; within the Lightning epoch, "
-                  f"all but the engine's train_batch: {100 * (lightning_s / inside_s - 1):+.1f}%")
-        if args.peers:
-            peer = time_pcx(setup, torch.get_num_threads(), repeats, args.peer_loop)
-            entry["pcx"] = peer
-            if "error" in peer:
-                print(f"PCX: not measured: {peer['error']}")
-            for schedule, twin in PEER_SCHEDULES.items():
-                if "error" in peer or twin not in entry["twins"]:
-                    continue
-                best = peer["best"][schedule]
-                ours = entry["twins"][twin]["ms_per_batch"]
-                entry["twins"][twin]["pcx_ms"] = best["ms_per_batch"]
-                entry["twins"][twin]["speedup_vs_pcx"] = best["ms_per_batch"] / ours
-                print(f"PCX {peer['pcx']} (jax {peer['jax']}, {schedule}, {best['runtime']} XLA runtime, "
-                      f"{peer['loop']}ed loop): {best['ms_per_batch']:.1f} ms/batch; {twin} is "
-                      f"{entry['twins'][twin]['speedup_vs_pcx']:.2f}x faster")
-        print()
-        report["widths"][str(width)] = entry
+        report["widths"][str(width)] = measure_width(width, args, device, repeats)
     report["paper_grid"] = paper_grid_hours(report, args.steps)
     grid = report["paper_grid"]
     print(f"paper grid projected on this device: {grid['hours']:.1f} h ({grid['runs']} runs: the twins measured here "
@@ -429,6 +478,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke test")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) autograd reference")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Lightning pipeline measurement")
+    parser.add_argument("--no-tricks", action="store_true", help="skip timing the engine with each trick switched off")
     parser.add_argument("--peers", action="store_true",
                         help="also time PCX on the same workload (needs pip install 'pcsweep[peers]'; minutes of XLA "
                              "compilation)")

@@ -296,5 +296,3 @@ class TensorDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(self.test_split, self.eval_batch_size, shuffle=False)
-
-    test_dataloader = val_dataloader

@@ -37,11 +37,10 @@ def directions(weights: Sequence[Tensor], seed: int = 0) -> tuple[list[Tensor], 
 class Landscape:
     alphas: Tensor  # (n,)
     betas: Tensor  # (n,)
-    losses: Tensor  # (n, n): losses[i, j] at alphas[i] * d1 + betas[j] * d2
-    center_loss: float
+    losses: Tensor  # (n, n): losses[i, j] at alphas[i] * d1 + betas[j] * d2 (the trained model's in the middle)
 
     def to_dict(self) -> dict:
-        return {"alphas": self.alphas, "betas": self.betas, "losses": self.losses, "center_loss": self.center_loss}
+        return {"alphas": self.alphas, "betas": self.betas, "losses": self.losses}
 
 
 @torch.no_grad()
@@ -103,9 +102,7 @@ def landscape(
                                          loss).double().cpu()
         if progress is not None:
             progress(stop, total)
-    zero = torch.zeros(1, dtype=inputs.dtype, device=inputs.device)
-    center = batched_losses(weights, biases, d1, d2, zero, zero, inputs, target, activation, loss).item()
-    return Landscape(coords, coords.clone(), out.view(resolution, resolution), center)
+    return Landscape(coords, coords.clone(), out.view(resolution, resolution))
 
 
 # ------------------------------------------------------------------------------------------------ shape as numbers

@@ -113,8 +113,6 @@ class TwinModule(L.LightningModule):
         self.log("test/loss", loss, on_epoch=True, prog_bar=True)
         self.log("test/acc", self.test_acc, on_epoch=True, prog_bar=True)
 
-    test_step = validation_step
-
 
 class BPModule(TwinModule):
     """Backpropagation: Lightning's automatic optimization on the output loss."""

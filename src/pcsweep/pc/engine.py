@@ -31,6 +31,16 @@ from pcsweep.pc.schedule import BatchResult, Inference, train_batch
 NARROW_MAX_WIDTH = 512
 
 
+@dataclass(frozen=True)
+class Tricks:
+    """The engine's speed tricks, each switchable so that ``pcsweep.bench`` measures what it buys (its "engine
+    tricks" table); switched off, the engine computes the same numbers through more work."""
+
+    error_front: bool = True  # skip the rows below the error front (the first L-1 steps of a batch)
+    transposed_copy: bool = True  # CPU, width <= NARROW_MAX_WIDTH: predict from a contiguous copy of W^T
+    thread_balance: bool = True  # CPU, wider: batch a multiple of the thread count, split the rest
+
+
 @dataclass
 class _Rows:
     """Views of the hidden stacks from row ``lo`` up (``below``: rows lo..H-2, ``above``: lo+1..H-1), built once
@@ -91,14 +101,14 @@ class PCEngine:
     """
 
     def __init__(self, network: Network, inference: Inference = Inference(),
-                 log_variance_min: float = -math.inf) -> None:
+                 log_variance_min: float = -math.inf, tricks: Tricks = Tricks()) -> None:
         hidden_sizes = set(network.sizes[1:-1])
         if len(hidden_sizes) != 1:
             raise ValueError(f"the hidden layers must share one width, got sizes {network.sizes}")
         hidden_vars = [v is None for v in network.log_variances[:-1]]
         if any(hidden_vars) and not all(hidden_vars):
             raise ValueError("hidden layers need a log-variance each, or none at all")
-        self.net, self.inference, self.log_variance_min = network, inference, log_variance_min
+        self.net, self.inference, self.log_variance_min, self.tricks = network, inference, log_variance_min, tricks
         self.V: Optional[Tensor] = None
         self._buffers_for: Optional[tuple] = None
         self._w_stack: Optional[Tensor] = None
@@ -153,7 +163,7 @@ class PCEngine:
         against its layout: 250 vs 185 us a step at width 256); the copy is redone only when the weights changed.
         Wide layers go without: the product's layouts cost the same there and the copy is slow (28 ms at 1024)."""
         stack = self._w_stack
-        if stack.device.type != "cpu" or stack.shape[-1] > NARROW_MAX_WIDTH:
+        if not self.tricks.transposed_copy or stack.device.type != "cpu" or stack.shape[-1] > NARROW_MAX_WIDTH:
             self._w_t_stack = None
             return
         version = (stack.data_ptr(), stack._version) + tuple(w._version for w in self.net.weights[1:-1])
@@ -185,7 +195,8 @@ class PCEngine:
         # and split the rest; narrow ones keep one kernel (a call costs more than the imbalance there).
         self._threads = torch.get_num_threads()
         rows = 0 if stack is None else stack.shape[0]
-        if (stack is not None and stack.device.type == "cpu" and stack.shape[-1] > NARROW_MAX_WIDTH
+        if (self.tricks.thread_balance and stack is not None and stack.device.type == "cpu"
+                and stack.shape[-1] > NARROW_MAX_WIDTH
                 and self._threads > 1 and rows % self._threads and stack.shape[1] % self._threads == 0):
             self._param_rows[0].balanced = rows - rows % self._threads
 
@@ -406,7 +417,8 @@ class PCEngine:
     # step costs ~1% at width 256)
     def start(self, inputs: Tensor, target: Tensor) -> Tensor:
         self.feedforward_init(inputs, target)
-        self._errors(predict=False)  # the output's error: the predictions are current from the feedforward pass
+        # the output's error (the hidden ones are exactly zero): the predictions are current from the feedforward pass
+        self._errors(predict=False, lo=self.X.shape[0] - 1)
         return self.aL.clone()
 
     def step(self) -> None:
@@ -414,7 +426,7 @@ class PCEngine:
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.step()
-        self._front = max(self._front - 1, 0)
+        self._front = max(self._front - 1, 0) if self.tricks.error_front else 0
         self._step(self._front)
         self.recompute()
 
