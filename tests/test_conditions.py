@@ -1,7 +1,6 @@
 """A run's own checks: the condition-2 probe, the stability pre-flight and variance floor, and rc3/rc23 at the
 defaults for 1,000+ weight updates."""
 
-import json
 import math
 
 import pytest

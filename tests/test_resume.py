@@ -56,3 +56,81 @@ def test_kill_minus_nine_then_rerun_gives_the_uninterrupted_result(tmp_path):
     import csv
     epochs = lambda p: [r["epoch"] for r in csv.DictReader(open(p)) if r["test/acc"]]
     assert epochs(run_dir / "metrics.csv") == epochs(reference.parent / "metrics.csv") == [str(e) for e in range(EPOCHS)]
+
+
+def same_result(reference_dir, run_dir, epochs):
+    """Bitwise the uninterrupted run's numbers: summary, per-epoch history and curve, weights, each epoch logged once."""
+    import csv
+
+    a = json.loads((reference_dir / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert b["epochs"] == a["epochs"] == epochs
+    for key in ("final_test_acc", "best_test_acc", "final_train_loss", "final_test_loss", "epoch_to_90", "step_to_90"):
+        assert b[key] == a[key], key
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(b["history"]) == strip(a["history"])  # the epoch's training means too: they crossed the checkpoint
+    assert strip(b["curve"]) == strip(a["curve"])
+    wa, wb = torch.load(reference_dir / "weights.pt"), torch.load(run_dir / "weights.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    logged = lambda p: [r["epoch"] for r in csv.DictReader(open(p)) if r["test/acc"]]
+    assert logged(run_dir / "metrics.csv") == logged(reference_dir / "metrics.csv") == [str(e) for e in range(epochs)]
+
+
+SIGNAL_CFG = ["algo=pc", "relax=2", "width=32", "depth=3", "epochs=3", "inference.steps=16", "batch_size=8",
+              "logger=csv", "report.auto=false"]
+
+
+def wait_for_progress(run_root, proc, timeout=120):
+    """Until the run's first epoch checkpoint exists (so the signal lands inside epoch 1 or 2)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if list(run_root.glob("*/checkpoints/last.ckpt")):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run never reached its first checkpoint")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_epoch_checkpoints_says_so_exits_nonzero_and_the_rerun_is_bitwise_identical(tmp_path, signum):
+    straight = pcsweep(tmp_path, *SIGNAL_CFG, "sweep_name=straight")
+    assert straight.returncode == 0, straight.stderr
+    (reference,) = (tmp_path / "multirun" / "straight").glob("*/summary.json")
+    proc = start(tmp_path, *SIGNAL_CFG, "sweep_name=stopped")
+    wait_for_progress(tmp_path / "multirun" / "stopped", proc)
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum
+    lines = [line for line in err.splitlines() if line.startswith("pcsweep:")]
+    name = signal.Signals(signum).name
+    assert len(lines) == 1 and lines[0].startswith(f"pcsweep: interrupted ({name}) in epoch ")
+    assert lines[0].endswith("; re-run the same command to resume") and "Traceback" not in err
+    batch = int(lines[0].split(" at batch ")[1].split(";")[0])
+    assert 0 < batch < 250  # mid-epoch: 2000 training samples in batches of 8 (or 1438 on digits' split)
+    (run_dir,) = (tmp_path / "multirun" / "stopped").glob("*")
+    assert not (run_dir / "summary.json").exists()
+    resumed = pcsweep(tmp_path, *SIGNAL_CFG, "sweep_name=stopped")
+    assert resumed.returncode == 0, resumed.stderr
+    same_result(reference.parent, run_dir, 3)
+
+
+def test_checkpoints_inside_long_epochs_so_a_kill_minus_nine_loses_minutes_not_the_epoch(tmp_path):
+    straight = pcsweep(tmp_path, *SIGNAL_CFG, "sweep_name=straight")
+    assert straight.returncode == 0, straight.stderr
+    (reference,) = (tmp_path / "multirun" / "straight").glob("*/summary.json")
+    proc = start(tmp_path, *SIGNAL_CFG, "checkpoint.every_minutes=0.002", "sweep_name=killed")
+    wait_for_progress(tmp_path / "multirun" / "killed", proc)
+    (ckpt,) = (tmp_path / "multirun" / "killed").glob("*/checkpoints/last.ckpt")
+    deadline = time.time() + 60
+    while time.time() < deadline:  # a checkpoint from inside an epoch 1 (every 0.12 s here)
+        saved = torch.load(ckpt, weights_only=False, map_location="cpu")
+        if saved.get("mid_epoch") and saved["epoch"] == 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    in_epoch = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert saved["mid_epoch"] == {"epoch": 1, "batches": in_epoch + 1}
+    resumed = pcsweep(tmp_path, *SIGNAL_CFG, "checkpoint.every_minutes=0.002", "sweep_name=killed")
+    assert resumed.returncode == 0, resumed.stderr
+    same_result(reference.parent, ckpt.parent.parent, 3)

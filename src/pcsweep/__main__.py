@@ -21,10 +21,15 @@ register_resolvers()
 def main(cfg: DictConfig) -> dict:
     from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
 
+    from pcsweep.interruption import Interrupted
+
     try:
         return train(cfg)
     except UserError as exc:  # bad input: one line, no traceback, exit status 2
         exit_with(str(exc))
+    except Interrupted as exc:  # a signal: checkpointed; 128 + the signal's number, as a shell reports it
+        print(f"pcsweep: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + exc.signum) from None
 
 
 if __name__ == "__main__":

@@ -118,20 +118,20 @@ def decide(estimate: Estimate, rules: ClaimRules, holds: Callable[[float, float]
 
 # ------------------------------------------------------------------------------------------------ runs
 def twin_runs(facts: Sequence[dict], twin: str, decayed: bool = False) -> dict[int, dict]:
-    """One run per seed of ``twin`` (with or without weight decay). With several learning rates, the one with the
-    best mean final accuracy (the paper tuned rc23's)."""
+    """One run per seed of ``twin`` (with or without weight decay). With several configs (learning rates: the paper
+    tuned rc23's), the one with the best mean final accuracy; runs of different configs are never pooled."""
     runs = [f for f in facts if f["twin"] == twin and bool(f.get("weight_decay")) == decayed]
-    by_lr: dict[Any, list[dict]] = {}
+    by_config: dict[Any, list[dict]] = {}
     for f in runs:
-        by_lr.setdefault(f.get("lr"), []).append(f)
-    if not by_lr:
+        by_config.setdefault(f.get("family", f.get("lr")), []).append(f)
+    if not by_config:
         return {}
 
     def score(group: list[dict]) -> float:
         accs = [f["final_acc"] for f in group if f["status"] == "complete" and f["final_acc"] is not None]
         return sum(accs) / len(accs) if accs else -1.0
 
-    best = max(by_lr.values(), key=score)
+    best = max(by_config.values(), key=score)
     return {f["seed"]: f for f in best}
 
 

@@ -259,16 +259,28 @@ class TensorBatches:
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int = 0, epoch_fn=lambda: 0):
         self.split, self.batch_size, self.shuffle, self.seed, self.epoch_fn = split, batch_size, shuffle, seed, epoch_fn
+        self.trained = (0, 0)  # (epoch, batches of it trained): set by the trainer's callback after every batch
+        self._resume: Optional[tuple[int, int]] = None
 
     def __len__(self) -> int:
         return -(-len(self.split) // self.batch_size)
 
+    # Lightning saves and restores these with its loops (a "stateful" loader): a run resumed from a mid-epoch
+    # checkpoint continues the epoch with the batch after the last one trained, not from its start
+    def state_dict(self) -> dict:
+        return {"epoch": self.trained[0], "batches": self.trained[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.split)
+        n, epoch = len(self.split), int(self.epoch_fn())
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch_fn()))
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=gen).to(self.split.inputs.device)
-        for start in range(0, n, self.batch_size):
+        for start in range(skip * self.batch_size, n, self.batch_size):
             if self.shuffle:
                 idx = order[start : start + self.batch_size]
                 yield self.split.inputs[idx], self.split.labels[idx]

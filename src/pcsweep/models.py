@@ -92,6 +92,24 @@ class TwinModule(L.LightningModule):
             self.train_means[name].update(torch.stack([m[name].detach() for m in means]).to(self.device))
         self._unrecorded.clear()
 
+    def _train_metrics(self) -> dict:
+        return {"acc": self.train_acc, **self.train_means}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A mid-epoch checkpoint carries the epoch's running means as they are (and the batches not yet added to
+        them, in their groups), so a resumed epoch's means come out bit for bit as an uninterrupted one's."""
+        checkpoint["train_metrics"] = {name: ({k: getattr(m, k) for k in m._defaults}, m._update_count)
+                                       for name, m in self._train_metrics().items()}
+        checkpoint["unrecorded_batches"] = list(self._unrecorded)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name, (state, count) in checkpoint.get("train_metrics", {}).items():
+            metric = self._train_metrics()[name]
+            for key, value in state.items():
+                setattr(metric, key, value)
+            metric._update_count, metric._computed = count, None
+        self._unrecorded = list(checkpoint.get("unrecorded_batches", []))
+
     def epoch_train_metrics(self) -> dict[str, float]:
         """This epoch's training means so far (``train_loss``, ``train_acc``, ...): what ``on_train_epoch_end`` logs."""
         self._record_pending()
@@ -156,9 +174,11 @@ class PCModule(TwinModule):
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["log_variance_min"] = self.engine.log_variance_min  # the floor in force (it moves with "auto")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "log_variance_min" in checkpoint:
             self.engine.log_variance_min = checkpoint["log_variance_min"]
 

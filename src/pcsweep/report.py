@@ -30,6 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pcsweep.claims import ClaimRules, claims_document, evaluate  # noqa: E402
 from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness  # noqa: E402
 from pcsweep.layers import wasserstein1  # noqa: E402
+from pcsweep.files import read_json, write_atomic  # noqa: E402
 from pcsweep.summary import checks_text, read_manifest  # noqa: E402
 
 TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
@@ -48,6 +49,14 @@ class Run:
     path: Path
     summary: dict
     config: dict
+    variant: str = ""  # set when runs of different configs share one name: they are shown apart, never pooled
+
+    @property
+    def family(self) -> str:
+        """The run's identity without its seed: runs of one family are seeds of one experiment."""
+        from pcsweep.config import config_hash
+
+        return config_hash({k: v for k, v in self.config.items() if k != "seed"})
 
     @property
     def name(self) -> str:  # the paper's name: pc_256_8_rc2
@@ -61,7 +70,7 @@ class Run:
     def label(self) -> str:
         """The paper's name, plus the weight decay when there is one (Fig 6 compares the same twin with and without)."""
         decay = self.config.get("weight_decay", 0) or 0
-        return self.name + (f" wd={decay:g}" if decay else "")
+        return self.name + (f" wd={decay:g}" if decay else "") + self.variant
 
     @property
     def group(self) -> tuple[str, int, int]:
@@ -79,15 +88,36 @@ class Sweep:
         return [r for r in self.runs if r.summary["status"] == "complete"]
 
 
+def seeds_only(runs: list[Run]) -> tuple[list[Run], list[dict]]:
+    """Make every group of runs a set of seeds of one config: a second run of the same config and seed is listed,
+    not counted; runs of different configs under one name are told apart (``[family]`` after the name)."""
+    kept, skipped, seen = [], [], {}
+    for run in runs:
+        key = (run.family, run.config.get("seed"))
+        if key in seen:
+            skipped.append({"model": run.path.name, "reason": f"same config and seed as {seen[key]}: listed, not counted"})
+            continue
+        seen[key] = run.path.name
+        kept.append(run)
+    families: dict[tuple, set] = {}
+    for run in kept:
+        families.setdefault((run.summary["dataset"], run.label), set()).add(run.family)
+    for run in kept:
+        if len(families[(run.summary["dataset"], run.label)]) > 1:
+            run.variant = f" [{run.family[:6]}]"
+    return kept, skipped
+
+
 def load_sweep(path: Path) -> Sweep:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a sweep folder")
     runs = []
     for summary_path in sorted(path.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        runs.append(Run(summary_path.parent, summary, summary.get("config", {})))
-    skipped = []
+        summary = read_json(summary_path)  # an unreadable one is set aside (one line): that run is not reported
+        if isinstance(summary, dict):
+            runs.append(Run(summary_path.parent, summary, summary.get("config", {})))
+    runs, skipped = seeds_only(runs)
     manifest = read_manifest(path)
     if manifest is not None:
         for entry in manifest["runs"]:
@@ -340,13 +370,12 @@ def run_shape(run: Run, spans, resolution: int, samples: int, seed: int = 0, qui
         grid = run_landscape(run, span, resolution, samples, seed, quiet)
         views[name] = plane_convexity(grid["losses"], grid["alphas"])
     cache = run.path / f"shape_n{samples}_r{min(spans):g}_seed{seed}.json"
-    if cache.is_file():
-        measured = json.loads(cache.read_text())
-    else:
+    measured = read_json(cache)
+    if measured is None:
         cfg, weights, biases, inputs, target = _loss_setting(run, samples, seed)
         args = (weights, biases, inputs, target, cfg.activation, cfg.output_loss)
         measured = {"hessian": hessian_extremes(*args, seed=seed), "sharpness": sharpness(*args, radius=min(spans), seed=seed)}
-        cache.write_text(json.dumps(measured))
+        write_atomic(cache, json.dumps(measured))
     return {**views, **measured}
 
 
@@ -363,6 +392,7 @@ def run_facts(sweep: Sweep, shapes: dict[Path, dict]) -> list[dict]:
         variance = (checks.get("variance") or {}).get("layers")
         fact = {"label": run.label, "twin": run.twin, "dataset": s["dataset"], "width": run.config.get("width"),
                 "seed": run.config.get("seed"), "lr": (run.config.get("optimizer") or {}).get("lr"),
+                "family": run.family,
                 "weight_decay": run.config.get("weight_decay") or 0.0, "status": s["status"],
                 "final_acc": s.get("final_test_acc"), "test_loss": s.get("final_test_loss"), "t90": s.get("time_to_90"),
                 "condition2": (checks.get("condition2") or {}).get("verdict"),

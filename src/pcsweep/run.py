@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.conditions import Condition2Thresholds, condition2_verdict, preflight_stability
 from pcsweep.config import duplicate_target, find_previous_folder, paper_name, settings_from, twin_name
 from pcsweep.devices import training_devices
+from pcsweep.files import DiskFull, RunBusy, disk_full, read_json, run_lock, set_aside, write_atomic
 from pcsweep.data import BUNDLED, TensorDataModule, load_dataset
 from pcsweep.history import History, time_to_fraction
+from pcsweep.interruption import Interrupted, MidEpochCheckpoints
 from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
 from pcsweep.settings import Settings
@@ -61,11 +65,9 @@ def resolve_data_dir(cfg: DictConfig) -> Path:
 
 
 def finished_summary(run_dir: Path) -> Optional[dict]:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("status") in FINISHED else None
+    """The run's summary if it finished (an unreadable one is set aside: the run resumes or retrains)."""
+    summary = read_json(Path(run_dir) / "summary.json")
+    return summary if isinstance(summary, dict) and summary.get("status") in FINISHED else None
 
 
 def build_model(settings: Settings, num_features: int, num_classes: int) -> TwinModule:
@@ -189,18 +191,34 @@ def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: boo
     conditions = RunConditions(tracking.condition2_every, tracking.condition2_max_multiple) if pc else None
     # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
     layers = LayerLearning([layer.weight for layer in model.mlp.layers])
-    return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + [checkpoints])
+    mid_epoch = MidEpochCheckpoints(run_dir / "checkpoints" / "last.ckpt", settings.checkpoint.every_minutes)
+    return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + [checkpoints, mid_epoch])
 
 
 def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
-    """The checkpoint to resume from (metrics.csv trimmed to match) and a note saying so; (None, "") if fresh."""
+    """The checkpoint to resume from (metrics.csv trimmed to match) and a note saying so; (None, "") if fresh.
+    An unloadable checkpoint is set aside (the run starts over); a fresh start never appends to the metrics of a
+    dead attempt (they are set aside too)."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    state = None
+    if last.is_file():
+        try:  # mmap: only the loop counters are read here; Lightning loads the tensors once, in fit
+            state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # truncated, zero-filled, not a checkpoint: whatever torch says
+            set_aside(last, f"cannot be loaded ({type(exc).__name__}); the run starts over")
+    metrics = run_dir / "metrics.csv"
+    if state is None:
+        if metrics.is_file():
+            set_aside(metrics, "is from an attempt with no checkpoint to resume", suffix="abandoned")
         return None, ""
-    # mmap: only the epoch is read here; Lightning loads the tensors once, in fit
-    completed_epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]
-    trim_metrics(run_dir / "metrics.csv", last_epoch=completed_epoch)
-    return last, f", resuming after epoch {completed_epoch} from {last.relative_to(run_dir)}"
+    mid_epoch = state.get("mid_epoch")
+    if mid_epoch is None:
+        trim_metrics(metrics, last_epoch=state["epoch"])
+        return last, f", resuming after epoch {state['epoch']} from {last.relative_to(run_dir)}"
+    trained = state["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    trim_metrics(metrics, last_epoch=mid_epoch["epoch"] - 1, last_step=trained, step_epoch=mid_epoch["epoch"])
+    return last, (f", resuming in epoch {mid_epoch['epoch']} after batch {mid_epoch['batches']} from "
+                  f"{last.relative_to(run_dir)}")
 
 
 def start_logging(cfg: DictConfig, settings: Settings, run_dir: Path) -> tuple[list, Any]:
@@ -237,7 +255,10 @@ def fit(settings: Settings, run_dir: Path, model: TwinModule, datamodule, callba
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
-            trainer.fit(model, datamodule=datamodule, ckpt_path=last)
+            try:
+                trainer.fit(model, datamodule=datamodule, ckpt_path=last)
+            except SIGTERMException:  # Lightning's own handler (before training started): no mid-epoch state
+                raise Interrupted(trainer.current_epoch, 0, signal.SIGTERM) from None
 
 
 def announce(summary: dict, run_dir: Path, num_classes: int) -> None:
@@ -263,9 +284,9 @@ def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule
     summary["checks"] = run_checks(settings, summary, callbacks.conditions, stability)
     summary["conditions"] = callbacks.conditions.records if callbacks.conditions is not None else []
     summary["layers"] = callbacks.layers.records
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if model.diverged:
-        (run_dir / "DIVERGED").write_text(f"{model.diverged_reason}\n")
+        write_atomic(run_dir / "DIVERGED", f"{model.diverged_reason}\n")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))  # last: the run is finished once it exists
     return summary
 
 
@@ -294,24 +315,43 @@ def skipped(cfg: DictConfig, settings: Settings, run_dir: Optional[Path]) -> Opt
 
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     """Train (or resume, or skip) the run ``cfg`` describes; returns its summary. Raises ``UserError`` (one line)
-    for bad input, before any folder is made."""
+    for bad input, before any folder is made, and for a full disk."""
     quiet_lightning()
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
     if cfg.dataset.name not in BUNDLED:
         cfg.dataset.data_dir = str(resolve_data_dir(cfg))
     settings = settings_from(cfg)
+    settings.trainer.check_devices()
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
     done = skipped(cfg, settings, run_dir)
     if done is not None:
         return done
     dataset = load_dataset(settings.dataset)  # a missing dataset is one line (DatasetError), not a traceback
     model = build_model(settings, dataset.num_features, dataset.num_classes)
-    pc = isinstance(model, PCModule)
-    stability = check_stability(settings, model, dataset) if pc else None  # before any folder exists
+    stability = check_stability(settings, model, dataset) if isinstance(model, PCModule) else None  # before any folder
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    callbacks = make_callbacks(settings, run_dir, model, pc)
+    try:
+        with run_lock(run_dir):
+            done = finished_summary(run_dir)  # finished by another process since the check above
+            return done if done is not None else train_owned(cfg, settings, run_dir, dataset, model, stability)
+    except RunBusy as exc:
+        print(f"[pcsweep] {run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up "
+              "its result)", flush=True)
+        return {"name": paper_name(settings), "dataset": settings.dataset.name, "status": "busy", "run_dir": run_dir.name}
+    except OSError as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        raise DiskFull(f"{run_dir.name}: no space left on the device writing {full.filename or run_dir}; free some "
+                       "and run the same command again (it resumes from the last checkpoint)") from None
+
+
+def train_owned(cfg: DictConfig, settings: Settings, run_dir: Path, dataset, model: TwinModule,
+                stability: Optional[dict]) -> dict[str, Any]:
+    """The training itself, in a run folder this process owns."""
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    callbacks = make_callbacks(settings, run_dir, model, stability is not None)
     last, resume = resume_point(run_dir)
     loggers, wandb_run = start_logging(cfg, settings, run_dir)
     succeeded = False

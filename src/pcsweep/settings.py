@@ -120,13 +120,44 @@ def dataset_settings(node: Any) -> DatasetSettings:
     return DatasetSettings(**{k: v for k, v in dict(node).items() if k in names})
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+# PC writes its gradients by hand and tests in the dtype it trains in: a mixed precision would evaluate (autocast)
+# in another precision than the engine trains in, and unscale gradients Lightning did not scale
+PRECISIONS = ("32-true", "32", "64-true", "64")
+
+
 @dataclass
 class TrainerSettings:
-    accelerator: str = "auto"  # auto | cpu | gpu
-    precision: str = "32-true"  # 32-true | 64-true
+    accelerator: str = "auto"  # auto | cpu | gpu (checked against this machine before any folder is made)
+    precision: str = "32-true"  # 32-true | 64-true (mixed precisions are refused: see PRECISIONS)
     progress_bar: bool = setting(False, identity=False)
     log_every_n_steps: int = setting(10, identity=False)
     gpu_slots: bool = setting(False, identity=False)  # true (launcher=gpus): each job claims a free local GPU
+
+    def __post_init__(self) -> None:
+        one_of("trainer.accelerator", self.accelerator, ACCELERATORS)
+        check(str(self.precision) in PRECISIONS, "trainer.precision",
+              "32-true or 64-true (PC trains with hand-written gradients: a mixed precision would train and evaluate "
+              "at different precisions)", self.precision)
+
+    def check_devices(self) -> None:
+        """An accelerator this machine does not have is a one-line error (call where the run will train)."""
+        import torch
+
+        if self.accelerator in ("gpu", "cuda") and not self.gpu_slots and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={self.accelerator} but no GPU is visible here "
+                              "(torch.cuda.is_available() is False): use trainer.accelerator=auto or cpu")
+
+
+@dataclass
+class CheckpointSettings:
+    """``checkpoints/last.ckpt`` is rewritten after every epoch, at a signal, and inside long epochs."""
+
+    every_minutes: float = 5.0  # a crash or kill -9 loses at most this much training (0: epoch ends and signals only)
+
+    def __post_init__(self) -> None:
+        check(is_number(self.every_minutes) and self.every_minutes >= 0, "checkpoint.every_minutes", ">= 0",
+              self.every_minutes)
 
 
 @dataclass
@@ -200,6 +231,7 @@ class Settings:
     variance_weight_decay: float = 0.0  # on log-variances (relax 3): pulls S toward 1
     variance_floor_every: int = 100  # relax 3 with log_variance_min=auto: batches between re-measurements
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    checkpoint: CheckpointSettings = setting(identity=False, factory=CheckpointSettings)
     tracking: TrackingSettings = setting(identity=False, factory=TrackingSettings)
     report: ReportSettings = setting(identity=False, factory=ReportSettings)
     sweep_name: str = setting("default", identity=False)  # runs live in multirun/<sweep_name>/

@@ -10,6 +10,8 @@ from typing import Any, Iterable, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pcsweep.files import read_json, write_atomic
+
 COLUMNS = [
     ("model", "model"),
     ("dataset", "dataset"),
@@ -57,13 +59,12 @@ MANIFEST = "sweep_runs.json"  # the sweeper's list of this sweep's jobs: launche
 
 def write_manifest(sweep_dir: Path, sweep_id: str, runs: list[dict]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / MANIFEST).write_text(json.dumps({"sweep_id": sweep_id, "runs": runs}, indent=1))
+    write_atomic(sweep_dir / MANIFEST, json.dumps({"sweep_id": sweep_id, "runs": runs}, indent=1))
 
 
 def read_manifest(sweep_dir: Path) -> Optional[dict]:
     """``{"sweep_id": ..., "runs": [...]}`` of the last sweep launched into ``sweep_dir``, or None."""
-    path = Path(sweep_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(Path(sweep_dir) / MANIFEST)
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -74,9 +75,9 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if entry["status"] == "duplicate":
             rows.append({"model": entry["model"], "dataset": entry["dataset"], "status": f"skipped: duplicate of {entry['duplicate_of']}"})
             continue
-        summary_path = sweep_dir / entry["run_dir"] / "summary.json"
-        if summary_path.is_file():
-            rows.append(row_from_summary(json.loads(summary_path.read_text())))
+        summary = read_json(sweep_dir / entry["run_dir"] / "summary.json")
+        if isinstance(summary, dict):
+            rows.append(row_from_summary(summary))
         else:
             rows.append({"model": entry["run_dir"], "status": "failed (no summary.json)", "run_dir": entry["run_dir"]})
     return rows
@@ -136,6 +137,6 @@ class SweepSummaryCallback(Callback):
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)
-        summary_path: Optional[Path] = run_dir / "summary.json"
-        if summary_path.is_file():
-            print(f"\n{format_table([row_from_summary(json.loads(summary_path.read_text()))])}", flush=True)
+        summary = read_json(run_dir / "summary.json")
+        if isinstance(summary, dict):
+            print(f"\n{format_table([row_from_summary(summary)])}", flush=True)

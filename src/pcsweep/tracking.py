@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import netrc
 import os
@@ -16,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from pcsweep.files import read_json, write_atomic
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -42,19 +45,29 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def trim_metrics(path: Path | str, last_epoch: int) -> None:
-    """Drop the rows a resumed run will log again: everything after the epoch its checkpoint completed."""
+def trim_metrics(path: Path | str, last_epoch: int, last_step: Optional[int] = None,
+                 step_epoch: Optional[int] = None) -> None:
+    """Drop the rows a resumed run will log again: everything after the epoch its checkpoint completed, except (a
+    mid-epoch checkpoint) the rows of ``step_epoch`` logged at steps up to ``last_step``."""
     path = Path(path)
     if not path.is_file():
         return
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         fields, rows = reader.fieldnames or [], list(reader)
-    kept = [row for row in rows if row.get("epoch", "") != "" and float(row["epoch"]) <= last_epoch]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
+    def keep(row: dict) -> bool:
+        if row.get("epoch", "") == "":
+            return False
+        epoch = float(row["epoch"])
+        return epoch <= last_epoch or (epoch == step_epoch and row.get("step", "") != ""
+                                       and float(row["step"]) <= last_step)
+
+    kept = [row for row in rows if keep(row)]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    write_atomic(path, text.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ W&B
@@ -101,7 +114,7 @@ def _wandb_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(6)
-    path.write_text(run_id + "\n")
+    write_atomic(path, run_id + "\n")
     return run_id
 
 
@@ -181,9 +194,9 @@ class WeightHistograms(L.Callback):
             tensors.update({f"variances/S{l + 1}": torch.exp(s) for l, s in enumerate(pl_module.log_variances)})
         hists = {name: histogram(t) for name, t in tensors.items()}
         record = {"epoch": epoch, **hists}
-        history = json.loads(self.path.read_text()) if self.path.is_file() else []
+        history = read_json(self.path) or []
         history = [h for h in history if h["epoch"] < epoch] + [record]  # a resumed epoch replaces its old entry
-        self.path.write_text(json.dumps(history))
+        write_atomic(self.path, json.dumps(history))
         runs = wandb_runs(trainer)
         if runs:
             import wandb
@@ -212,7 +225,7 @@ class EnergyTraces(L.Callback):
         values = trace.detach().cpu().tolist()
         epoch = trainer.current_epoch
         self.traces[str(epoch)] = values
-        self.path.write_text(json.dumps({"tolerance": self.tolerance, "traces": self.traces}))
+        write_atomic(self.path, json.dumps({"tolerance": self.tolerance, "traces": self.traces}))
         converged = steps_to_tolerance(values, self.tolerance)
         log_direct(pl_module, {"inference/steps_to_tolerance": float(converged if converged is not None else len(values)),
                                "inference/energy_first": values[0], "inference/energy_last": values[-1]},

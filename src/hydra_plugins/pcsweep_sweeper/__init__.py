@@ -61,6 +61,8 @@ class FilteringLauncher(Launcher):
             if cfg.dataset.name not in BUNDLED:
                 cfg.dataset.data_dir = str(resolve_data_dir(cfg))
             settings = settings_from(cfg)
+            if not self.slurm:  # a login node need not have the compute nodes' GPUs
+                settings.trainer.check_devices()
             check_available(settings.dataset.name, settings.dataset.data_dir, settings.dataset.download)
         except ConfigCompositionException as exc:
             fail(f"{label}: {str(exc.__cause__ or exc).splitlines()[0]}")
@@ -89,8 +91,12 @@ class FilteringLauncher(Launcher):
                 fail(f"{label}: {exc}")
         return {**entry, "status": "launched"}
 
+    @property
+    def slurm(self) -> bool:
+        return "SlurmLauncher" in str(self.sweeper.config.hydra.launcher.get("_target_", ""))
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        slurm = "SlurmLauncher" in str(self.sweeper.config.hydra.launcher.get("_target_", ""))
+        slurm = self.slurm
         if slurm and shutil.which("sbatch") is None:
             fail("launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's login node "
                  "(or launcher=local)")

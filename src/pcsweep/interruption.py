@@ -1,0 +1,87 @@
+"""Checkpoints inside an epoch: every few minutes, and at a signal.
+
+SIGTERM, SIGINT, SIGUSR1 (a time limit, ``scancel``, ``kill``, Ctrl-C, SLURM's warning before its limit): the run
+finishes its batch, saves a resumable mid-epoch checkpoint, says so in one line and exits non-zero. Under submitit,
+SIGUSR1 then goes on to submitit's own handler, which requeues the job: the requeued run resumes from that state.
+A long epoch is also checkpointed every ``every_minutes`` (a crash or a kill -9 loses at most that much). Resuming
+from a mid-epoch checkpoint continues with the next batch and gives the same numbers as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after checkpointing; re-running the same command resumes it."""
+
+    def __init__(self, epoch: int, batch: int, signum: int) -> None:
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) in epoch {epoch} at batch {batch}; "
+                         "re-run the same command to resume")
+
+
+class MidEpochCheckpoints(L.Callback):
+    """See the module docstring. The signal handlers are installed when training starts, after Lightning's own
+    SIGTERM handler (which would end the run with exit status 0 and lose the epoch), and removed when it ends."""
+
+    def __init__(self, checkpoint: Path, every_minutes: float = 10.0) -> None:
+        self.checkpoint, self.every_seconds = Path(checkpoint), 60.0 * every_minutes
+        self.signum: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+        self.last_save = time.monotonic()
+        self._saving: Optional[dict] = None  # set while this callback saves: what the checkpoint is
+
+    def _save(self, trainer: L.Trainer, batch_idx: int) -> None:
+        self._saving = {"epoch": trainer.current_epoch, "batches": batch_idx + 1}
+        try:
+            trainer.save_checkpoint(self.checkpoint)
+        finally:
+            self._saving, self.last_save = None, time.monotonic()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._saving is not None:
+            checkpoint["mid_epoch"] = dict(self._saving)  # read by run.resume_point
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signum = None
+        for signum in SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        trainer.train_dataloader.trained = (trainer.current_epoch, batch_idx + 1)  # what a checkpoint resumes after
+        if self.signum is None:
+            if self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds \
+                    and batch_idx + 1 < trainer.num_training_batches:  # the epoch's end has its own checkpoint
+                self._save(trainer, batch_idx)
+            return
+        self._save(trainer, batch_idx)
+        signum, self.signum = self.signum, None
+        previous = self.previous.get(signum)
+        self.restore()
+        if signum == signal.SIGUSR1 and callable(previous):
+            previous(signum, None)  # submitit's: requeue (it exits the process)
+        raise Interrupted(trainer.current_epoch, batch_idx + 1, signum)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore()
