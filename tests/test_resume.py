@@ -90,11 +90,20 @@ def wait_for_progress(run_root, proc, timeout=120):
     raise AssertionError("the run never reached its first checkpoint")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_mid_epoch_checkpoints_says_so_exits_nonzero_and_the_rerun_is_bitwise_identical(tmp_path, signum):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """SIGNAL_CFG trained without interruption: its summary.json."""
+    tmp_path = tmp_path_factory.mktemp("straight")
     straight = pcsweep(tmp_path, *SIGNAL_CFG, "sweep_name=straight")
     assert straight.returncode == 0, straight.stderr
-    (reference,) = (tmp_path / "multirun" / "straight").glob("*/summary.json")
+    (summary,) = (tmp_path / "multirun" / "straight").glob("*/summary.json")
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_epoch_checkpoints_says_so_exits_nonzero_and_the_rerun_is_bitwise_identical(tmp_path, signum,
+                                                                                                reference):
     proc = start(tmp_path, *SIGNAL_CFG, "sweep_name=stopped")
     wait_for_progress(tmp_path / "multirun" / "stopped", proc)
     time.sleep(0.3)
@@ -114,10 +123,8 @@ def test_a_signal_mid_epoch_checkpoints_says_so_exits_nonzero_and_the_rerun_is_b
     same_result(reference.parent, run_dir, 3)
 
 
-def test_checkpoints_inside_long_epochs_so_a_kill_minus_nine_loses_minutes_not_the_epoch(tmp_path):
-    straight = pcsweep(tmp_path, *SIGNAL_CFG, "sweep_name=straight")
-    assert straight.returncode == 0, straight.stderr
-    (reference,) = (tmp_path / "multirun" / "straight").glob("*/summary.json")
+@pytest.mark.slow
+def test_checkpoints_inside_long_epochs_so_a_kill_minus_nine_loses_minutes_not_the_epoch(tmp_path, reference):
     proc = start(tmp_path, *SIGNAL_CFG, "checkpoint.every_minutes=0.002", "sweep_name=killed")
     wait_for_progress(tmp_path / "multirun" / "killed", proc)
     (ckpt,) = (tmp_path / "multirun" / "killed").glob("*/checkpoints/last.ckpt")

@@ -58,8 +58,10 @@ def summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def reference_run(tmp_path):
-    """The same config trained locally without interruption."""
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same config trained locally without interruption (once for the module's interruption tests)."""
+    tmp_path = tmp_path_factory.mktemp("reference")
     result = pcsweep(tmp_path, *LONG, "sweep_name=reference", "logger=csv")
     assert result.returncode == 0, result.stderr
     (run_dir,) = [p for p in (tmp_path / "multirun" / "reference").iterdir() if p.is_dir()]
@@ -82,8 +84,7 @@ def test_a_sweep_through_slurm_completes_every_run(tmp_path, slurm):
     assert len(logs) == 4  # one SLURM array task per run, none for the duplicates
 
 
-def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_result(tmp_path, slurm):
-    expected = reference_run(tmp_path)
+def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_result(tmp_path, slurm, uninterrupted):
     sweep = start_sweep(tmp_path, slurm, *LONG, *JOB)
     run_dir = wait_for_checkpoint(tmp_path / "multirun" / "default")
     (job,) = squeue_ids(slurm)
@@ -92,12 +93,27 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_result(tmp_pat
     out, err = sweep.communicate(timeout=400)
     assert sweep.returncode == 0, err
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / "default" / ".submitit").glob("*/*_log.out"))
-    assert "resuming after epoch" in logs  # the second start picked up the checkpoint
-    same_numbers(summary(run_dir), expected)
+    assert "resuming " in logs  # the second start picked up the checkpoint (saved at the signal, mid-epoch)
+    same_numbers(summary(run_dir), uninterrupted)
 
 
-def test_a_cancelled_job_is_completed_by_running_the_command_again(tmp_path, slurm):
-    expected = reference_run(tmp_path)
+def test_the_time_limit_warning_checkpoints_mid_epoch_and_submitit_requeues_the_job_from_there(tmp_path, slurm, uninterrupted):
+    """SLURM's warning before a time limit (or a preemption): the batch finishes, a mid-epoch checkpoint is saved,
+    submitit requeues the job, and the requeued run continues inside that epoch to the uninterrupted result."""
+    sweep = start_sweep(tmp_path, slurm, *LONG, *JOB)
+    run_dir = wait_for_checkpoint(tmp_path / "multirun" / "default")
+    (job,) = squeue_ids(slurm)
+    signalled = subprocess.run(["scancel", "--signal=USR2", job], capture_output=True, text=True,
+                               env={**os.environ, **slurm})
+    assert signalled.returncode == 0, signalled.stderr
+    out, err = sweep.communicate(timeout=400)
+    assert sweep.returncode == 0, err
+    logs = "".join(p.read_text() for p in (tmp_path / "multirun" / "default" / ".submitit").glob("*/*_log.*"))
+    assert " after batch " in logs  # requeued, resumed inside the epoch the signal landed in
+    same_numbers(summary(run_dir), uninterrupted)
+
+
+def test_a_cancelled_job_is_completed_by_running_the_command_again(tmp_path, slurm, uninterrupted):
     sweep = start_sweep(tmp_path, slurm, *LONG, *JOB)
     run_dir = wait_for_checkpoint(tmp_path / "multirun" / "default")
     (job,) = squeue_ids(slurm)
@@ -107,7 +123,7 @@ def test_a_cancelled_job_is_completed_by_running_the_command_again(tmp_path, slu
     assert not (run_dir / "summary.json").exists()
     again = pcsweep(tmp_path, "-m", *LONG, *JOB, env=slurm)
     assert again.returncode == 0, again.stderr
-    same_numbers(summary(run_dir), expected)
+    same_numbers(summary(run_dir), uninterrupted)
 
 
 @pytest.mark.parametrize("override,expected", [

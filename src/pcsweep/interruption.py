@@ -1,8 +1,9 @@
 """Checkpoints inside an epoch: every few minutes, and at a signal.
 
-SIGTERM, SIGINT, SIGUSR1 (a time limit, ``scancel``, ``kill``, Ctrl-C, SLURM's warning before its limit): the run
-finishes its batch, saves a resumable mid-epoch checkpoint, says so in one line and exits non-zero. Under submitit,
-SIGUSR1 then goes on to submitit's own handler, which requeues the job: the requeued run resumes from that state.
+SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (``scancel``, ``kill``, Ctrl-C, SLURM's warning before a time limit or a
+preemption): the run finishes its batch, saves a resumable mid-epoch checkpoint, says so in one line and exits with
+128 + the signal's number. Under submitit, the warning signal (USR2, its default) then goes on to submitit's own
+handler, which requeues the job: the requeued run resumes from that state.
 A long epoch is also checkpointed every ``every_minutes`` (a crash or a kill -9 loses at most that much). Resuming
 from a mid-epoch checkpoint continues with the next batch and gives the same numbers as an uninterrupted run.
 """
@@ -16,7 +17,8 @@ from typing import Any, Optional
 
 import lightning as L
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # whoever handled these before (submitit) requeues the job
 
 
 class Interrupted(Exception):
@@ -71,8 +73,8 @@ class MidEpochCheckpoints(L.Callback):
         signum, self.signum = self.signum, None
         previous = self.previous.get(signum)
         self.restore()
-        if signum == signal.SIGUSR1 and callable(previous):
-            previous(signum, None)  # submitit's: requeue (it exits the process)
+        if signum in REQUEUE_SIGNALS and callable(previous):
+            previous(signum, None)  # submitit's: requeue (and exit the process)
         raise Interrupted(trainer.current_epoch, batch_idx + 1, signum)
 
     def restore(self) -> None:

@@ -204,7 +204,10 @@ def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
     if last.is_file():
         try:  # mmap: only the loop counters are read here; Lightning loads the tensors once, in fit
             state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+            if not isinstance(state, dict) or not {"epoch", "loops"} <= state.keys():
+                raise ValueError("not a Lightning checkpoint")
         except Exception as exc:  # truncated, zero-filled, not a checkpoint: whatever torch says
+            state = None
             set_aside(last, f"cannot be loaded ({type(exc).__name__}); the run starts over")
     metrics = run_dir / "metrics.csv"
     if state is None:
