@@ -63,9 +63,11 @@ def test_each_setting_is_checked_once_when_it_becomes_typed(override, message):
         compose_settings("algo=pc", override)
 
 
-def test_a_run_folder_of_an_earlier_release_is_found_and_resumed_not_retrained(tmp_path):
+@pytest.mark.parametrize("mode", [["-m"], []], ids=["sweep", "single run"])
+def test_a_run_folder_of_an_earlier_release_is_found_and_resumed_not_retrained(tmp_path, mode):
     """A finished run whose folder carries an earlier release's hash (its config.yaml written before the typed
-    schema added keys): the sweep renames the folder and skips the run as finished."""
+    schema added keys): the sweep (or the single run, whose folder Hydra has already made) adopts the folder and
+    skips the run as finished."""
     args = [*SMALL, "algo=pc", "relax=none", "logger=csv", "report.auto=false", "sweep_name=s"]
     settings = container(*args)
     for key in ("data_dir", "download", "mirrors", "train_size", "test_size", "seed"):
@@ -74,7 +76,7 @@ def test_a_run_folder_of_an_earlier_release_is_found_and_resumed_not_retrained(t
     old.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(settings), old / "config.yaml")
     (old / "summary.json").write_text(json.dumps({"status": "complete", "name": "pc_24_3", "dataset": "digits"}))
-    result = pcsweep(tmp_path, "-m", *args)
+    result = pcsweep(tmp_path, *mode, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     new_name = config.run_dir_name(compose(*args))
     assert "holds this run under an earlier folder name: renamed to " + new_name in result.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -280,8 +281,10 @@ def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule
            stability: Optional[dict], num_classes: int) -> dict[str, Any]:
     """Final weights, ``summary.json`` (with the run's checks) and, for a diverged run, its ``DIVERGED`` marker."""
     status = "diverged" if model.diverged else "complete"
+    weights = run_dir / "weights.pt.partial"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
-               run_dir / "weights.pt")
+               weights)
+    os.replace(weights, run_dir / "weights.pt")
     summary = _summary(cfg, settings, run_dir, callbacks.history, status, num_classes)
     summary["diverged_reason"] = model.diverged_reason
     summary["checks"] = run_checks(settings, summary, callbacks.conditions, stability)
@@ -294,15 +297,23 @@ def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule
 
 
 def adopt_previous_folder(run_dir: Path, cfg: DictConfig) -> None:
-    """Rename this run's folder from an earlier release's naming, if there is one, so it resumes or is skipped."""
-    previous = None if run_dir.exists() else find_previous_folder(run_dir.parent, cfg)
-    if previous is not None:
+    """Move this run's folder from an earlier release's naming, if there is one, so it resumes or is skipped.
+    (A single run's folder may already exist, holding only what Hydra wrote into it: the old files join it.)"""
+    previous = None if (run_dir / "config.yaml").exists() else find_previous_folder(run_dir.parent, cfg)
+    if previous is None:
+        return
+    if not run_dir.exists():
         os.replace(previous, run_dir)
-        print(f"[pcsweep] {previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}",
-              flush=True)
+    else:
+        for child in previous.iterdir():
+            if not (run_dir / child.name).exists():
+                os.replace(child, run_dir / child.name)
+        shutil.rmtree(previous)  # what is left there is Hydra's record of the earlier launch
+    print(f"[pcsweep] {previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}",
+          flush=True)
 
 
-def skipped(cfg: DictConfig, settings: Settings, run_dir: Optional[Path]) -> Optional[dict]:
+def skipped(cfg: DictConfig, settings: Settings, run_dir: Path) -> Optional[dict]:
     """The summary of a run that needs no training (a BP duplicate, or finished in its folder), or None."""
     target = duplicate_target(settings)
     if target is not None:
