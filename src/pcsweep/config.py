@@ -24,27 +24,6 @@ from pcsweep.settings import ConfigError, Settings
 ConfigStore.instance().store(name="pcsweep_schema", node=Settings)
 
 
-OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.")  # free-form: a torch optimizer's options, ...
-
-
-def settings_from(cfg: DictConfig) -> Settings:
-    """The composed config as typed settings, every check run once (``ConfigError``: one line, before any work).
-    A key the schema does not declare (``+foo=1``, a typo) is an error: it would change the run's identity."""
-    if "hydra" in cfg:
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-    unknown = [k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)]
-    if unknown:
-        raise ConfigError(f"{unknown[0]} is not a pcsweep setting (`python -m pcsweep --cfg job` lists them)")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
-
-
-def validate(cfg: DictConfig) -> None:
-    settings_from(cfg)
-
-
 def is_bp_duplicate(cfg: DictConfig) -> bool:
     """BP has no conditions to relax: ``algo=bp relax=2`` trains exactly what ``algo=bp relax=none`` trains."""
     return cfg.algo.name == "bp" and str(cfg.relax.name) != "none"
@@ -93,6 +72,23 @@ def _role(key: str) -> Any:
 
 
 DEFAULTS = _flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resolve=True))
+
+
+OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.")  # free-form: a torch optimizer's options, ...
+
+
+def settings_from(cfg: DictConfig) -> Settings:
+    """The composed config as typed settings, every check run once (``ConfigError``: one line, before any work).
+    A key the schema does not declare (``+foo=1``, a typo) is an error: it would change the run's identity."""
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    unknown = [k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)]
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a pcsweep setting (`python -m pcsweep --cfg job` lists them)")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 def identity(config: Any) -> dict[str, Any]:

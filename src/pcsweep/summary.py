@@ -79,7 +79,8 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if isinstance(summary, dict):
             rows.append(row_from_summary(summary))
         else:
-            rows.append({"model": entry["run_dir"], "status": "failed (no summary.json)", "run_dir": entry["run_dir"]})
+            # failed, interrupted, or being trained by another sweep (which holds its lock)
+            rows.append({"model": entry["run_dir"], "status": "unfinished (no summary.json)", "run_dir": entry["run_dir"]})
     return rows
 
 

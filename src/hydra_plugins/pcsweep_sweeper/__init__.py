@@ -79,8 +79,9 @@ class FilteringLauncher(Launcher):
             return {**entry, "status": "duplicate", "duplicate_of": run_dir}
         seen[run_dir] = label
         entry["run_dir"] = run_dir
-        adopt_previous_folder(Path(self.sweeper.config.hydra.sweep.dir) / run_dir, cfg)
-        done = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / run_dir)
+        path = Path(self.sweeper.config.hydra.sweep.dir) / run_dir
+        adopt_previous_folder(path, cfg)
+        done = finished_summary(path)
         if done is not None:
             print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
             return {**entry, "status": "finished"}
