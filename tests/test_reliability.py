@@ -176,3 +176,34 @@ def test_the_report_counts_seeds_never_copies_or_other_configs(tmp_path):
     for run in sweep.runs:
         seeds.setdefault(run.label, []).append(run.config["seed"])
     assert sorted(map(sorted, seeds.values())) == [[0], [0, 1]]
+
+
+def test_a_signal_in_an_epochs_last_batch_lets_the_epoch_finish_and_checkpoints_its_end(tmp_path, monkeypatch):
+    """The epoch's end (validation, history, condition probes) runs after its last batch: a signal there stops the
+    run after that work, with an end-of-epoch checkpoint, and the re-run matches an uninterrupted one."""
+    import signal
+
+    import torch
+
+    from pcsweep import interruption
+    from pcsweep import run as run_module
+
+    straight = run_module.train(compose(*RUN), tmp_path / "straight")
+    original = interruption.MidEpochCheckpoints.on_train_batch_end
+
+    def signalled_in_the_last_batch(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx + 1 == trainer.num_training_batches:
+            self.signum = signal.SIGTERM
+        original(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(interruption.MidEpochCheckpoints, "on_train_batch_end", signalled_in_the_last_batch)
+    run_dir = tmp_path / "stopped"
+    with pytest.raises(interruption.Interrupted, match="interrupted \\(SIGTERM\\) in epoch 0 at batch"):
+        run_module.train(compose(*RUN), run_dir)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert saved["epoch"] == 0 and "mid_epoch" not in saved
+    monkeypatch.undo()
+    resumed = run_module.train(compose(*RUN), run_dir)
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(resumed["history"]) == strip(straight["history"]) and len(resumed["history"]) == 2
+    assert resumed["final_test_acc"] == straight["final_test_acc"] and epochs_logged(run_dir) == [0, 1]

@@ -11,6 +11,7 @@ from a mid-epoch checkpoint continues with the next batch and gives the same num
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -59,23 +60,34 @@ class MidEpochCheckpoints(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may install handlers (a launcher running jobs in threads keeps its own)
         for signum in SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         trainer.train_dataloader.trained = (trainer.current_epoch, batch_idx + 1)  # what a checkpoint resumes after
-        if self.signum is None:
-            if self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds \
-                    and batch_idx + 1 < trainer.num_training_batches:  # the epoch's end has its own checkpoint
-                self._save(trainer, batch_idx)
-            return
-        self._save(trainer, batch_idx)
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if last_batch:
+            return  # the epoch's end (validation, condition probes) runs first, then its own checkpoint
+        if self.signum is not None:
+            self._save(trainer, batch_idx)
+            self._stop(trainer, batch_idx + 1)
+        if self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds:
+            self._save(trainer, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.signum is not None:  # a signal during the epoch's last batch or its end: save the epoch's checkpoint
+            trainer.save_checkpoint(self.checkpoint)  # (ModelCheckpoint, which Lightning calls last, would be too late)
+            self._stop(trainer, trainer.num_training_batches)
+
+    def _stop(self, trainer: L.Trainer, batches: int) -> None:
         signum, self.signum = self.signum, None
         previous = self.previous.get(signum)
         self.restore()
         if signum in REQUEUE_SIGNALS and callable(previous):
             previous(signum, None)  # submitit's: requeue (and exit the process)
-        raise Interrupted(trainer.current_epoch, batch_idx + 1, signum)
+        raise Interrupted(trainer.current_epoch, batches, signum)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():

@@ -96,19 +96,21 @@ class TwinModule(L.LightningModule):
         return {"acc": self.train_acc, **self.train_means}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """A mid-epoch checkpoint carries the epoch's running means as they are (and the batches not yet added to
-        them, in their groups), so a resumed epoch's means come out bit for bit as an uninterrupted one's."""
+        """The epoch's running means as they are (and the batches not yet added to them, in their groups): a run
+        resumed from a mid-epoch checkpoint then ends the epoch with the means of an uninterrupted one, bit for bit."""
         checkpoint["train_metrics"] = {name: ({k: getattr(m, k) for k in m._defaults}, m._update_count)
                                        for name, m in self._train_metrics().items()}
         checkpoint["unrecorded_batches"] = list(self._unrecorded)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for name, (state, count) in checkpoint.get("train_metrics", {}).items():
+        if "mid_epoch" not in checkpoint:  # an epoch's end: the next epoch starts its means afresh
+            return
+        for name, (state, count) in checkpoint["train_metrics"].items():
             metric = self._train_metrics()[name]
             for key, value in state.items():
                 setattr(metric, key, value)
             metric._update_count, metric._computed = count, None
-        self._unrecorded = list(checkpoint.get("unrecorded_batches", []))
+        self._unrecorded = list(checkpoint["unrecorded_batches"])
 
     def epoch_train_metrics(self) -> dict[str, float]:
         """This epoch's training means so far (``train_loss``, ``train_acc``, ...): what ``on_train_epoch_end`` logs."""
