@@ -159,9 +159,9 @@ class PCEngine:
         self._front = 0  # new parameters: every prediction is stale
 
     def _refresh_transposed_weights(self) -> None:
-        """On a CPU, narrow layers predict faster from a contiguous copy of the stack's transpose (x @ W^T reads W
-        against its layout: 250 vs 185 us a step at width 256); the copy is redone only when the weights changed.
-        Wide layers go without: the product's layouts cost the same there and the copy is slow (28 ms at 1024)."""
+        """On a CPU, narrow layers may predict faster from a contiguous copy of the stack's transpose (x @ W^T reads
+        W against its layout); the copy is redone only when the weights changed. Wide layers go without: the copy
+        itself is slow there. ``pcsweep.bench`` measures what it buys on the machine at hand."""
         stack = self._w_stack
         if not self.tricks.transposed_copy or stack.device.type != "cpu" or stack.shape[-1] > NARROW_MAX_WIDTH:
             self._w_t_stack = None
@@ -191,8 +191,8 @@ class PCEngine:
             for lo in range(L - 1)
         ]
         # A batched product hands whole matrices to the CPU threads: 7 on 2 threads leave one idle for a seventh
-        # of the time (12% per matrix, measured at width 1024). Wide layers batch a multiple of the thread count
-        # and split the rest; narrow ones keep one kernel (a call costs more than the imbalance there).
+        # of the time. Wide layers batch a multiple of the thread count and split the rest; narrow ones keep one
+        # kernel (a call costs more than the imbalance there). pcsweep.bench measures what it buys.
         self._threads = torch.get_num_threads()
         rows = 0 if stack is None else stack.shape[0]
         if (self.tricks.thread_balance and stack is not None and stack.device.type == "cpu"
@@ -414,7 +414,7 @@ class PCEngine:
 
     # ------------------------------------------- the Stepper protocol (schedule.train_batch)
     # train_batch enters no_grad once per batch; step and recompute enter it only when called outside (a context per
-    # step costs ~1% at width 256)
+    # step would cost a little on every step)
     def start(self, inputs: Tensor, target: Tensor) -> Tensor:
         self.feedforward_init(inputs, target)
         # the output's error (the hidden ones are exactly zero): the predictions are current from the feedforward pass
