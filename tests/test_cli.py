@@ -46,9 +46,11 @@ def test_default_multirun_trains_the_five_twins_and_prints_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_the_paper_grid_command_works_as_typed(tmp_path):
-    """`-m algo=bp,pc relax=none,2,3,23 width=256,1024` (shrunk in depth, epochs and T): 10 runs, 6 skipped."""
+    """`-m algo=bp,pc relax=none,2,3,23 width=256,1024` (shrunk in depth, epochs and T, the report without its
+    landscapes: tests/test_report.py has them): 10 runs, 6 skipped."""
     result = pcsweep(
-        tmp_path, "-m", "algo=bp,pc", "relax=none,2,3,23", "width=256,1024", "depth=2", "epochs=1", "inference.steps=8"
+        tmp_path, "-m", "algo=bp,pc", "relax=none,2,3,23", "width=256,1024", "depth=2", "epochs=1", "inference.steps=8",
+        "report.landscapes=false",
     )
     assert result.returncode == 0, result.stderr
     names = run_folders(tmp_path / "multirun" / "default")

@@ -44,6 +44,20 @@ def start_sweep(cwd, env, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def start_when_requeued(job, env, seconds=120):
+    """SLURM holds a requeued job back for a couple of minutes (its begin time): start it now instead, so the test
+    waits for the resume, not for that delay."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                               env={**os.environ, **env}).stdout.strip()
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True,
+                           env={**os.environ, **env})
+            return
+        time.sleep(0.5)
+
+
 def wait_for_checkpoint(sweep_dir, seconds=180):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -90,6 +104,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_result(tmp_pat
     (job,) = squeue_ids(slurm)
     requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, env={**os.environ, **slurm})
     assert requeue.returncode == 0, requeue.stderr
+    start_when_requeued(job, slurm)
     out, err = sweep.communicate(timeout=400)
     assert sweep.returncode == 0, err
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / "default" / ".submitit").glob("*/*_log.out"))
@@ -106,6 +121,7 @@ def test_the_time_limit_warning_checkpoints_mid_epoch_and_submitit_requeues_the_
     signalled = subprocess.run(["scancel", "--signal=USR2", job], capture_output=True, text=True,
                                env={**os.environ, **slurm})
     assert signalled.returncode == 0, signalled.stderr
+    start_when_requeued(job, slurm)
     out, err = sweep.communicate(timeout=400)
     assert sweep.returncode == 0, err
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / "default" / ".submitit").glob("*/*_log.*"))
