@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from pcsweep.errors import UserError
-
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -19,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from pcsweep.errors import UserError
 from pcsweep.pc import PCEngine, activity_curvature
 from pcsweep.pc.schedule import plateaued
 

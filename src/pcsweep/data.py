@@ -5,8 +5,6 @@ No torchvision: the idx format is a 4-byte magic, the dimensions, then raw bytes
 
 from __future__ import annotations
 
-from pcsweep.errors import UserError
-
 import gzip
 import hashlib
 import math
@@ -24,6 +22,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
+
+from pcsweep.errors import UserError
 
 # The four standard files of each idx dataset with the md5 of their .gz as published (the same as torchvision's).
 IDX_FILES: dict[str, dict[str, str]] = {

@@ -9,13 +9,12 @@ imports Hydra.
 
 from __future__ import annotations
 
-from pcsweep.errors import UserError
-
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from pcsweep.data import DATASETS
+from pcsweep.errors import UserError
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES
 from pcsweep.pc.schedule import Inference
 
