@@ -45,17 +45,7 @@ def test_kill_minus_nine_then_rerun_gives_the_uninterrupted_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert run_dir.name == reference.parent.name  # same config, same folder name
 
-    a, b = json.loads(reference.read_text()), json.loads((run_dir / "summary.json").read_text())
-    assert b["epochs"] == a["epochs"] == EPOCHS
-    for key in ("final_test_acc", "best_test_acc", "final_train_loss", "final_test_loss", "epoch_to_90", "step_to_90"):
-        assert b[key] == a[key], key  # bitwise: same data order (seeded by epoch), same optimizer state, same CPU
-    assert b["layers"] == a["layers"] and len(a["layers"]) == EPOCHS  # W0 redrawn from the seed, records restored
-    wa, wb = torch.load(reference.parent / "weights.pt"), torch.load(run_dir / "weights.pt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # the CSV log holds each epoch once, as the uninterrupted one does
-    import csv
-    epochs = lambda p: [r["epoch"] for r in csv.DictReader(open(p)) if r["test/acc"]]
-    assert epochs(run_dir / "metrics.csv") == epochs(reference.parent / "metrics.csv") == [str(e) for e in range(EPOCHS)]
+    same_result(reference.parent, run_dir, EPOCHS)
 
 
 def same_result(reference_dir, run_dir, epochs):
@@ -66,7 +56,8 @@ def same_result(reference_dir, run_dir, epochs):
     b = json.loads((run_dir / "summary.json").read_text())
     assert b["epochs"] == a["epochs"] == epochs
     for key in ("final_test_acc", "best_test_acc", "final_train_loss", "final_test_loss", "epoch_to_90", "step_to_90"):
-        assert b[key] == a[key], key
+        assert b[key] == a[key], key  # bitwise: same data order (seeded by epoch), same optimizer state, same CPU
+    assert b["layers"] == a["layers"] and len(a["layers"]) == epochs  # W0 redrawn from the seed, records restored
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     assert strip(b["history"]) == strip(a["history"])  # the epoch's training means too: they crossed the checkpoint
     assert strip(b["curve"]) == strip(a["curve"])

@@ -14,6 +14,7 @@ import html
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ class Run:
     config: dict
     variant: str = ""  # set when runs of different configs share one name: they are shown apart, never pooled
 
-    @property
+    @cached_property
     def family(self) -> str:
         """The run's identity without its seed: runs of one family are seeds of one experiment."""
         from pcsweep.config import config_hash
