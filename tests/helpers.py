@@ -25,18 +25,18 @@ def pcsweep(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600
     )
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "pcsweep" / "conf")
 
 
 def compose(*overrides: str, hydra_node: bool = False):
-    """The real config, composed as the command line composes it (``relax='2'``: quoted as the CLI quotes it)."""
+    """The real config, composed as the command line composes it."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from pcsweep.config import quote_numeric_choices, register_resolvers
+    from pcsweep.config import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[quote_numeric_choices(o) for o in overrides],
+        return hydra_compose(config_name="config", overrides=list(overrides),
                              return_hydra_config=hydra_node)
 
 

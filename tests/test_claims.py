@@ -217,7 +217,7 @@ def test_a_report_on_a_folder_without_runs_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         report_main([str(tmp_path)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"pcsweep.report: error: no finished runs (summary.json) under {tmp_path}"
+    assert capsys.readouterr().err.strip() == f"pcsweep-report: error: no finished runs (summary.json) under {tmp_path}"
     with pytest.raises(SystemExit):
         report_main([str(tmp_path), "--rule", "accuracy_margn=0.1"])
     assert "unknown claim rule(s) ['accuracy_margn']" in capsys.readouterr().err

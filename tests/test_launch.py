@@ -3,7 +3,7 @@
 import threading
 import time
 
-from helpers import SMALL, pcsweep
+from helpers import CONF_DIR, SMALL, pcsweep
 from pcsweep.devices import gpu_slot
 
 
@@ -37,7 +37,7 @@ def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
     from pcsweep.config import register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=paper"], return_hydra_config=True)
     sweeper_cfg = cfg.hydra.sweeper
     sweeper = PcsweepSweeper.__new__(PcsweepSweeper)  # Hydra's plugin scan re-imports BasicSweeper's module: no init
@@ -46,7 +46,7 @@ def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
     (jobs,) = sweeper.split_arguments(grid, None)
     decayed = [job for job in jobs if "weight_decay=1e-06" in job]
     assert len(jobs) == 2 * 4 * 2 * 3 + 2 * 3  # algo x relax x dataset x seed (the command line's width=256), + rc23
-    assert len(decayed) == 2 * 3 and all("relax='23'" in job and "algo=pc" in job for job in decayed)
+    assert len(decayed) == 2 * 3 and all("relax=23" in job and "algo=pc" in job for job in decayed)
     assert all("variance_weight_decay=1e-06" in job for job in decayed)
     assert sorted({o for job in decayed for o in job if o.startswith(("dataset=", "seed="))}) == [
         "dataset=fashion_mnist", "dataset=mnist", "seed=0", "seed=1", "seed=2"]

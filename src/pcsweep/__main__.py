@@ -1,37 +1,42 @@
-"""``python -m pcsweep [-m] key=value ...``: the Hydra entry point (configs in the repository's ``conf/``)."""
+"""``pcsweep [-m] key=value ...`` (or ``python -m pcsweep``): the Hydra entry point.
+
+The configs ship inside the package (``pcsweep/conf``). Your own experiments and site settings go in a folder of
+your own, found first: ``./conf`` where you type the command is searched automatically, any other with
+``--config-dir DIR`` (or ``hydra.searchpath=[file://DIR]``); ``conf/experiment/mine.yaml`` there is
+``experiment=mine``.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+import logging
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
-from pcsweep.config import quote_numeric_choices, register_resolvers
+from pcsweep.config import register_resolvers  # also lets Hydra read relax=2 as the choice "2"
 from pcsweep.errors import UserError, exit_with
 
-CONFIG_DIR = os.environ.get("PCSWEEP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
-
 register_resolvers()
+# ./conf is searched when it exists (conf/config.yaml's hydra.searchpath); Hydra warns when it does not
+warnings.filterwarnings("ignore", "provider=hydra.searchpath in main, path=conf is not available")
+log = logging.getLogger("pcsweep")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
-
     from pcsweep.interruption import Interrupted
+    from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
 
     try:
         return train(cfg)
     except UserError as exc:  # bad input: one line, no traceback, exit status 2
         exit_with(str(exc))
     except Interrupted as exc:  # a signal: checkpointed; 128 + the signal's number, as a shell reports it
-        print(f"pcsweep: {exc}", file=sys.stderr, flush=True)
+        log.warning("%s", exc)
+        logging.shutdown()
         raise SystemExit(128 + exc.signum) from None
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0]] + [quote_numeric_choices(arg) for arg in sys.argv[1:]]
     main()

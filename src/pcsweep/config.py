@@ -132,18 +132,43 @@ def duplicate_target(cfg: DictConfig) -> Optional[str]:
     return f"{paper_name(cfg)}_{cfg.dataset.name}"
 
 
-# Config groups whose option names are numbers (relax=2 means conf/relax/2.yaml). Hydra parses `relax=2` as the integer
-# 2 and refuses it as a group choice, so such values are quoted before Hydra sees them.
+# Config groups whose option names are numbers (relax=2 means conf/relax/2.yaml).
 NUMERIC_CHOICE_GROUPS = ("relax",)
 
 
-def quote_numeric_choices(override: str) -> str:
-    """``relax=none,2,23`` -> ``relax=none,'2','23'``; anything else is returned unchanged."""
-    key, sep, value = override.partition("=")
-    if not sep or key.lstrip("+~") not in NUMERIC_CHOICE_GROUPS:
-        return override
-    items = [f"'{item}'" if item.strip().isdigit() else item for item in value.split(",")]
-    return f"{key}={','.join(items)}"
+def _choice_name(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def accept_numeric_choices() -> None:
+    """Hydra's override grammar reads ``relax=2`` as the integer 2 and refuses an integer as a config group's choice
+    (Hydra has no option for this). A choice is a name: this makes Hydra's parser read a number given to a group of
+    ``NUMERIC_CHOICE_GROUPS`` as the name it is, wherever overrides are parsed (the command line, every sweeper and
+    launcher, the compose API), so ``relax=2`` and ``relax=none,2,3,23`` need no quoting from any entry point.
+    Installed when this module is imported (every pcsweep entry point imports it); idempotent."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    parse = OverridesParser.parse_overrides
+    if getattr(parse, "accepts_numeric_choices", False):
+        return
+
+    def parse_overrides(self: OverridesParser, overrides: list) -> list:
+        parsed = parse(self, overrides)
+        for override in parsed:
+            if override.key_or_group not in NUMERIC_CHOICE_GROUPS:
+                continue
+            if isinstance(override._value, ChoiceSweep):
+                override._value.list = [_choice_name(v) for v in override._value.list]
+            else:
+                override._value = _choice_name(override._value)
+        return parsed
+
+    parse_overrides.accepts_numeric_choices = True  # type: ignore[attr-defined]
+    OverridesParser.parse_overrides = parse_overrides  # type: ignore[method-assign]
+
+
+accept_numeric_choices()
 
 
 def register_resolvers() -> None:

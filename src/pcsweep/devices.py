@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import fcntl
 import os
 import time
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -52,9 +55,9 @@ def training_devices(accelerator: str, gpu_slots: bool, lock_dir: Path) -> Itera
         yield accelerator, 1, plugins
         return
     if not torch.cuda.is_available():
-        print("[pcsweep] warning: launcher=gpus but no GPU is visible here: training on the CPU", flush=True)
+        log.warning("launcher=gpus but no GPU is visible here: training on the CPU")
         yield "cpu", 1, plugins
         return
     with gpu_slot(lock_dir, torch.cuda.device_count()) as index:
-        print(f"[pcsweep] claimed GPU {index}", flush=True)
+        log.info(f"claimed GPU {index}")
         yield "gpu", [index], plugins

@@ -9,6 +9,7 @@ holder dies, so a killed process never leaves a stale lock).
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import errno
 import fcntl
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pcsweep.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def write_atomic(path: Path | str, text: str) -> None:
@@ -36,7 +39,7 @@ def set_aside(path: Path, why: str, suffix: str = "corrupt") -> Path:
     """Move an unusable file to ``<name>.<suffix>`` (kept for a post-mortem) and say so in one line."""
     moved = path.with_name(f"{path.name}.{suffix}")
     os.replace(path, moved)
-    print(f"[pcsweep] {path.parent.name}/{path.name} {why}: moved aside to {moved.name}", flush=True)
+    log.info(f"{path.parent.name}/{path.name} {why}: moved aside to {moved.name}")
     return moved
 
 

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pcsweep.claims import ClaimRules, claims_document, evaluate  # noqa: E402
 from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness  # noqa: E402
 from pcsweep.layers import wasserstein1  # noqa: E402
+from pcsweep.errors import exit_with  # noqa: E402
 from pcsweep.files import read_json, write_atomic  # noqa: E402
 from pcsweep.summary import checks_text, read_manifest  # noqa: E402
 
@@ -669,7 +670,7 @@ def claims_overview(path: Path) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m pcsweep.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pcsweep-report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="a sweep folder, e.g. multirun/default")
     parser.add_argument("--resolution", type=int, default=41, help="landscape grid points per axis")
     parser.add_argument("--samples", type=int, default=1000, help="training samples the landscape loss uses")
@@ -684,8 +685,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         html_path = build_report(args.sweep, tuple(args.spans), args.resolution, args.samples,
                                  landscapes=not args.no_landscapes, rules=rules)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"pcsweep.report: error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        exit_with(str(exc), prog="pcsweep-report")
     print(f"[pcsweep.report] {html_path}")
     print(claims_overview(html_path.parent / "claims.json"))
     if args.wandb:
@@ -693,5 +693,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     return html_path
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``pcsweep-report`` command (``python -m pcsweep.report``)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import csv
 import json
 from pathlib import Path
@@ -11,6 +12,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pcsweep.files import read_json, write_atomic
+
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     ("model", "model"),
@@ -120,7 +123,7 @@ class SweepSummaryCallback(Callback):
             return
         rows = sweep_rows(sweep_dir)
         write_csv(rows, sweep_dir / "summary.csv")
-        print(f"\n{format_table(rows)}\n\n[pcsweep] table saved to {sweep_dir / 'summary.csv'}", flush=True)
+        log.info(f"the sweep, also in {sweep_dir / 'summary.csv'}:\n{format_table(rows)}")
         if config.report.auto and any(row.get("status") == "complete" for row in rows):
             from omegaconf import OmegaConf
 
@@ -131,8 +134,7 @@ class SweepSummaryCallback(Callback):
                                             if config.report.get("claims") is not None else None)
             html_path = build_report(sweep_dir, tuple(config.report.spans), config.report.resolution,
                                      config.report.samples, landscapes=config.report.landscapes, rules=rules)
-            print(f"[pcsweep] report: {html_path}\n[pcsweep] the paper's claims:\n"
-                  f"{claims_overview(html_path.parent / 'claims.json')}", flush=True)
+            log.info(f"report: {html_path}\nthe paper's claims:\n{claims_overview(html_path.parent / 'claims.json')}")
             if config.logger.name == "wandb":
                 log_to_wandb(html_path, sweep_dir, config.logger)
 
@@ -140,4 +142,4 @@ class SweepSummaryCallback(Callback):
         run_dir = Path(config.hydra.runtime.output_dir)
         summary = read_json(run_dir / "summary.json")
         if isinstance(summary, dict):
-            print(f"\n{format_table([row_from_summary(summary)])}", flush=True)
+            log.info(f"the run:\n{format_table([row_from_summary(summary)])}")

@@ -7,10 +7,11 @@ whatever launcher is configured, so the same filtering happens locally and on SL
 """
 
 
+import logging
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -23,12 +24,15 @@ from omegaconf import DictConfig
 from pcsweep.errors import UserError
 from pcsweep.errors import exit_with as fail
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PcsweepSweeperConf:
     _target_: str = "hydra_plugins.pcsweep_sweeper.PcsweepSweeper"
     max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    # the default sweep, the five twins; the same keys given on the command line replace these
+    params: Optional[Dict[str, str]] = field(default_factory=lambda: {"algo": "bp,pc", "relax": "none,2,3,23"})
     # more jobs: each entry replaces some of the grid's keys (experiment=paper adds pc_rc23 with weight decay)
     also: Optional[List[Dict[str, Any]]] = None
 
@@ -72,10 +76,10 @@ class FilteringLauncher(Launcher):
         target, run_dir = duplicate_target(settings), run_dir_name(cfg)
         if target is not None:
             entry["model"] += f" relax={settings.relax.name}"
-            print(f"[pcsweep] skipped {entry['model']}: duplicate of {target} (BP has no conditions to relax)", flush=True)
+            log.info(f"skipped {entry['model']}: duplicate of {target} (BP has no conditions to relax)")
             return {**entry, "status": "duplicate", "duplicate_of": target}
         if run_dir in seen:
-            print(f"[pcsweep] skipped {label}: same run as {seen[run_dir]}", flush=True)
+            log.info(f"skipped {label}: same run as {seen[run_dir]}")
             return {**entry, "status": "duplicate", "duplicate_of": run_dir}
         seen[run_dir] = label
         entry["run_dir"] = run_dir
@@ -83,7 +87,7 @@ class FilteringLauncher(Launcher):
         adopt_previous_folder(path, cfg)
         done = finished_summary(path)
         if done is not None:
-            print(f"[pcsweep] skipped {label}: already {done['status']} in {run_dir}", flush=True)
+            log.info(f"skipped {label}: already {done['status']} in {run_dir}")
             return {**entry, "status": "finished"}
         if settings.algo.name == "pc":
             try:  # a step size or floor past the stability limit stops the sweep before its first job
@@ -162,20 +166,16 @@ class PcsweepSweeper(BasicSweeper):
         self.launcher = FilteringLauncher(self.launcher, self)
 
     def split_arguments(self, overrides: Any, max_batch_size: Optional[int]) -> List[List[List[str]]]:
-        """BasicSweeper's expansion, plus the ``also`` grids (the same overrides with some keys replaced), with numeric
-        group choices re-quoted (``relax=2`` -> ``relax='2'``)."""
+        """BasicSweeper's expansion, plus the ``also`` grids (the same overrides with some keys replaced)."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        from pcsweep.config import quote_numeric_choices
 
         jobs = BasicSweeper.split_arguments(overrides, None)[0]
         parser = OverridesParser.create()
         for entry in self.also:
-            extra = parser.parse_overrides([quote_numeric_choices(f"{k}={v}") for k, v in entry.items()])
+            extra = parser.parse_overrides([f"{k}={v}" for k, v in entry.items()])
             keys = {o.get_key_element() for o in extra}
             jobs += BasicSweeper.split_arguments([o for o in overrides if o.get_key_element() not in keys] + extra,
                                                  None)[0]
-        jobs = [[quote_numeric_choices(o) for o in job] for job in jobs]
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))

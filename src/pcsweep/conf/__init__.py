@@ -1,0 +1,1 @@
+"""pcsweep's Hydra configs (found as pkg://pcsweep.conf): one folder per config group."""
