@@ -9,13 +9,14 @@ your own, found first: ``./conf`` where you type the command is searched automat
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 from pcsweep.config import register_resolvers  # also lets Hydra read relax=2 as the choice "2"
-from pcsweep.errors import UserError, exit_with
+from pcsweep.errors import UserError, exit_with, release_stderr, run_with_one_line_errors
 
 register_resolvers()
 # ./conf is searched when it exists (conf/config.yaml's hydra.searchpath); Hydra warns when it does not
@@ -25,6 +26,7 @@ log = logging.getLogger("pcsweep")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    release_stderr()  # Hydra has composed the config: its own errors are behind us
     from pcsweep.interruption import Interrupted
     from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
 
@@ -33,10 +35,14 @@ def main(cfg: DictConfig) -> dict:
     except UserError as exc:  # bad input: one line, no traceback, exit status 2
         exit_with(str(exc))
     except Interrupted as exc:  # a signal: checkpointed; 128 + the signal's number, as a shell reports it
-        log.warning("%s", exc)
-        logging.shutdown()
+        print(f"pcsweep: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(128 + exc.signum) from None
 
 
+def cli() -> None:
+    """The ``pcsweep`` command (``python -m pcsweep``): Hydra's, with a bad command line reported in one line."""
+    run_with_one_line_errors(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

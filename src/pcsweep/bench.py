@@ -238,15 +238,14 @@ def pipeline_module(setup: Setup, twin: str):
     from pcsweep.settings import InferenceSettings, RelaxSettings, Settings, TrackingSettings
 
     every, variance = TWINS[twin]
-    torch.manual_seed(0)
-    mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out)
     settings = Settings(
+        width=setup.width, depth=setup.depth, seed=0,
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
         inference=InferenceSettings(steps=setup.steps, step_size=0.05, momentum=0.0),
         relax=RelaxSettings(update_every=setup.every if every else None, variance="neuron" if variance else "fixed",
                             log_variance_min=-2.0),
         tracking=TrackingSettings(energy_trace=False, alignment_every=0))
-    return PCModule(mlp, settings)
+    return PCModule(settings, setup.n_in, setup.n_out)
 
 
 def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, float]:

@@ -68,6 +68,7 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+    val: Optional[Split] = None  # held out of the training split (dataset.val_fraction): what tuning reads
 
     @property
     def num_features(self) -> int:
@@ -245,11 +246,26 @@ def load_idx_dataset(name: str, data_dir: Path | str, download: bool = False, mi
 def load_dataset(settings) -> Dataset:
     """From the dataset settings (``pcsweep.settings.DatasetSettings``)."""
     if settings.name == "digits":
-        return load_digits(settings.test_fraction)
-    if settings.name == "digits28":
-        return load_digits28(settings.train_size or 60000, settings.test_size or 10000, settings.test_fraction,
-                             settings.seed)
-    return load_idx_dataset(settings.name, settings.data_dir, settings.download, list(settings.mirrors))
+        dataset = load_digits(settings.test_fraction)
+    elif settings.name == "digits28":
+        dataset = load_digits28(settings.train_size or 60000, settings.test_size or 10000, settings.test_fraction,
+                                settings.seed)
+    else:
+        dataset = load_idx_dataset(settings.name, settings.data_dir, settings.download, list(settings.mirrors))
+    return hold_out_validation(dataset, settings.val_fraction)
+
+
+def hold_out_validation(dataset: Dataset, fraction: float) -> Dataset:
+    """Move ``fraction`` of the training split (a fixed random subset: the same for every twin, seed and width) into
+    a validation split, so that choosing hyperparameters never reads the test set. 0: no validation split."""
+    count = round(fraction * len(dataset.train))
+    if count == 0:
+        return dataset
+    order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(0))
+    val, train = order[:count], order[count:]
+    pick = lambda split, idx: Split(split.inputs[idx], split.labels[idx])  # noqa: E731
+    return Dataset(dataset.name, pick(dataset.train, train), dataset.test, dataset.num_classes,
+                   val=pick(dataset.train, val))
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -289,16 +305,18 @@ class TensorBatches:
 
 
 class TensorDataModule(L.LightningDataModule):
-    """Holds a whole ``Dataset`` on the training device; the test split is the per-epoch validation set."""
+    """Holds a whole ``Dataset`` on the training device. Lightning's per-epoch validation loop evaluates the test
+    split (dataloader 0, the paper's curves) and, if there is one, the validation split (dataloader 1)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, eval_batch_size: int = 2048):
         super().__init__()
         self.dataset, self.batch_size, self.seed, self.eval_batch_size = dataset, batch_size, seed, eval_batch_size
-        self.train_split, self.test_split = dataset.train, dataset.test
+        self.train_split, self.test_split, self.val_split = dataset.train, dataset.test, dataset.val
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.train_split, self.test_split = self.dataset.train.to(device), self.dataset.test.to(device)
+        self.val_split = self.dataset.val.to(device) if self.dataset.val is not None else None
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -306,5 +324,6 @@ class TensorDataModule(L.LightningDataModule):
     def train_dataloader(self) -> TensorBatches:
         return TensorBatches(self.train_split, self.batch_size, shuffle=True, seed=self.seed, epoch_fn=self._epoch)
 
-    def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.test_split, self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> list[TensorBatches]:
+        splits = [self.test_split] + ([self.val_split] if self.val_split is not None else [])
+        return [TensorBatches(split, self.eval_batch_size, shuffle=False) for split in splits]

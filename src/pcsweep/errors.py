@@ -14,3 +14,63 @@ class UserError(Exception):
 def exit_with(message: str, prog: str = "pcsweep") -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+# Hydra reports a bad command line (an unknown key, a value of the wrong type) in several lines, with a hint about
+# HYDRA_FULL_ERROR; pcsweep's rule is one line. Until Hydra hands over to pcsweep (a sweeper's setup, or the task
+# function), what goes to stderr is held; if Hydra exits with its report instead, the report becomes one line.
+_held: list = []  # [the real stderr, the buffer] while held
+_DETAIL = ("To append to your config", "full_key:", "object_type=", "reference_type=", "See https://hydra.cc",
+           "Set the environment variable HYDRA_FULL_ERROR")
+
+
+def hold_stderr() -> None:
+    import io
+
+    if not _held:
+        _held.extend([sys.stderr, io.StringIO()])
+        sys.stderr = _held[1]
+
+
+def release_stderr() -> str:
+    """Stop holding stderr, writing out what was held; returns it."""
+    if not _held:
+        return ""
+    real, buffer = _held
+    _held.clear()
+    sys.stderr = real
+    text = buffer.getvalue()
+    real.write(text)
+    return text
+
+
+def one_line(report: str) -> str:
+    """Hydra's error report, condensed: its message lines, without the hints, joined (argparse's own one-line
+    error, for an option Hydra does not know, as it is)."""
+    usage_errors = [line for line in report.splitlines() if ": error: " in line]
+    if usage_errors:
+        return usage_errors[-1].split(": error: ", 1)[1]
+    kept = []
+    for line in report.strip().splitlines():
+        line = line.strip()
+        if not line and kept:
+            break
+        if line and not line.startswith(_DETAIL) and "Warning" not in line:
+            kept.append(line.rstrip("."))
+    return "; ".join(kept)
+
+
+def run_with_one_line_errors(entry) -> None:
+    """Run a Hydra entry point (``hydra.main``'s function) so that a bad command line is one line, exit status 2."""
+    hold_stderr()
+    try:
+        entry()
+    except SystemExit as exc:
+        if _held and exc.code not in (0, None):
+            real, buffer = _held
+            _held.clear()
+            sys.stderr = real
+            exit_with(one_line(buffer.getvalue()) or f"exit status {exc.code}")
+        raise
+    finally:
+        release_stderr()

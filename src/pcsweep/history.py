@@ -94,6 +94,8 @@ class History(L.Callback):
             "test_acc": float(metrics["test/acc"]) if "test/acc" in metrics else None,
             "test_loss": float(metrics["test/loss"]) if "test/loss" in metrics else None,
         }
+        if "val/acc" in metrics:  # dataset.val_fraction > 0
+            record.update(val_acc=float(metrics["val/acc"]), val_loss=float(metrics["val/loss"]))
         record.update(pl_module.epoch_train_metrics())
         self.records.append(record)
         self._point(trainer, trainer.num_training_batches, record["test_acc"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -28,16 +29,28 @@ def batch_mean() -> MeanMetric:
 class TwinModule(L.LightningModule):
     """What both twins share: the MLP, the output loss, the feedforward test pass and the optimizer set-up."""
 
-    def __init__(self, mlp: MLP, settings: Settings) -> None:
+    def __init__(self, settings: Settings | dict, num_features: int, num_classes: int) -> None:
+        """A fresh MLP drawn from ``settings.seed`` (so both twins of a seed start from the same weights).
+        ``settings`` may be the plain dict a checkpoint holds: ``PCModule.load_from_checkpoint(path)`` rebuilds."""
         super().__init__()
-        self.mlp, self.settings = mlp, settings
+        if not isinstance(settings, Settings):
+            from pcsweep.config import settings_from_container
+
+            settings = settings_from_container(settings)
+        # plain types only: a checkpoint then loads without unpickling pcsweep's classes
+        self.save_hyperparameters({"settings": dataclasses.asdict(settings), "num_features": num_features,
+                                   "num_classes": num_classes})
+        torch.manual_seed(settings.seed)
+        self.mlp = MLP(num_features, settings.width, settings.depth, num_classes, activation=settings.activation,
+                       init=settings.init)
+        self.settings = settings
         self.loss_kind = settings.output_loss
         self.log_variances: Optional[torch.nn.ParameterList] = None
-        num_classes = mlp.sizes[-1]
         # per-epoch training means; recorded in groups of batches, logged once per epoch (self.log per batch is costly)
         self.train_means = torch.nn.ModuleDict({"loss": batch_mean()})
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self._unrecorded: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []  # batches not yet in the metrics
         self.diverged = False
         self.diverged_reason: Optional[str] = None
@@ -125,13 +138,15 @@ class TwinModule(L.LightningModule):
         for metric in [self.train_acc, *self.train_means.values()]:
             metric.reset()
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Dataloader 0 is the test split, 1 the validation split (``dataset.val_fraction``), if any."""
         inputs, labels = batch
         logits = self.mlp(inputs)
         loss = output_loss(logits, self.one_hot(labels), self.loss_kind)
-        self.test_acc(logits, labels)
-        self.log("test/loss", loss, on_epoch=True, prog_bar=True)
-        self.log("test/acc", self.test_acc, on_epoch=True, prog_bar=True)
+        split, accuracy = ("test", self.test_acc) if dataloader_idx == 0 else ("val", self.val_acc)
+        accuracy(logits, labels)
+        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=True, add_dataloader_idx=False)
+        self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=True, add_dataloader_idx=False)
 
 
 class BPModule(TwinModule):
@@ -151,8 +166,9 @@ class BPModule(TwinModule):
 class PCModule(TwinModule):
     """Predictive coding: manual optimization; the engine writes local gradients, the optimizer applies them."""
 
-    def __init__(self, mlp: MLP, settings: Settings) -> None:
-        super().__init__(mlp, settings)
+    def __init__(self, settings: Settings | dict, num_features: int, num_classes: int) -> None:
+        super().__init__(settings, num_features, num_classes)
+        settings, mlp = self.settings, self.mlp
         self.automatic_optimization = False
         if settings.relax.variance != "fixed":
             self.log_variances = make_log_variances(mlp.sizes, settings.relax.variance, settings.output_loss)

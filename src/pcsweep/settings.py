@@ -105,12 +105,16 @@ class DatasetSettings:
     download: bool = setting(False, identity=False)
     mirrors: List[str] = setting(identity=False, factory=list)
     test_fraction: float = 0.2  # digits, digits28: the fixed stratified split
+    # held out of the training split for choosing hyperparameters (hydra/sweeper=optuna reads it, never the test set)
+    val_fraction: float = 0.0
     train_size: Optional[int] = None  # digits28
     test_size: Optional[int] = None  # digits28
     seed: int = 0  # digits28: the distortions
 
     def __post_init__(self) -> None:
         one_of("dataset.name", self.name, DATASETS)
+        check(is_number(self.val_fraction) and 0 <= self.val_fraction < 1, "dataset.val_fraction", "in [0, 1)",
+              self.val_fraction)
 
 
 def dataset_settings(node: Any) -> DatasetSettings:
@@ -230,6 +234,9 @@ class Settings:
     variance_weight_decay: float = 0.0  # on log-variances (relax 3): pulls S toward 1
     variance_floor_every: int = 100  # relax 3 with log_variance_min=auto: batches between re-measurements
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    # conf/callbacks: more Lightning callbacks, {name: {_target_: class, its arguments}} (part of the identity: one
+    # may change the numbers, as early stopping does)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
     checkpoint: CheckpointSettings = setting(identity=False, factory=CheckpointSettings)
     tracking: TrackingSettings = setting(identity=False, factory=TrackingSettings)
     report: ReportSettings = setting(identity=False, factory=ReportSettings)

@@ -1,9 +1,13 @@
-"""Hydra's basic sweeper, plus what a pcsweep grid needs before anything is launched.
+"""Hydra's basic and Optuna sweepers, plus what a pcsweep grid needs before anything is launched.
 
 Every job's config is composed and checked first (an invalid number anywhere stops the sweep before any training),
 BP duplicates (``algo=bp relax=2`` trains what ``relax=none`` trains) and runs already finished in their folder are
 dropped with one line each, and the list of this sweep's runs is written for the summary callback. It wraps
 whatever launcher is configured, so the same filtering happens locally and on SLURM.
+
+``hydra/sweeper=optuna`` (pcsweep's ``conf/hydra/sweeper/optuna.yaml``) tunes one twin with Hydra's Optuna sweeper
+behind the same checks: every trial is a normal run folder, a trial whose run already finished is answered from its
+``summary.json``, and the objective is read from the run's summary (a validation metric: never the test set).
 """
 
 
@@ -19,9 +23,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
-from pcsweep.errors import UserError
+from pcsweep.errors import UserError, release_stderr
 from pcsweep.errors import exit_with as fail
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="pcsweep", node=Pcsweep
 class FilteringLauncher(Launcher):
     """Launches only the jobs that still need training; see the module docstring."""
 
-    def __init__(self, inner: Launcher, sweeper: "PcsweepSweeper") -> None:
+    def __init__(self, inner: Launcher, sweeper: "SweepRecord") -> None:
         self.inner, self.sweeper = inner, sweeper
         self.stability = StabilityPreflight()
 
@@ -73,6 +78,7 @@ class FilteringLauncher(Launcher):
         except UserError as exc:
             fail(f"{label}: {exc}")
         entry = {"overrides": list(overrides), "model": paper_name(settings), "dataset": settings.dataset.name}
+        self.check(label, settings)
         target, run_dir = duplicate_target(settings), run_dir_name(cfg)
         if target is not None:
             entry["model"] += f" relax={settings.relax.name}"
@@ -95,6 +101,9 @@ class FilteringLauncher(Launcher):
             except UserError as exc:
                 fail(f"{label}: {exc}")
         return {**entry, "status": "launched"}
+
+    def check(self, label: str, settings: Any) -> None:
+        """More checks of one job's settings, before anything is launched (``fail`` in one line)."""
 
     @property
     def slurm(self) -> bool:
@@ -147,21 +156,39 @@ class StabilityPreflight:
         return measure_stability(settings, model, dataset)
 
 
-class PcsweepSweeper(BasicSweeper):
+class SweepRecord:
+    """What both sweepers keep for the filtering launcher: the sweep's id and its manifest of runs."""
+
+    config: DictConfig
+    hydra_context: Any
+    sweep_id: str
+    manifest: List[dict]
+
+    def start_record(self, spec: List[str]) -> None:
+        """One id per multirun, the same when the same sweep is run again (resumed): the W&B sweep tag."""
+        digest = hashlib.sha1(json.dumps(sorted(spec)).encode()).hexdigest()[:6]
+        self.sweep_id = f"{self.config.sweep_name}-{digest}"
+        self.manifest = []
+
+    def write_manifest(self) -> None:
+        from pcsweep.summary import write_manifest
+
+        write_manifest(Path(self.config.hydra.sweep.dir), self.sweep_id, self.manifest)
+
+
+class PcsweepSweeper(SweepRecord, BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
                  also: Optional[List[Dict[str, Any]]] = None) -> None:
-        super().__init__(max_batch_size=max_batch_size, params=params)
+        BasicSweeper.__init__(self, max_batch_size=max_batch_size, params=params)
         self.also = [dict(entry) for entry in (also or [])]
-        self.manifest: List[dict] = []
+        self.manifest = []
 
     def sweep(self, arguments: List[str]) -> Any:
-        # one id per multirun, the same when the same sweep is run again (resumed): the W&B group
-        spec = sorted(self._parse_config() + list(arguments))
-        digest = hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:6]
-        self.sweep_id = f"{self.config.sweep_name}-{digest}"
+        self.start_record(self._parse_config() + list(arguments))
         return super().sweep(arguments)
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        release_stderr()  # Hydra has composed the config: its own errors are behind us
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = FilteringLauncher(self.launcher, self)
 
@@ -183,7 +210,159 @@ class PcsweepSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         pass  # FilteringLauncher composes (and so validates) every job itself
 
-    def write_manifest(self) -> None:
-        from pcsweep.summary import write_manifest
 
-        write_manifest(Path(self.config.hydra.sweep.dir), self.sweep_id, self.manifest)
+# ------------------------------------------------------------------------------------------------ Optuna
+# What a trial can be judged by: a key of the run's summary.json, and the direction that is better. Validation
+# metrics only (dataset.val_fraction > 0): a hyperparameter chosen on the test set would make the test set's
+# numbers a biased estimate.
+OBJECTIVES = {"best_val_acc": "maximize", "final_val_acc": "maximize", "final_val_loss": "minimize"}
+
+
+def objective_value(summary: dict, objective: str) -> float:
+    """A trial's value; a run that diverged or never reached an evaluation counts as the worst possible."""
+    value = summary.get(objective)
+    if value is None or summary.get("status") == "diverged" and value is None:
+        return float("inf") if OBJECTIVES[objective] == "minimize" else 0.0
+    return float(value)
+
+
+def finished_return(overrides: Sequence[str], summary: dict) -> JobReturn:
+    """The JobReturn a trial gets when its run needs no training (finished earlier, or the same run as another)."""
+    from hydra.core.utils import JobStatus
+
+    job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    job.return_value = summary
+    return job
+
+
+class TrialLauncher(FilteringLauncher):
+    """``FilteringLauncher`` for a study: one return per trial, in order, each the trial's objective value."""
+
+    sweeper: "PcsweepOptunaSweeper"
+
+    def check(self, label: str, settings: Any) -> None:
+        from pcsweep.config import duplicate_target
+
+        if duplicate_target(settings) is not None:
+            fail(f"{label}: algo=bp has no conditions to relax, so relax={settings.relax.name} tunes nothing: "
+                 "use relax=none")
+        if settings.dataset.val_fraction == 0:
+            fail(f"{label}: the objective {self.sweeper.objective} is measured on a validation split, and "
+                 "dataset.val_fraction is 0: add dataset.val_fraction=0.1 (tuning never reads the test set)")
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from hydra.core.utils import JobStatus
+
+        from pcsweep.run import finished_summary
+
+        first = len(self.sweeper.manifest)
+        launched = iter(super().launch(job_overrides, initial_job_idx))
+        entries = self.sweeper.manifest[first:]
+        by_run: Dict[str, JobReturn] = {}
+        for entry in entries:
+            if entry["status"] == "launched":
+                by_run[entry["run_dir"]] = next(launched)
+            elif entry["status"] == "finished":
+                summary = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / entry["run_dir"])
+                by_run[entry["run_dir"]] = finished_return(entry["overrides"], summary or {})
+        returns = []
+        for entry, overrides in zip(entries, job_overrides):
+            job = by_run[entry.get("run_dir") or entry["duplicate_of"]]
+            if job.status == JobStatus.COMPLETED:
+                summary = job.return_value
+                self.sweeper.trials.append({"overrides": list(overrides), "run_dir": summary.get("run_dir"),
+                                            "value": objective_value(summary, self.sweeper.objective)})
+                job = finished_return(overrides, self.sweeper.trials[-1]["value"])
+            returns.append(job)
+        return returns
+
+
+def register_optuna() -> None:
+    """``hydra/sweeper=optuna`` is pcsweep's: Optuna's sweeper config with pcsweep's sweeper as its target and
+    ``objective`` added. Optuna's plugin registers the same name when its config module is imported, so that module
+    is imported first (once) and its entry replaced, whatever order Hydra scans the plugins in."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:  # not installed: the sweeper says how to install it, in one line
+
+        @dataclass
+        class MissingOptuna:
+            _target_: str = "hydra_plugins.pcsweep_sweeper.PcsweepOptunaSweeper"
+
+        ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=MissingOptuna, provider="pcsweep")
+        return
+
+    @dataclass
+    class PcsweepOptunaConf(OptunaSweeperConf):
+        """pcsweep -m hydra/sweeper=optuna algo=pc relax=23 dataset.val_fraction=0.1
+        'optimizer.lr=tag(log, interval(1e-6, 1e-2))' hydra.sweeper.n_trials=20"""
+
+        _target_: str = "hydra_plugins.pcsweep_sweeper.PcsweepOptunaSweeper"
+        objective: str = "best_val_acc"  # a key of OBJECTIVES: validation metrics only
+        direction: Any = "maximize"
+        study_name: Optional[str] = "${sweep_name}"
+        n_jobs: int = 1  # trials per batch (in parallel with launcher=gpus or launcher=slurm)
+
+    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=PcsweepOptunaConf, provider="pcsweep")
+
+
+register_optuna()
+
+
+class PcsweepOptunaSweeper(SweepRecord, Sweeper):
+    """Hydra's Optuna sweeper (``hydra-optuna-sweeper``) behind pcsweep's checks; the options are Optuna's, plus
+    ``objective`` (a key of ``OBJECTIVES``). The best trial is logged and saved as ``best.yaml`` (its overrides,
+    value and run folder) and ``best_config.yaml`` (the run's whole config) in the sweep folder."""
+
+    def __init__(self, objective: str = "best_val_acc", **optuna_options: Any) -> None:
+        try:
+            from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+        except ImportError:
+            fail("hydra/sweeper=optuna needs Hydra's Optuna sweeper: pip install 'pcsweep[tune]'")
+        if objective not in OBJECTIVES:
+            fail(f"hydra.sweeper.objective={objective} is not something a run measures; one of: "
+                 + ", ".join(OBJECTIVES))
+        direction = str(getattr(optuna_options.get("direction"), "name", optuna_options.get("direction")))
+        if direction != OBJECTIVES[objective]:
+            fail(f"{objective} is better when it is {'higher' if OBJECTIVES[objective] == 'maximize' else 'lower'}: "
+                 f"set hydra.sweeper.direction={OBJECTIVES[objective]}")
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep's own lines say what each trial did
+        self.objective = objective
+        self.impl = OptunaSweeperImpl(**optuna_options)
+        self.trials: List[dict] = []
+        self.manifest = []
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        release_stderr()
+        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.config, self.hydra_context = config, hydra_context
+        self.impl.launcher = TrialLauncher(self.impl.launcher, self)
+
+    def sweep(self, arguments: List[str]) -> None:
+        self.start_record([f"{k}={v}" for k, v in (self.impl.params or {}).items()] + list(arguments))
+        self.fixed = set(arguments)
+        self.impl.sweep(arguments)
+        self.save_best()
+
+    def save_best(self) -> None:
+        from omegaconf import OmegaConf
+
+        from pcsweep.files import write_atomic
+
+        if not self.trials:
+            return
+        better = max if OBJECTIVES[self.objective] == "maximize" else min
+        best = better(self.trials, key=lambda trial: trial["value"])
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        record = {"objective": self.objective, "value": best["value"], "overrides": best["overrides"],
+                  "run_dir": best["run_dir"], "trials": len(self.trials)}
+        write_atomic(sweep_dir / "best.yaml", OmegaConf.to_yaml(OmegaConf.create(record)))
+        config = sweep_dir / str(best["run_dir"]) / "config.yaml"
+        if config.is_file():
+            write_atomic(sweep_dir / "best_config.yaml", config.read_text())
+        chosen = [override for override in best["overrides"] if override not in self.fixed]
+        log.info(f"best of {len(self.trials)} trials: {' '.join(chosen)} ({self.objective} "
+                 f"{best['value']:.4f}) in {best['run_dir']}; saved as {sweep_dir / 'best.yaml'} and "
+                 f"{sweep_dir / 'best_config.yaml'}")
