@@ -8,13 +8,21 @@ import time
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from helpers import SMALL, pcsweep
+from helpers import SMALL, compose, pcsweep
+from pcsweep.config import family_name, paper_name, run_dir_name, settings_from
 from pcsweep.history import History, time_to_fraction
-from pcsweep.tracking import steps_to_tolerance, trim_metrics
+from pcsweep.tracking import EPOCH, SECONDS, STEP, run_labels, steps_to_tolerance, trim_metrics
 from wandb_records import read_run
 
 WANDB_OFFLINE = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}
+
+
+def offline(tmp_path) -> dict:
+    """Offline W&B, its staging and cache (artifacts) in the test's folder, not the home directory."""
+    return {**WANDB_OFFLINE, "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+            "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
 
 
 def curve(accs, seconds_per_epoch=2.0, steps_per_epoch=10):
@@ -65,8 +73,33 @@ def offline_runs(run_dir):
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+def test_a_run_is_grouped_with_its_other_seeds_and_tagged_to_be_filtered():
+    def labels(*overrides):
+        cfg = compose(*overrides)
+        return cfg, run_labels(cfg, settings_from(cfg))
+
+    cfg, seed1 = labels("seed=1", "relax=2")
+    _, seed2 = labels("seed=2", "relax=2")
+    _, wider = labels("seed=1", "relax=2", "width=32")
+    _, in_a_sweep = labels("seed=1", "relax=2", "tracking.group=default-0123abcd")
+    assert seed1["group"] == seed2["group"] == in_a_sweep["group"] != wider["group"]  # W&B aggregates the seeds
+    assert run_dir_name(cfg) != run_dir_name(compose("seed=2", "relax=2"))  # each seed still has its own folder
+    assert seed1["group"] == family_name(cfg) and seed1["group"].startswith(f"{paper_name(cfg)}_digits-")
+    assert family_name(cfg) == family_name(OmegaConf.to_container(cfg, resolve=True))  # as read back from a run
+    from pcsweep.report import Run  # the report's notion of a family: the same hash
+
+    assert Run(None, {}, OmegaConf.to_container(cfg, resolve=True)).family == seed1["group"].rsplit("-", 1)[1]
+    assert seed1["job_type"] == "pc_rc2"
+    assert sorted(seed1["tags"]) == sorted([f"width={cfg.width}", f"depth={cfg.depth}", "twin=pc_rc2", "dataset=digits",
+                                            "sweep=default", "seed=1"])
+    assert "sweep=default-0123abcd" in in_a_sweep["tags"]  # the sweep id: a tag, not the group
+    config = in_a_sweep["config"]
+    assert (config["twin"], config["family"], config["sweep"], config["seed"]) == ("pc_rc2", seed1["group"],
+                                                                                 "default-0123abcd", 1)
+
+
 def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
-    result = pcsweep(tmp_path, *SMALL, "relax=3", "tracking.alignment_every=3", env=WANDB_OFFLINE)
+    result = pcsweep(tmp_path, *SMALL, "relax=3", "tracking.alignment_every=3", env=offline(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "wandb sync" in result.stdout
     (run_dir,) = [p for p in (tmp_path / "multirun" / "default").iterdir() if p.is_dir()]
@@ -74,10 +107,13 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     data = read_run(run_file)
     run = data["run"]
     assert run.display_name == "pc_24_3_rc3_digits" and run.job_type == "pc_rc3" and run.project == "pcsweep"
-    assert run.run_group == "default"  # a single run: the sweep name
-    assert sorted(run.tags) == sorted(["digits", "width=24", "depth=3", "relax=3"])
-    assert data["config"]["width"] == 24 and data["config"]["relax"]["variance"] == "neuron"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert run.run_group == family_name(resolved)  # the run's identity without its seed
+    assert sorted(run.tags) == sorted(["twin=pc_rc3", "width=24", "depth=3", "dataset=digits", "sweep=default",
+                                       "seed=0"])
+    assert (data["config"]["twin"], data["config"]["family"], data["config"]["sweep"]) == ("pc_rc3", run.run_group,
+                                                                                           "default")
+    assert data["config"]["width"] == 24 and data["config"]["relax"]["variance"] == "neuron"
     assert "${" not in json.dumps(resolved) and resolved["optimizer"]["lr"] == 3e-4  # the twin's own lr
     for key, value in resolved.items():  # the whole resolved config, nothing left to interpolate
         assert data["config"][key] == value, key
@@ -96,7 +132,33 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     for key in ("final_test_acc", "best_test_acc", "time_to_90", "epoch_to_90", "step_to_90", "train_seconds",
                 "diverged", "name", "status"):
         assert data["summary"][key] == summary[key], key
+    for name, check in summary["checks"].items():  # each check's verdict, a string to filter by
+        assert data["summary"][f"checks/{name}"] == check["verdict"], name
     assert data["exit_code"] == 0
+    # the x-axes: every metric charted against trainer/global_step (batches), epoch and training time in every row
+    metrics = data["metrics"]
+    assert metrics["*"]["step_metric"] == STEP and metrics["*"]["step_sync"]
+    assert all(m["step_metric"] == STEP for name, m in metrics.items() if name != STEP), metrics
+    assert "max" in metrics["test/acc"]["summary"] and "last" in metrics["train/loss"]["summary"]
+    assert data["summary"]["test/acc"]["max"] == summary["best_test_acc"]
+    assert data["summary"]["test/acc"]["last"] == summary["final_test_acc"]
+    assert data["summary"]["test/loss"]["last"] == summary["final_test_loss"]
+    for row in data["history"]:
+        assert {STEP, EPOCH, SECONDS} <= row.keys(), row.keys()
+    steps = [row[STEP] for row in data["history"]]
+    assert steps == sorted(steps)  # one x-axis, moving forward
+    per_batch = [row[STEP] for row in data["history"] if "train/loss_step" in row]
+    batches = [row[STEP] + 1 for row in data["history"] if "test/acc" in row]  # batches trained by each epoch's end
+    assert batches[1] == 2 * batches[0] and max(steps) == batches[1] - 1 and per_batch and max(per_batch) < batches[1]
+    seconds = [row[SECONDS] for row in data["history"]]
+    assert seconds == sorted(seconds) and seconds[-1] == summary["train_seconds"]
+    assert [row[EPOCH] for row in data["history"] if "test/acc" in row] == [0, 1]
+    # the final weights, with the config and summary they belong to
+    (model,) = [a for a in data["artifacts"] if a["type"] == "model"]
+    assert model["name"] == f"weights-{run_dir.name}" and "weights.pt" in model["files"]
+    assert {"config.yaml", "summary.json"} <= set(model["files"])
+    assert model["metadata"]["status"] == "complete" and model["metadata"]["seed"] == 0
+    assert model["metadata"]["final_test_acc"] == summary["final_test_acc"]
     layers = summary["layers"]  # per epoch and weight layer: change from W0 and distance from a Gaussian
     assert [r["epoch"] for r in layers] == [0, 1] and all(len(r["change"]) == 4 for r in layers)
     assert 0 < layers[0]["change"][0] < layers[1]["change"][0]  # the first layer moves further each epoch
@@ -109,17 +171,38 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     assert sorted(traces) == ["0", "1"] and len(traces["0"]) == 16 + 1
 
 
-def test_three_jobs_make_three_wandb_runs_in_one_group_and_one_summary(tmp_path):
-    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "relax=none,2", env=WANDB_OFFLINE)
+def test_three_jobs_make_three_wandb_runs_of_one_sweep_on_one_axis_and_one_summary(tmp_path):
+    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "relax=none,2", env=offline(tmp_path))
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
-    runs = [read_run(f)["run"] for d in sweep.iterdir() if d.is_dir() and d.name != "report" for f in offline_runs(d)]
+    folders = [d for d in sweep.iterdir() if d.is_dir() and d.name != "report" and offline_runs(d)]
+    data = {d.name: read_run(offline_runs(d)[0]) for d in folders}
+    runs = [run["run"] for run in data.values()]
     assert len(runs) == 3 and len({r.run_id for r in runs}) == 3
-    assert len({r.run_group for r in runs}) == 1 and runs[0].run_group.startswith("default-")
+    for d in folders:  # one group per family (a seed of it would join it), one sweep tag for all
+        assert data[d.name]["run"].run_group == family_name(yaml.safe_load((d / "config.yaml").read_text()))
+    assert len({r.run_group for r in runs}) == 3
+    (sweep_tag,) = {t for r in runs for t in r.tags if t.startswith("sweep=")}
+    assert sweep_tag.startswith("sweep=default-")
     assert sorted(r.job_type for r in runs) == ["bp", "pc", "pc_rc2"]
-    (report_file,) = offline_runs(sweep / "report")  # the report's figures, same group
+    # BP and PC curves overlay: the same x (batches trained), however many optimizer steps PC takes per batch
+    by_twin = {run["run"].job_type: run for run in data.values()}
+    bp_folder = next(d for d in folders if data[d.name]["run"].job_type == "bp")
+    bp_summary = json.loads((bp_folder / "summary.json").read_text())
+    batches = bp_summary["history"][0]["step"] + 1  # the index of epoch 0's last batch
+    for twin, run in by_twin.items():
+        assert [row[STEP] for row in run["history"] if "test/acc" in row] == [batches - 1, 2 * batches - 1], twin
+        folder = next(d for d in folders if data[d.name]["run"].job_type == twin)  # summary.json: the same axis
+        summary = json.loads((folder / "summary.json").read_text())
+        assert [record["step"] for record in summary["history"]] == [batches - 1, 2 * batches - 1], twin
+        assert max(row[STEP] for row in run["history"]) == 2 * batches - 1, twin
+    (report_file,) = offline_runs(sweep / "report")  # the report's figures: the sweep's group and tag
     report = read_run(report_file)
-    assert report["run"].job_type == "report" and report["run"].run_group == runs[0].run_group
+    assert report["run"].job_type == "report" and report["run"].run_group == sweep_tag.split("=", 1)[1]
+    assert list(report["run"].tags) == [sweep_tag]
+    (folder,) = [a for a in report["artifacts"] if a["type"] == "report"]  # the report itself, to download
+    assert {"report.html", "report.md", "claims.json"} <= set(folder["files"])
+    assert any(f.endswith(".png") for f in folder["files"]) and not any("/" in f for f in folder["files"])
     claims = json.loads((sweep / "report" / "claims.json").read_text())["claims"]
     assert [report["summary"][f"claim{c['id']}"] for c in claims] == [c["verdict"] for c in claims]
     assert any(key.startswith("claims") for row in report["history"] for key in row)  # the claims table

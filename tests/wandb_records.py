@@ -43,12 +43,30 @@ def records(path: Path) -> list:
     return [wandb_internal_pb2.Record.FromString(c) for c in chunks]
 
 
+def metric(record) -> dict:
+    """A ``define_metric`` record: {"step_metric": str, "step_sync": bool, "summary": {"max", ...}}."""
+    ops = ("min", "max", "mean", "last", "first", "none", "copy")
+    return {"step_metric": record.step_metric, "step_sync": record.options.step_sync,
+            "summary": {op for op in ops if getattr(record.summary, op)}}
+
+
+def artifact(record) -> dict:
+    """A logged artifact: {"name", "type", "metadata": {...}, "files": [paths in the artifact]}."""
+    return {"name": record.name, "type": record.type, "metadata": json.loads(record.metadata or "{}"),
+            "files": sorted(entry.path for entry in record.manifest.contents)}
+
+
 def read_run(run_file: Path) -> dict:
-    """{"run": RunRecord, "config": {...}, "history": [rows], "summary": {...}, "exit_code": int | None}."""
-    out = {"run": None, "config": {}, "history": [], "summary": {}, "exit_code": None}
+    """{"run": RunRecord, "config": {...}, "history": [rows], "summary": {...}, "exit_code": int | None,
+    "metrics": {name or glob: metric(...)}, "artifacts": [artifact(...)]}."""
+    out = {"run": None, "config": {}, "history": [], "summary": {}, "exit_code": None, "metrics": {}, "artifacts": []}
     for record in records(run_file):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
+        if kind == "metric":
+            out["metrics"][record.metric.name or record.metric.glob_name] = metric(record.metric)
+        elif kind == "artifact":
+            out["artifacts"].append(artifact(record.artifact))
+        elif kind == "run":
             out["run"] = record.run
             for item in record.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)

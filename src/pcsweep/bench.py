@@ -254,7 +254,8 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
     measured free of the machine's drift between epochs)."""
     import lightning as L
 
-    from pcsweep.data import Dataset, Split, TensorBatches, TensorDataModule
+    from pcsweep.data import Dataset, Split
+    from pcsweep.datamodule import TensorBatches, TensorDataModule
     from pcsweep.run import quiet_lightning
 
     quiet_lightning()

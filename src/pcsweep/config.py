@@ -74,7 +74,8 @@ def _role(key: str) -> Any:
 DEFAULTS = _flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resolve=True))
 
 
-OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.")  # free-form: a torch optimizer's options, ...
+# free-form: a torch optimizer's options, the twins' learning rates, claim thresholds, callbacks' arguments
+OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.", "callbacks.")
 
 
 def settings_from(cfg: DictConfig) -> Settings:
@@ -86,9 +87,65 @@ def settings_from(cfg: DictConfig) -> Settings:
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a pcsweep setting (`python -m pcsweep --cfg job` lists them)")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
+        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
+    for name, node in settings.callbacks.items():
+        check_target(f"callbacks.{name}", node)
+        monitored = node.get("monitor")
+        if monitored is not None and monitored not in monitorable(settings):
+            raise ConfigError(f"callbacks.{name}.monitor={monitored} is not logged by this run; one of: "
+                              f"{', '.join(monitorable(settings))}")
+    return settings
+
+
+def monitorable(settings: Settings) -> list[str]:
+    """What a callback can monitor: logged once per epoch by every run (val/* with a validation split)."""
+    val = ["val/acc", "val/loss"] if settings.dataset.val_fraction > 0 else []
+    return val + ["test/acc", "test/loss", "train/loss", "train/acc"]
+
+
+def locate(dotted: str) -> Any:
+    """The object at ``package.module.Name`` (as Hydra's ``_target_`` finds it), or None, quietly."""
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[split:]:
+                found = getattr(found, name)
+        except AttributeError:
+            return None
+        return found
+    return None
+
+
+def check_target(key: str, node: Any) -> None:
+    """A ``_target_`` node that cannot be built is one line before any work: the class must import and take the
+    node's arguments."""
+    import inspect
+
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str):
+        raise ConfigError(f"{key} needs a _target_ (the class to instantiate), got {node!r}")
+    factory = locate(target)
+    if factory is None:
+        raise ConfigError(f"{key}._target_={target} cannot be imported")
+    try:
+        inspect.signature(factory).bind_partial(**{k: v for k, v in node.items() if not k.startswith("_")})
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {target} {exc}") from None
+    except ValueError:  # no signature to check (a builtin): instantiate will say
+        pass
+
+
+def settings_from_container(container: dict) -> Settings:
+    """Settings from a plain mapping (a checkpoint's hyperparameters, a stored config), checked as ``settings_from``."""
+    return settings_from(OmegaConf.create(container))
 
 
 def identity(config: Any) -> dict[str, Any]:
@@ -185,3 +242,13 @@ def gpu_count() -> int:
     import torch
 
     return max(1, torch.cuda.device_count())
+
+
+def family_name(config: Any) -> str:
+    """The run's identity without its seed, ``<paper name>_<dataset>-<hash>``: the runs of one family are seeds of
+    one experiment (their W&B group; ``report.Run.family`` is the same hash). ``config``: as for ``identity``."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),
+                                        resolve=True)
+    unseeded = {k: v for k, v in config.items() if k != "seed"}
+    return f"{paper_name(OmegaConf.create(unseeded))}_{unseeded['dataset']['name']}-{config_hash(unseeded)}"

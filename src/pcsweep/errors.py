@@ -45,19 +45,22 @@ def release_stderr() -> str:
 
 
 def one_line(report: str) -> str:
-    """Hydra's error report, condensed: its message lines, without the hints, joined (argparse's own one-line
-    error, for an option Hydra does not know, as it is)."""
+    """Hydra's error report, condensed: its message lines without the hints, a group's options as a list
+    (argparse's own one-line error, for an option Hydra does not know, as it is)."""
     usage_errors = [line for line in report.splitlines() if ": error: " in line]
     if usage_errors:
         return usage_errors[-1].split(": error: ", 1)[1]
-    kept = []
-    for line in report.strip().splitlines():
-        line = line.strip()
-        if not line and kept:
+    kept: list[str] = []
+    options: list[str] = []
+    for line in report.splitlines():
+        if line.startswith("Config search path:"):
             break
-        if line and not line.startswith(_DETAIL) and "Warning" not in line:
-            kept.append(line.rstrip("."))
-    return "; ".join(kept)
+        if line.startswith("\t") and kept and kept[-1].startswith("Available options"):
+            options.append(line.strip())
+        elif line.strip() and not line.strip().startswith(_DETAIL) and "Warning" not in line:
+            kept.append(line.strip().rstrip(".:"))
+    text = "; ".join(kept)
+    return f"{text}: {', '.join(options)}" if options else text
 
 
 def run_with_one_line_errors(entry) -> None:

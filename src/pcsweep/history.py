@@ -32,6 +32,12 @@ def time_to_fraction(history: list[dict], fraction: float = 0.9) -> Optional[dic
 
 
 @torch.no_grad()
+def last_batch(trainer: L.Trainer, batches_done: int) -> int:
+    """The index of the last batch trained, counted over the whole run: W&B's ``trainer/global_step`` axis. Batches,
+    not optimizer steps: a relax=2 twin takes 32 optimizer steps per batch, and its curves must overlay BP's."""
+    return trainer.current_epoch * trainer.num_training_batches + batches_done - 1
+
+
 def test_accuracy(pl_module: L.LightningModule, split, chunk: int = 2048) -> float:
     """Feedforward accuracy on a whole split (the test prediction of both twins)."""
     dtype = pl_module.mlp.layers[0].weight.dtype
@@ -76,7 +82,8 @@ class History(L.Callback):
     def _point(self, trainer: L.Trainer, batches_done: int, test_acc: Optional[float]) -> None:
         self.curve.append({"epoch": trainer.current_epoch,
                            "epochs": trainer.current_epoch + batches_done / trainer.num_training_batches,
-                           "step": trainer.global_step, "train_seconds": self.train_seconds, "test_acc": test_acc})
+                           "step": last_batch(trainer, batches_done), "train_seconds": self.train_seconds,
+                           "test_acc": test_acc})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -89,7 +96,7 @@ class History(L.Callback):
         metrics = trainer.callback_metrics
         record = {
             "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
+            "step": last_batch(trainer, trainer.num_training_batches),
             "train_seconds": self.train_seconds,
             "test_acc": float(metrics["test/acc"]) if "test/acc" in metrics else None,
             "test_loss": float(metrics["test/loss"]) if "test/loss" in metrics else None,

@@ -626,7 +626,9 @@ def build_report(sweep_dir: Path, spans=(1.0, 0.1), resolution: int = 41, sample
 
 
 def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
-    """The report's figures as one W&B run (job type ``report``), offline without a key, as training runs are."""
+    """The report's figures as one W&B run (job type ``report``, grouped and tagged by the sweep, whose training runs
+    carry the same ``sweep=`` tag), offline without a key, as training runs are; the report folder as a ``report``
+    artifact."""
     import wandb
 
     from pcsweep.tracking import start_wandb
@@ -634,9 +636,9 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
     logger_cfg = logger_cfg or OmegaConf.create({"mode": "auto", "project": "pcsweep", "entity": None,
                                                  "init_timeout": 30})
     manifest = read_manifest(Path(sweep_dir))
-    group = manifest.get("sweep_id") if manifest is not None else None
-    run = start_wandb(logger_cfg, html_path.parent, name=f"report {Path(sweep_dir).name}",
-                      group=group or Path(sweep_dir).name, job_type="report")
+    sweep = (manifest.get("sweep_id") if manifest is not None else None) or Path(sweep_dir).name
+    run = start_wandb(logger_cfg, html_path.parent, name=f"report {Path(sweep_dir).name}", group=sweep,
+                      job_type="report", tags=[f"sweep={sweep}"[:64]], config={"sweep": sweep})
     try:
         run.log({p.stem: wandb.Image(str(p)) for p in html_path.parent.glob("*.png")})
         run.log({"report": wandb.Html(html_path.read_text())})
@@ -647,6 +649,14 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
             run.summary.update({f"claim{c['id']}": c["verdict"] for c in claims})
             artifact = wandb.Artifact(f"claims-{Path(sweep_dir).name}", type="claims")
             artifact.add_file(str(claims_path))
+            run.log_artifact(artifact)
+        # the report folder's own files (html, md, figures, claims.json), not its wandb/ folder
+        files = sorted(p for p in html_path.parent.iterdir()
+                       if p.is_file() and p.suffix in (".html", ".md", ".png", ".json"))
+        if not run.disabled and files:
+            artifact = wandb.Artifact(f"report-{Path(sweep_dir).name}", type="report", metadata={"sweep": sweep})
+            for path in files:
+                artifact.add_file(str(path))
             run.log_artifact(artifact)
     finally:
         run.finish()

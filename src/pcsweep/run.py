@@ -26,17 +26,19 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.conditions import Condition2Thresholds, condition2_verdict, preflight_stability
-from pcsweep.config import duplicate_target, find_previous_folder, paper_name, settings_from, twin_name
+from pcsweep.config import duplicate_target, find_previous_folder, paper_name, settings_from
 from pcsweep.devices import training_devices
 from pcsweep.files import DiskFull, RunBusy, disk_full, read_json, run_lock, set_aside, write_atomic
-from pcsweep.data import BUNDLED, TensorDataModule, load_dataset
+from pcsweep.data import BUNDLED, load_dataset
+from pcsweep.datamodule import TensorDataModule
 from pcsweep.history import History, time_to_fraction
 from pcsweep.interruption import Interrupted, MidEpochCheckpoints
-from pcsweep.mlp import MLP
 from pcsweep.models import BPModule, PCModule, TwinModule
 from pcsweep.settings import Settings
-from pcsweep.tracking import (EnergyTraces, LayerLearning, ResumableCSVLogger, RunConditions, WeightHistograms,
-                              start_wandb, trim_metrics)
+from pcsweep.tracking import (AxesWandbLogger, EnergyTraces, LayerLearning, ResumableCSVLogger, RunConditions,
+                              WeightHistograms, log_final_artifacts, run_labels, run_summary, start_wandb, trim_metrics)
+
+log = logging.getLogger(__name__)
 
 FINISHED = ("complete", "diverged", "failed_to_learn")
 UNIFORM_SPREAD = 1e-3  # log S spread across a layer's neurons below which the variance is one number per layer
@@ -72,11 +74,8 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
 
 
 def build_model(settings: Settings, num_features: int, num_classes: int) -> TwinModule:
-    """The twin ``settings.algo.name`` on a fresh MLP; the MLP is drawn first, so both twins start from the same weights."""
-    torch.manual_seed(settings.seed)
-    mlp = MLP(num_features, settings.width, settings.depth, num_classes, activation=settings.activation,
-              init=settings.init)
-    return (BPModule if settings.algo.name == "bp" else PCModule)(mlp, settings)
+    """The twin ``settings.algo.name`` on a fresh MLP drawn from the seed (both twins start from the same weights)."""
+    return (BPModule if settings.algo.name == "bp" else PCModule)(settings, num_features, num_classes)
 
 
 def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
@@ -141,6 +140,7 @@ def _summary(cfg: DictConfig, settings: Settings, run_dir: Path, history: Histor
     records = history.records
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
+    val_accs = [r["val_acc"] for r in records if r.get("val_acc") is not None]
     if status == "complete" and not learned(settings, last.get("test_acc"), num_classes):
         status = "failed_to_learn"  # listed, never ranked: a time to 90% of chance means nothing
     t90 = time_to_fraction(history.curve or records, 0.9) if status == "complete" else None
@@ -155,6 +155,8 @@ def _summary(cfg: DictConfig, settings: Settings, run_dir: Path, history: Histor
         "best_test_acc": max(accs) if accs else None,
         "final_train_loss": last.get("train_loss"),
         "final_test_loss": last.get("test_loss"),
+        "final_val_acc": last.get("val_acc"),
+        "best_val_acc": max(val_accs) if val_accs else None,
         "train_seconds": history.train_seconds,
         "time_to_90": t90["train_seconds"] if t90 else None,
         "epoch_to_90": t90["epoch"] if t90 else None,
@@ -193,7 +195,8 @@ def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: boo
     # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
     layers = LayerLearning([layer.weight for layer in model.mlp.layers])
     mid_epoch = MidEpochCheckpoints(run_dir / "checkpoints" / "last.ckpt", settings.checkpoint.every_minutes)
-    return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + [checkpoints, mid_epoch])
+    added = [hydra.utils.instantiate(node) for node in settings.callbacks.values()]  # conf/callbacks
+    return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + added + [checkpoints, mid_epoch])
 
 
 def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
@@ -230,14 +233,8 @@ def start_logging(cfg: DictConfig, settings: Settings, run_dir: Path) -> tuple[l
     loggers: list = [ResumableCSVLogger(run_dir)]
     if settings.logger.name != "wandb":
         return loggers, None
-    wandb_run = start_wandb(
-        settings.logger, run_dir, name=f"{paper_name(settings)}_{settings.dataset.name}",
-        group=settings.tracking.group or settings.sweep_name, job_type=twin_name(settings),
-        tags=[settings.dataset.name, f"width={settings.width}", f"depth={settings.depth}",
-              f"relax={settings.relax.name}"],
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    return loggers + [L.pytorch.loggers.WandbLogger(experiment=wandb_run)], wandb_run
+    wandb_run = start_wandb(settings.logger, run_dir, **run_labels(cfg, settings))
+    return loggers + [AxesWandbLogger(wandb_run)], wandb_run
 
 
 def fit(settings: Settings, run_dir: Path, model: TwinModule, datamodule, callbacks: list, loggers: list,
@@ -254,8 +251,8 @@ def fit(settings: Settings, run_dir: Path, model: TwinModule, datamodule, callba
             callbacks=callbacks, enable_progress_bar=trainer_settings.progress_bar, enable_model_summary=False,
             num_sanity_val_steps=0, log_every_n_steps=trainer_settings.log_every_n_steps, default_root_dir=run_dir,
         )
-        print(f"[pcsweep] training {run_dir.name} ({settings.epochs} epochs on {trainer.strategy.root_device}"
-              f"{resume})", flush=True)
+        log.info(f"training {run_dir.name} ({settings.epochs} epochs on {trainer.strategy.root_device}"
+              f"{resume})")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
@@ -268,13 +265,13 @@ def fit(settings: Settings, run_dir: Path, model: TwinModule, datamodule, callba
 def announce(summary: dict, run_dir: Path, num_classes: int) -> None:
     """One line on how the run ended."""
     if summary["status"] == "diverged":
-        print(f"[pcsweep] {run_dir.name}: diverged ({summary['diverged_reason']}); marked, the sweep goes on", flush=True)
+        log.info(f"{run_dir.name}: diverged ({summary['diverged_reason']}); marked, the sweep goes on")
     elif summary["status"] == "failed_to_learn":
-        print(f"[pcsweep] {run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
-              f"{1 / num_classes:.2f}); listed, not ranked", flush=True)
+        log.info(f"{run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
+              f"{1 / num_classes:.2f}); listed, not ranked")
     else:
-        print(f"[pcsweep] {run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
-              f"{summary['train_seconds']:.1f} s of training", flush=True)
+        log.info(f"{run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
+              f"{summary['train_seconds']:.1f} s of training")
 
 
 def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule, callbacks: Callbacks,
@@ -282,7 +279,7 @@ def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule
     """Final weights, ``summary.json`` (with the run's checks) and, for a diverged run, its ``DIVERGED`` marker."""
     status = "diverged" if model.diverged else "complete"
     weights = run_dir / "weights.pt.partial"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_"))},
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_", "val_"))},
                weights)
     os.replace(weights, run_dir / "weights.pt")
     summary = _summary(cfg, settings, run_dir, callbacks.history, status, num_classes)
@@ -309,21 +306,20 @@ def adopt_previous_folder(run_dir: Path, cfg: DictConfig) -> None:
             if not (run_dir / child.name).exists():
                 os.replace(child, run_dir / child.name)
         shutil.rmtree(previous)  # what is left there is Hydra's record of the earlier launch
-    print(f"[pcsweep] {previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}",
-          flush=True)
+    log.info(f"{previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}")
 
 
 def skipped(cfg: DictConfig, settings: Settings, run_dir: Path) -> Optional[dict]:
     """The summary of a run that needs no training (a BP duplicate, or finished in its folder), or None."""
     target = duplicate_target(settings)
     if target is not None:
-        print(f"[pcsweep] skipped {paper_name(settings)} relax={settings.relax.name}: duplicate of {target}", flush=True)
+        log.info(f"skipped {paper_name(settings)} relax={settings.relax.name}: duplicate of {target}")
         return {"name": paper_name(settings), "dataset": settings.dataset.name, "status": "duplicate",
                 "duplicate_of": target}
     adopt_previous_folder(run_dir, cfg)
     done = finished_summary(run_dir)
     if done is not None:
-        print(f"[pcsweep] {run_dir.name}: already {done['status']}, nothing to train", flush=True)
+        log.info(f"{run_dir.name}: already {done['status']}, nothing to train")
     return done
 
 
@@ -350,8 +346,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             done = finished_summary(run_dir)  # finished by another process since the check above
             return done if done is not None else train_owned(cfg, settings, run_dir, dataset, model, stability)
     except RunBusy as exc:
-        print(f"[pcsweep] {run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up "
-              "its result)", flush=True)
+        log.info(f"{run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up "
+              "its result)")
         return {"name": paper_name(settings), "dataset": settings.dataset.name, "status": "busy", "run_dir": run_dir.name}
     except OSError as exc:
         full = disk_full(exc)
@@ -374,8 +370,8 @@ def train_owned(cfg: DictConfig, settings: Settings, run_dir: Path, dataset, mod
             callbacks.all(), loggers, last, resume)
         summary = finish(cfg, settings, run_dir, model, callbacks, stability, dataset.num_classes)
         if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in summary.items()
-                                      if k not in ("history", "config", "curve", "conditions", "layers")})
+            wandb_run.summary.update(run_summary(summary))
+            log_final_artifacts(wandb_run, run_dir, summary)
         succeeded = True
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
         if wandb_run is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import netrc
 import os
 import secrets
@@ -19,6 +20,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pcsweep.files import read_json, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -134,31 +137,134 @@ def start_wandb(logger_cfg, run_dir: Path, **init_kwargs: Any):
                   resume="allow", **init_kwargs)
     settings = wandb.Settings(init_timeout=timeout, silent=True)
     if mode == "online" and not server_reachable(wandb_base_url(), min(timeout, 10.0)):
-        print(f"[pcsweep] W&B server {wandb_base_url()} unreachable: logging offline", flush=True)
+        log.info(f"W&B server {wandb_base_url()} unreachable: logging offline")
         mode, _online_failed = "offline", True
     try:
         run = wandb.init(mode=mode, settings=settings, **kwargs)
     except Exception as exc:  # wandb raises several types on network and auth trouble
         if mode != "online":
             raise
-        print(f"[pcsweep] W&B online start failed ({type(exc).__name__}): logging offline", flush=True)
+        log.info(f"W&B online start failed ({type(exc).__name__}): logging offline")
         wandb.teardown()  # the half-started online run still holds its id in W&B's service process
         mode, _online_failed = "offline", True
         run = wandb.init(mode=mode, settings=settings, **kwargs)
     if mode == "offline":
-        print(f"[pcsweep] W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*", flush=True)
+        log.info(f"W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
     return run
+
+
+# W&B's x-axes. Every metric is charted against STEP, training batches seen (Lightning's ``_batches_that_stepped``
+# and ``batch_step``: one per batch, however many optimizer steps PC takes in it), so BP and PC curves of one size
+# overlay; EPOCH and SECONDS (training wall time, evaluation excluded: ``History.train_seconds``) ride along in every
+# row, to be picked as the x-axis instead.
+STEP, EPOCH, SECONDS = "trainer/global_step", "epoch", "time/train_seconds"
+# What a run's W&B summary keeps of a metric (the rest: its last value). "max,last" shows as test/acc.max and
+# test/acc.last. The test loss keeps its minimum too (the best the model got, as for accuracy); a training loss is
+# noisy per batch, so only its last (epoch mean or batch) value means anything.
+SUMMARIES = {"test/acc": "max,last", "train/acc": "max,last", "test/loss": "min,last", "train/loss": "last",
+             "train/loss_step": "last"}
+
+
+def define_axes(run) -> None:
+    """``define_metric`` for a W&B run pcsweep started (Lightning's WandbLogger only does it for runs it starts)."""
+    run.define_metric(STEP)
+    run.define_metric("*", step_metric=STEP, step_sync=True)
+    for name, summary in SUMMARIES.items():  # a metric defined by name no longer follows the glob: its axis again
+        run.define_metric(name, step_metric=STEP, step_sync=True, summary=summary)
+
+
+def training_seconds(trainer: L.Trainer | None) -> float | None:
+    """The run's training time so far (the ``History`` callback's clock), or None without one."""
+    from pcsweep.history import History
+
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, History):
+            return callback.train_seconds
+    return None
+
+
+def axes(trainer: L.Trainer, step: int) -> dict[str, Any]:
+    """The x-axis values of a row logged at ``step`` (for ``run.log`` outside Lightning's loggers)."""
+    seconds = training_seconds(trainer)
+    return {STEP: step, EPOCH: trainer.current_epoch, **({SECONDS: seconds} if seconds is not None else {})}
+
+
+class AxesWandbLogger(WandbLogger):
+    """Lightning's WandbLogger on a run started by ``start_wandb``: the x-axes defined, and every row it logs carries
+    the step (Lightning's), the epoch and the training seconds."""
+
+    def __init__(self, experiment) -> None:
+        super().__init__(experiment=experiment)
+        define_axes(experiment)
+        self._module: L.LightningModule | None = None
+
+    def log_graph(self, model, input_array=None) -> None:
+        """Lightning calls this with the LightningModule when fit starts: the epoch and the clock are read from it."""
+        self._module = model
+        super().log_graph(model, input_array)
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        module = self._module
+        trainer = module._trainer if module is not None else None
+        if trainer is not None:
+            seconds = training_seconds(trainer)  # the clock itself: what Lightning logs of it is a float32 copy
+            metrics = {EPOCH: trainer.current_epoch, **metrics, **({SECONDS: seconds} if seconds is not None else {})}
+        super().log_metrics(metrics, step)
+
+
+def run_labels(cfg, settings) -> dict[str, Any]:
+    """How W&B files a run (``wandb.init`` arguments): grouped by its family (the identity without the seed: W&B
+    aggregates the seeds), job type its twin, tags and flat config keys to filter by twin, size, dataset, sweep and
+    seed."""
+    from omegaconf import OmegaConf
+
+    from pcsweep.config import family_name, paper_name, twin_name
+
+    twin, sweep, family = twin_name(settings), settings.tracking.group or settings.sweep_name, family_name(cfg)
+    tags = {"twin": twin, "width": settings.width, "depth": settings.depth, "dataset": settings.dataset.name,
+            "sweep": sweep, "seed": settings.seed}
+    return {"name": f"{paper_name(settings)}_{settings.dataset.name}", "group": family, "job_type": twin,
+            "tags": [f"{k}={v}"[:64] for k, v in tags.items()],  # W&B refuses longer tags
+            "config": {**OmegaConf.to_container(cfg, resolve=True), "twin": twin, "family": family, "sweep": sweep}}
+
+
+def run_summary(summary: dict) -> dict[str, Any]:
+    """A finished run's ``summary.json`` as W&B summary keys: its numbers and status, each check's verdict as
+    ``checks/<name>`` (the details stay in summary.json, logged with the weights)."""
+    kept = {k: v for k, v in summary.items()
+            if k not in ("history", "config", "curve", "conditions", "layers", "checks")}
+    kept.update({f"checks/{name}": str(check.get("verdict")) for name, check in (summary.get("checks") or {}).items()})
+    return kept
+
+
+def log_final_artifacts(wandb_run, run_dir: Path, summary: dict) -> None:
+    """The final weights (with the run's config and summary) as a ``model`` artifact, ``weights-<run folder>``."""
+    import wandb
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "weights.pt"
+    if wandb_run.disabled or not weights.is_file():
+        return
+    artifact = wandb.Artifact(f"weights-{run_dir.name}", type="model", metadata={
+        "status": summary.get("status"), "final_test_acc": summary.get("final_test_acc"),
+        "seed": (summary.get("config") or {}).get("seed"), "family": wandb_run.group})
+    artifact.add_file(str(weights))
+    for name in ("config.yaml", "summary.json"):
+        if (run_dir / name).is_file():
+            artifact.add_file(str(run_dir / name))
+    wandb_run.log_artifact(artifact)
 
 
 # ------------------------------------------------------------------------------------------------ callbacks
 def batch_step(trainer: L.Trainer, batch_idx: int) -> int:
-    """The x-axis of per-batch logs: training batches seen so far (also across resumes)."""
+    """The x-axis of per-batch logs: training batches seen so far (also across resumes); the step Lightning gives
+    its loggers (``_batches_that_stepped``) for the same batch, whatever the number of optimizer steps in it."""
     return trainer.current_epoch * trainer.num_training_batches + batch_idx
 
 
 def log_direct(pl_module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
     """Log now to every logger, outside Lightning's every-n-steps cadence (for sparse diagnostics)."""
-    metrics = {**metrics, "epoch": pl_module.current_epoch}  # the CSV log is trimmed by epoch on resume
+    metrics = {**metrics, EPOCH: pl_module.current_epoch}  # the CSV log is trimmed by epoch on resume
     for logger in pl_module.loggers:
         logger.log_metrics(metrics, step=step)
 
@@ -204,8 +310,8 @@ class WeightHistograms(L.Callback):
             # from our own bins: numpy's refuses a range as narrow as a barely-trained variance's
             data = {name: wandb.Histogram(np_histogram=(h["counts"], torch.linspace(h["min"], h["max"], len(h["counts"]) + 1).tolist()))
                     for name, h in hists.items()}
-            for run in runs:
-                run.log({**data, "epoch": epoch, "trainer/global_step": batch_step(trainer, 0)})
+            for run in runs:  # at the epoch's last batch, with the other end-of-epoch rows
+                run.log({**data, **axes(trainer, batch_step(trainer, trainer.num_training_batches - 1))})
 
 
 class EnergyTraces(L.Callback):
@@ -239,7 +345,7 @@ class EnergyTraces(L.Callback):
                                           keys=[f"epoch {e}" for e in epochs], title="Inference energy, first batch",
                                           xname="inference step")
             for run in runs:
-                run.log({"inference/energy_trace": plot, "trainer/global_step": batch_step(trainer, batch_idx)})
+                run.log({"inference/energy_trace": plot, **axes(trainer, batch_step(trainer, batch_idx))})
 
     def state_dict(self) -> dict:
         return {"traces": self.traces}

@@ -298,6 +298,7 @@ def register_optuna() -> None:
         'optimizer.lr=tag(log, interval(1e-6, 1e-2))' hydra.sweeper.n_trials=20"""
 
         _target_: str = "hydra_plugins.pcsweep_sweeper.PcsweepOptunaSweeper"
+        _recursive_: bool = False  # the sampler is built by the sweeper, seeded
         objective: str = "best_val_acc"  # a key of OBJECTIVES: validation metrics only
         direction: Any = "maximize"
         study_name: Optional[str] = "${sweep_name}"
@@ -314,7 +315,7 @@ class PcsweepOptunaSweeper(SweepRecord, Sweeper):
     ``objective`` (a key of ``OBJECTIVES``). The best trial is logged and saved as ``best.yaml`` (its overrides,
     value and run folder) and ``best_config.yaml`` (the run's whole config) in the sweep folder."""
 
-    def __init__(self, objective: str = "best_val_acc", **optuna_options: Any) -> None:
+    def __init__(self, objective: str = "best_val_acc", sampler: Any = None, **optuna_options: Any) -> None:
         try:
             from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
         except ImportError:
@@ -327,10 +328,13 @@ class PcsweepOptunaSweeper(SweepRecord, Sweeper):
             fail(f"{objective} is better when it is {'higher' if OBJECTIVES[objective] == 'maximize' else 'lower'}: "
                  f"set hydra.sweeper.direction={OBJECTIVES[objective]}")
         import optuna
+        from hydra.utils import instantiate
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep's own lines say what each trial did
+        if sampler is not None and sampler.get("seed", 0) is None:
+            sampler.seed = 0  # the same study asks the same trials again: a re-run is answered by finished runs
         self.objective = objective
-        self.impl = OptunaSweeperImpl(**optuna_options)
+        self.impl = OptunaSweeperImpl(sampler=instantiate(sampler), **optuna_options)
         self.trials: List[dict] = []
         self.manifest = []
 
