@@ -30,14 +30,14 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "pcsweep" / "conf")
 
 def compose(*overrides: str, hydra_node: bool = False):
     """The real config, composed as the command line composes it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from pcsweep.config import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides),
-                             return_hydra_config=hydra_node)
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 def compose_settings(*overrides: str):

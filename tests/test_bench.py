@@ -45,8 +45,25 @@ def test_floor_counts_exactly_the_engines_matmul_flops(twin):
 
 def test_bench_quick_run_reports_every_measure(tmp_path):
     out = tmp_path / "bench.json"
-    report = bench.main(["--widths", "16", "--depth", "2", "--steps", "8", "--every", "4", "--input", "20", "--quick",
-                         "--pipeline-batches", "3", "--json", str(out)])
+    report = bench.main(
+        [
+            "--widths",
+            "16",
+            "--depth",
+            "2",
+            "--steps",
+            "8",
+            "--every",
+            "4",
+            "--input",
+            "20",
+            "--quick",
+            "--pipeline-batches",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["machine"]["best_matmul_gflops"] > 0
     width = report["widths"]["16"]
@@ -69,13 +86,20 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
 
 def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypatch, capsys):
     setup = bench.Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
-    runs = {"": {"pcx_version": "0.6.3", "jax_version": "0.4.38", "ms_per_batch": {"converged": 30.0, "every": 12.0}},
-            "--xla_cpu_use_thunk_runtime=false": {"pcx_version": "0.6.3", "jax_version": "0.4.38",
-                                                  "ms_per_batch": {"converged": 20.0, "every": 40.0}}}
+    runs = {
+        "": {"pcx_version": "0.6.3", "jax_version": "0.4.38", "ms_per_batch": {"converged": 30.0, "every": 12.0}},
+        "--xla_cpu_use_thunk_runtime=false": {
+            "pcx_version": "0.6.3",
+            "jax_version": "0.4.38",
+            "ms_per_batch": {"converged": 20.0, "every": 40.0},
+        },
+    }
     monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags: runs[flags])
     peer = bench.time_pcx(setup, 2, 3, "scan")
-    assert peer["best"] == {"converged": {"ms_per_batch": 20.0, "runtime": "legacy"},
-                            "every": {"ms_per_batch": 12.0, "runtime": "default"}}
+    assert peer["best"] == {
+        "converged": {"ms_per_batch": 20.0, "runtime": "legacy"},
+        "every": {"ms_per_batch": 12.0, "runtime": "default"},
+    }
     monkeypatch.setattr(bench, "run_pcx", lambda *args: {"error": "pcx missing"})
     assert bench.time_pcx(setup, 2, 3, "scan")["error"] == "pcx missing"
     other = bench.Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
@@ -83,8 +107,25 @@ def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypat
 
     # in the report: each schedule's best beside the twin that does the same work
     monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags: runs[flags])
-    report = bench.main(["--widths", "16", "--depth", "2", "--steps", "8", "--every", "4", "--quick",
-                         "--no-reference", "--no-pipeline", "--twins", "pc", "pc_rc2", "--peers"])
+    report = bench.main(
+        [
+            "--widths",
+            "16",
+            "--depth",
+            "2",
+            "--steps",
+            "8",
+            "--every",
+            "4",
+            "--quick",
+            "--no-reference",
+            "--no-pipeline",
+            "--twins",
+            "pc",
+            "pc_rc2",
+            "--peers",
+        ]
+    )
     twins = report["widths"]["16"]["twins"]
     assert twins["pc"]["pcx_ms"] == 20.0 and twins["pc_rc2"]["pcx_ms"] == 12.0
     assert twins["pc"]["speedup_vs_pcx"] == pytest.approx(20.0 / twins["pc"]["ms_per_batch"])

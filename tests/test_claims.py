@@ -12,13 +12,29 @@ from helpers import pcsweep
 from pcsweep.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_TESTED, ClaimRules, evaluate, interval
 from pcsweep.landscape import hessian_extremes, output_loss, plane_convexity, sharpness
 from pcsweep.layers import gaussian_distance, relative_change, wasserstein1
-from pcsweep.report import build_report, main as report_main
+from pcsweep.report import build_report
+from pcsweep.report import main as report_main
 
 
 def run(twin, seed, acc=0.9, width=64, **extra):
-    fact = {"label": twin, "twin": twin, "dataset": "digits", "width": width, "seed": seed, "lr": 1e-3,
-            "weight_decay": 0.0, "status": "complete", "final_acc": acc, "test_loss": 0.1, "t90": 10.0,
-            "condition2": "held", "inference": "stable", "change": [0.5] * 9, "gaussian": [0.01] * 9, "shape": None}
+    fact = {
+        "label": twin,
+        "twin": twin,
+        "dataset": "digits",
+        "width": width,
+        "seed": seed,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "status": "complete",
+        "final_acc": acc,
+        "test_loss": 0.1,
+        "t90": 10.0,
+        "condition2": "held",
+        "inference": "stable",
+        "change": [0.5] * 9,
+        "gaussian": [0.01] * 9,
+        "shape": None,
+    }
     fact.update(extra)
     return fact
 
@@ -58,9 +74,11 @@ def test_claims_without_their_twins_are_not_tested():
 
 def test_claim2_needs_the_narrow_network_to_be_worse_than_the_wide_one():
     def sweep(narrow_gap, wide_gap):
-        return ([run("bp", s, 0.9 + NOISE[s], width=w) for s in range(3) for w in (16, 64)]
-                + [run("pc", s, 0.9 + NOISE[s] - narrow_gap, width=16) for s in range(3)]
-                + [run("pc", s, 0.9 + NOISE[s] - wide_gap, width=64) for s in range(3)])
+        return (
+            [run("bp", s, 0.9 + NOISE[s], width=w) for s in range(3) for w in (16, 64)]
+            + [run("pc", s, 0.9 + NOISE[s] - narrow_gap, width=16) for s in range(3)]
+            + [run("pc", s, 0.9 + NOISE[s] - wide_gap, width=64) for s in range(3)]
+        )
 
     assert claim(evaluate(sweep(0.10, 0.01)), 2)["verdict"] == HOLDS
     assert claim(evaluate(sweep(0.10, 0.20)), 2)["verdict"] == FAILS  # worse, but not "especially in narrow"
@@ -89,14 +107,18 @@ def test_claim7_deep_layers_and_gaussian_weights():
 
 def test_claims_5_6_8_read_the_landscape_shape():
     def shape(wide, zoomed=1.0, rise=1.0):
-        return {"wide": {"convex_fraction": wide}, "zoomed": {"convex_fraction": zoomed},
-                "sharpness": {"increase": rise}}
+        return {
+            "wide": {"convex_fraction": wide},
+            "zoomed": {"convex_fraction": zoomed},
+            "sharpness": {"increase": rise},
+        }
 
     pc = [run("pc", s, shape=shape(0.6 + 0.01 * s, rise=0.1 * (1 + 0.05 * s))) for s in range(3)]
     rc2 = [run("pc_rc2", s, shape=shape(0.58 + 0.01 * s, rise=1.0 * (1 + 0.04 * s))) for s in range(3)]
     rc23 = [run("pc_rc23", s, shape=shape(0.2 + 0.01 * s, zoomed=0.97)) for s in range(3)]
-    decayed = [run("pc_rc23", s, weight_decay=1e-6, shape=shape(0.5 + 0.01 * s), gaussian=[0.005] * 9)
-               for s in range(3)]
+    decayed = [
+        run("pc_rc23", s, weight_decay=1e-6, shape=shape(0.5 + 0.01 * s), gaussian=[0.005] * 9) for s in range(3)
+    ]
     results = evaluate(pc + rc2 + rc23 + decayed)
     assert [claim(results, n)["verdict"] for n in (5, 6, 8)] == [HOLDS, HOLDS, HOLDS]
     rc23_convex = [run("pc_rc23", s, shape=shape(0.6 + 0.005 * s)) for s in range(3)]  # as convex as pc's
@@ -150,7 +172,7 @@ def test_lanczos_finds_the_hessians_extreme_eigenvalues():
     def loss(flat):
         parts, start = [], 0
         for s in shapes:
-            parts.append(flat[start:start + s[0] * s[1]].view(s))
+            parts.append(flat[start : start + s[0] * s[1]].view(s))
             start += s[0] * s[1]
         return output_loss(parts, biases, x, y, "tanh", "mse")
 
@@ -179,8 +201,18 @@ def test_plane_convexity_and_sharpness_on_known_surfaces():
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_claims_smoke_preset_gets_a_claims_section_that_rebuilds_bit_for_bit(tmp_path):
-    result = pcsweep(tmp_path, "-m", "experiment=claims_smoke", "width=16", "depth=3", "epochs=2",
-                     "inference.steps=16", "report.resolution=7", "report.samples=64", "tracking.chance_margin=-1")
+    result = pcsweep(
+        tmp_path,
+        "-m",
+        "experiment=claims_smoke",
+        "width=16",
+        "depth=3",
+        "epochs=2",
+        "inference.steps=16",
+        "report.resolution=7",
+        "report.samples=64",
+        "tracking.chance_margin=-1",
+    )
     assert result.returncode == 0, result.stderr
     assert "the paper's claims" in result.stdout and "claim 8:" in result.stdout
     sweep = tmp_path / "multirun" / "claims_smoke"

@@ -49,15 +49,23 @@ def test_the_paper_grid_command_works_as_typed(tmp_path):
     """`-m algo=bp,pc relax=none,2,3,23 width=256,1024` (shrunk in depth, epochs and T, the report without its
     landscapes: tests/test_report.py has them): 10 runs, 6 skipped."""
     result = pcsweep(
-        tmp_path, "-m", "algo=bp,pc", "relax=none,2,3,23", "width=256,1024", "depth=2", "epochs=1", "inference.steps=8",
+        tmp_path,
+        "-m",
+        "algo=bp,pc",
+        "relax=none,2,3,23",
+        "width=256,1024",
+        "depth=2",
+        "epochs=1",
+        "inference.steps=8",
         "report.landscapes=false",
     )
     assert result.returncode == 0, result.stderr
     names = run_folders(tmp_path / "multirun" / "default")
     assert len(names) == 10
     assert {n.split("_digits-")[0] for n in names} == {
-        f"{algo}_{w}_2{rc}" for w in (256, 1024) for algo, rc in
-        [("bp", ""), ("pc", ""), ("pc", "_rc2"), ("pc", "_rc3"), ("pc", "_rc23")]
+        f"{algo}_{w}_2{rc}"
+        for w in (256, 1024)
+        for algo, rc in [("bp", ""), ("pc", ""), ("pc", "_rc2"), ("pc", "_rc3"), ("pc", "_rc23")]
     }
     assert sum(line.startswith("[pcsweep] skipped bp_") for line in result.stdout.splitlines()) == 6
 
@@ -105,9 +113,13 @@ def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tmp_path):
     result = pcsweep(tmp_path, "-m", *SMALL, "algo=pc,bp", "optimizer.lr=100")
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
-    summaries = {n.split("_digits-")[0]: json.loads((sweep / n / "summary.json").read_text()) for n in run_folders(sweep)}
+    summaries = {
+        n.split("_digits-")[0]: json.loads((sweep / n / "summary.json").read_text()) for n in run_folders(sweep)
+    }
     assert summaries["pc_24_3"]["status"] == "diverged" and summaries["pc_24_3"]["diverged"] is True
-    assert (sweep / summaries["pc_24_3"]["run_dir"] / "DIVERGED").read_text().strip() == summaries["pc_24_3"]["diverged_reason"]
+    assert (sweep / summaries["pc_24_3"]["run_dir"] / "DIVERGED").read_text().strip() == summaries["pc_24_3"][
+        "diverged_reason"
+    ]
     assert summaries["pc_24_3"]["time_to_90"] is None
     assert "diverged" in result.stdout
 
@@ -120,7 +132,10 @@ def test_running_a_finished_sweep_again_trains_nothing(tmp_path):
     second = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc")
     assert second.returncode == 0, second.stderr
     # the default relax=none,2,3,23 applies: bp and the four pc twins, each one line
-    assert sum(line.startswith("[pcsweep] skipped") and "already complete" in line for line in second.stdout.splitlines()) == 5
+    assert (
+        sum(line.startswith("[pcsweep] skipped") and "already complete" in line for line in second.stdout.splitlines())
+        == 5
+    )
     assert "[pcsweep] training" not in second.stdout and not list(sweep.glob("*/checkpoints/*.partial"))
     assert {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in run_folders(sweep)} == before
 

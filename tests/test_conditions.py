@@ -12,6 +12,7 @@ from pcsweep.data import load_digits
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature
 
+
 def digits_batch(size=64):
     data = load_digits()
     return data.train.inputs[:size], torch.nn.functional.one_hot(data.train.labels[:size], 10).float()
@@ -21,8 +22,12 @@ def test_condition2_probe_sees_plain_descent_short_of_convergence_and_the_heavy_
     x, y = digits_batch()
     torch.manual_seed(0)
     net = MLP(64, 64, 8, 10).as_pc_network(None, "mse")
-    probes = {m: probe_condition2(PCEngine(net, Inference(steps=64, step_size=0.1, momentum=m)), x, y, at_step=64,
-                                  max_steps=4096) for m in (0.0, 0.95)}
+    probes = {
+        m: probe_condition2(
+            PCEngine(net, Inference(steps=64, step_size=0.1, momentum=m)), x, y, at_step=64, max_steps=4096
+        )
+        for m in (0.0, 0.95)
+    }
     plain, heavy = probes[0.0], probes[0.95]
     assert plain["gap"] > 0.5 and min(plain["cosine"]) < 0.95  # 64 plain steps are far from converged
     assert heavy["gap"] < 0.75 * plain["gap"] and min(heavy["cosine"]) > min(plain["cosine"])
@@ -57,10 +62,13 @@ def test_variance_statistics_count_the_floor():
     assert stats["at_floor"] == 0.5 and stats["min"] == -1.0 and stats["max"] == 1.5 and stats["mean"] == 0.0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["inference.step_size=5"], "inference.step_size=5 is past the stability limit"),
-    (["relax=3", "relax.log_variance_min=-4"], "relax.log_variance_min=-4 is below the stable range"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["inference.step_size=5"], "inference.step_size=5 is past the stability limit"),
+        (["relax=3", "relax.log_variance_min=-4"], "relax.log_variance_min=-4 is below the stable range"),
+    ],
+)
 def test_unstable_settings_are_one_line_before_training(tmp_path, args, message):
     result = pcsweep(tmp_path, *SMALL, "algo=pc", *args)
     assert result.returncode == 2
@@ -114,11 +122,14 @@ def test_an_unstable_job_stops_a_sweep_before_any_job_trains(tmp_path):
     assert "Traceback" not in result.stderr and "training" not in result.stdout  # not even the stable jobs before it
 
 
-@pytest.mark.parametrize("stds,at_floor,verdict", [
-    ([1e-5, 2e-5], 0.0, "uniform drift (not a per-neuron variance)"),  # what Adam does with +1/2 everywhere
-    ([0.2, 0.05], 0.0, "learned per neuron"),
-    ([0.0, 0.0], 1.0, "hidden variances at the floor"),
-])
+@pytest.mark.parametrize(
+    "stds,at_floor,verdict",
+    [
+        ([1e-5, 2e-5], 0.0, "uniform drift (not a per-neuron variance)"),  # what Adam does with +1/2 everywhere
+        ([0.2, 0.05], 0.0, "learned per neuron"),
+        ([0.0, 0.0], 1.0, "hidden variances at the floor"),
+    ],
+)
 def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdict):
     from types import SimpleNamespace
 
@@ -127,11 +138,14 @@ def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdic
 
     layers = [{"mean": -0.3, "std": s, "min": -0.4, "max": -0.2, "at_floor": at_floor} for s in stds]
     probe = {"gap": 0.01, "cosine": [0.99, 0.99]}
-    conditions = SimpleNamespace(records=[{"epoch": 0, "condition2": probe, "stiffness": 1.0, "variance": layers,
-                                           "log_variance_min": -0.5}])
+    conditions = SimpleNamespace(
+        records=[{"epoch": 0, "condition2": probe, "stiffness": 1.0, "variance": layers, "log_variance_min": -0.5}]
+    )
     settings = compose_settings("algo=pc", "relax=3")
     summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
     stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5}
     checks = run_checks(settings, summary, conditions, stability)
     assert checks["variance"]["verdict"] == verdict
-    assert checks_text(checks).endswith(f"S at floor {100 * at_floor:.0f}%" + (", uniform" if "uniform" in verdict else ""))
+    assert checks_text(checks).endswith(
+        f"S at floor {100 * at_floor:.0f}%" + (", uniform" if "uniform" in verdict else "")
+    )

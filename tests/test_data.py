@@ -63,7 +63,9 @@ def test_missing_files_give_one_clear_error(tmp_path):
     with pytest.raises(DatasetError) as info:
         data.check_available("fashion_mnist", tmp_path, download=False)
     message = str(info.value)
-    assert str(tmp_path) in message and "train-images-idx3-ubyte[.gz]" in message and "t10k-labels-idx1-ubyte" in message
+    assert (
+        str(tmp_path) in message and "train-images-idx3-ubyte[.gz]" in message and "t10k-labels-idx1-ubyte" in message
+    )
     assert "dataset.download=true" in message and "\n" not in message
 
 
@@ -111,7 +113,9 @@ def test_a_corrupted_download_is_rejected_and_nothing_is_left_behind(tmp_path, i
 
 
 def test_offline_sweep_on_missing_files_fails_before_any_training(tmp_path):
-    result = pcsweep(tmp_path, "-m", *SMALL, "dataset=mnist,fashion_mnist", env={"PCSWEEP_DATA_DIR": str(tmp_path / "nodata")})
+    result = pcsweep(
+        tmp_path, "-m", *SMALL, "dataset=mnist,fashion_mnist", env={"PCSWEEP_DATA_DIR": str(tmp_path / "nodata")}
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "files not found" in lines[0] and "train-images-idx3-ubyte" in lines[0]
@@ -122,11 +126,21 @@ def test_offline_sweep_on_missing_files_fails_before_any_training(tmp_path):
 def test_sweep_over_mnist_and_fashion_mnist_from_local_idx_files(tmp_path):
     for name in ("mnist", "fashion_mnist"):
         make_idx_dataset(tmp_path / "data" / name, n_train=1280, compress=name == "mnist")
-    result = pcsweep(tmp_path, "-m", *SMALL, "optimizer.lr=0.01", "algo=bp,pc", "dataset=mnist,fashion_mnist", "relax=none,2",
-                     env={"PCSWEEP_DATA_DIR": str(tmp_path / "data")})
+    result = pcsweep(
+        tmp_path,
+        "-m",
+        *SMALL,
+        "optimizer.lr=0.01",
+        "algo=bp,pc",
+        "dataset=mnist,fashion_mnist",
+        "relax=none,2",
+        env={"PCSWEEP_DATA_DIR": str(tmp_path / "data")},
+    )
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
     names = sorted(p.name.rsplit("-", 1)[0] for p in sweep.iterdir() if (p / "summary.json").is_file())
-    assert names == sorted(f"{m}_{d}" for m in ("bp_24_3", "pc_24_3", "pc_24_3_rc2") for d in ("mnist", "fashion_mnist"))
+    assert names == sorted(
+        f"{m}_{d}" for m in ("bp_24_3", "pc_24_3", "pc_24_3_rc2") for d in ("mnist", "fashion_mnist")
+    )
     summary = json.loads(next(sweep.glob("bp_24_3_mnist-*/summary.json")).read_text())
     assert summary["final_test_acc"] > 0.5  # the bands are easy: training really happened on these files

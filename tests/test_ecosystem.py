@@ -12,14 +12,21 @@ import yaml
 
 from helpers import compose, compose_settings, pcsweep
 
-TINY = ["width=16", "depth=2", "epochs=2", "inference.steps=8", "batch_size=128", "tracking.chance_margin=-1",
-        "report.auto=false"]
+TINY = [
+    "width=16",
+    "depth=2",
+    "epochs=2",
+    "inference.steps=8",
+    "batch_size=128",
+    "tracking.chance_margin=-1",
+    "report.auto=false",
+]
 
 
 def only_error_line(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("pcsweep: error: "), result.stderr
-    return lines[0][len("pcsweep: error: "):]
+    return lines[0][len("pcsweep: error: ") :]
 
 
 def test_numeric_relax_choices_are_names_wherever_overrides_are_parsed():
@@ -40,19 +47,32 @@ def test_numeric_relax_choices_are_names_wherever_overrides_are_parsed():
     assert compose(*[f"{k}={v}" for k, v in fixed.items()]).relax.name == "23"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["algo=xyz"], "In 'config': Could not find 'algo/xyz'; Available options in 'algo': bp, pc"),
-    (["width=1.5"], "Error merging override width=1.5; Value '1.5' of type 'float' could not be converted to Integer"),
-    (["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trialz=3"],
-     "Could not override 'hydra.sweeper.n_trialz'; Key 'n_trialz' not in 'PcsweepOptunaConf'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["+callbacks.x._target_=nowhere.Callback"], "callbacks.x._target_=nowhere.Callback cannot be imported"),
-    (["+callbacks.x._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.x.monitr=val/acc"],
-     "callbacks.x: lightning.pytorch.callbacks.EarlyStopping got an unexpected keyword argument 'monitr'"),
-    (["callbacks=early_stopping"], "callbacks.early_stopping.monitor=val/acc is not logged by this run; one of: "
-                                   "test/acc, test/loss, train/loss, train/acc"),
-    (["dataset.val_fraction=1"], "dataset.val_fraction must be in [0, 1), got 1.0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["algo=xyz"], "In 'config': Could not find 'algo/xyz'; Available options in 'algo': bp, pc"),
+        (
+            ["width=1.5"],
+            "Error merging override width=1.5; Value '1.5' of type 'float' could not be converted to Integer",
+        ),
+        (
+            ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trialz=3"],
+            "Could not override 'hydra.sweeper.n_trialz'; Key 'n_trialz' not in 'PcsweepOptunaConf'",
+        ),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["+callbacks.x._target_=nowhere.Callback"], "callbacks.x._target_=nowhere.Callback cannot be imported"),
+        (
+            ["+callbacks.x._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.x.monitr=val/acc"],
+            "callbacks.x: lightning.pytorch.callbacks.EarlyStopping got an unexpected keyword argument 'monitr'",
+        ),
+        (
+            ["callbacks=early_stopping"],
+            "callbacks.early_stopping.monitor=val/acc is not logged by this run; one of: "
+            "test/acc, test/loss, train/loss, train/acc",
+        ),
+        (["dataset.val_fraction=1"], "dataset.val_fraction must be in [0, 1), got 1.0"),
+    ],
+)
 def test_a_bad_command_line_is_one_line_before_any_work(tmp_path, args, message):
     assert only_error_line(pcsweep(tmp_path, *args)) == message
     assert not list(tmp_path.rglob("metrics.csv"))
@@ -62,8 +82,16 @@ def test_a_bad_command_line_is_one_line_before_any_work(tmp_path, args, message)
 def test_callbacks_from_the_command_line_and_a_checkpoint_that_rebuilds_its_module(tmp_path):
     from pcsweep.models import PCModule
 
-    result = pcsweep(tmp_path, *TINY, "epochs=8", "relax=2", "optimizer.lr=1e-7", "dataset.val_fraction=0.2",
-                     "callbacks=[early_stopping,lr_monitor]", "callbacks.early_stopping.patience=1")
+    result = pcsweep(
+        tmp_path,
+        *TINY,
+        "epochs=8",
+        "relax=2",
+        "optimizer.lr=1e-7",
+        "dataset.val_fraction=0.2",
+        "callbacks=[early_stopping,lr_monitor]",
+        "callbacks.early_stopping.patience=1",
+    )
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "multirun" / "default").glob("pc_16_2_rc2_*")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -91,7 +119,7 @@ def test_the_validation_split_is_held_out_of_training_and_the_same_for_every_run
     held = load_dataset(compose_settings("dataset.val_fraction=0.25", "seed=3", "width=8").dataset)
     assert whole.val is None and len(held.val) == round(0.25 * len(whole.train))
     assert len(held.train) + len(held.val) == len(whole.train) and torch.equal(held.test.inputs, whole.test.inputs)
-    rows = lambda split: {tuple(row.tolist()) for row in split.inputs}  # noqa: E731
+    rows = lambda split: {tuple(row.tolist()) for row in split.inputs}
     assert not rows(held.val) & rows(held.train) and rows(held.val) | rows(held.train) == rows(whole.train)
     again = load_dataset(compose_settings("dataset.val_fraction=0.25", "seed=0").dataset)
     assert torch.equal(again.val.inputs, held.val.inputs)  # the same split whatever the seed: twins compare
@@ -107,8 +135,16 @@ def test_a_log_level_silences_the_terminal_but_not_the_log_file(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing(tmp_path):
-    command = ["-m", "hydra/sweeper=optuna", "algo=pc", "relax=2", "dataset.val_fraction=0.2", *TINY,
-               "optimizer.lr=tag(log, interval(1e-4, 3e-2))", "hydra.sweeper.n_trials=3"]
+    command = [
+        "-m",
+        "hydra/sweeper=optuna",
+        "algo=pc",
+        "relax=2",
+        "dataset.val_fraction=0.2",
+        *TINY,
+        "optimizer.lr=tag(log, interval(1e-4, 3e-2))",
+        "hydra.sweeper.n_trials=3",
+    ]
     first = pcsweep(tmp_path, *command)
     assert first.returncode == 0, first.stderr
     sweep = tmp_path / "multirun" / "default"
@@ -127,19 +163,39 @@ def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing
     assert yaml.safe_load((sweep / "best.yaml").read_text()) == best
 
 
-@pytest.mark.parametrize("args,message", [
-    (["hydra.sweeper.objective=best_test_acc"], "hydra.sweeper.objective=best_test_acc is not something a run "
-                                                "measures; one of: best_val_acc, final_val_acc, final_val_loss"),
-    (["hydra.sweeper.objective=final_val_loss"], "final_val_loss is better when it is lower: set "
-                                                 "hydra.sweeper.direction=minimize"),
-    (["dataset.val_fraction=0"], "the objective best_val_acc is measured on a validation split, and "
-                                 "dataset.val_fraction is 0: add dataset.val_fraction=0.1 (tuning never reads the "
-                                 "test set)"),
-    (["optimizer.lrx=tag(log, interval(1e-4, 3e-2))"], "Key 'lrx' is not in struct"),
-    (["algo=bp"], "algo=bp has no conditions to relax, so relax=2 tunes nothing: use relax=none"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["hydra.sweeper.objective=best_test_acc"],
+            "hydra.sweeper.objective=best_test_acc is not something a run "
+            "measures; one of: best_val_acc, final_val_acc, final_val_loss",
+        ),
+        (
+            ["hydra.sweeper.objective=final_val_loss"],
+            "final_val_loss is better when it is lower: set hydra.sweeper.direction=minimize",
+        ),
+        (
+            ["dataset.val_fraction=0"],
+            "the objective best_val_acc is measured on a validation split, and "
+            "dataset.val_fraction is 0: add dataset.val_fraction=0.1 (tuning never reads the "
+            "test set)",
+        ),
+        (["optimizer.lrx=tag(log, interval(1e-4, 3e-2))"], "Key 'lrx' is not in struct"),
+        (["algo=bp"], "algo=bp has no conditions to relax, so relax=2 tunes nothing: use relax=none"),
+    ],
+)
 def test_a_bad_study_is_one_line_before_any_trial_trains(tmp_path, args, message):
-    command = ["-m", "hydra/sweeper=optuna", "algo=pc", "relax=2", "dataset.val_fraction=0.2", *TINY,
-               "optimizer.lr=tag(log, interval(1e-4, 3e-2))", "hydra.sweeper.n_trials=2", *args]
+    command = [
+        "-m",
+        "hydra/sweeper=optuna",
+        "algo=pc",
+        "relax=2",
+        "dataset.val_fraction=0.2",
+        *TINY,
+        "optimizer.lr=tag(log, interval(1e-4, 3e-2))",
+        "hydra.sweeper.n_trials=2",
+        *args,
+    ]
     assert only_error_line(pcsweep(tmp_path, *command)).endswith(message)
     assert not list(tmp_path.rglob("metrics.csv"))

@@ -37,11 +37,20 @@ def test_a_setting_added_later_with_a_default_keeps_every_old_run_where_it_is(mo
     assert config.config_hash(old) == config.config_hash(container("algo=pc", "relax=3", "width=24"))
 
 
-@pytest.mark.parametrize("change,same", [
-    ("tracking.evals_per_epoch=3", True), ("logger=csv", True), ("report.resolution=5", True),
-    ("sweep_name=other", True), ("trainer.progress_bar=true", True),
-    ("width=24", False), ("seed=1", False), ("inference.steps=8", False), ("optimizer=sgd", False),
-])
+@pytest.mark.parametrize(
+    "change,same",
+    [
+        ("tracking.evals_per_epoch=3", True),
+        ("logger=csv", True),
+        ("report.resolution=5", True),
+        ("sweep_name=other", True),
+        ("trainer.progress_bar=true", True),
+        ("width=24", False),
+        ("seed=1", False),
+        ("inference.steps=8", False),
+        ("optimizer=sgd", False),
+    ],
+)
 def test_only_settings_that_change_the_numbers_change_the_folder(change, same):
     base = config.config_hash(compose("algo=pc"))
     assert (config.config_hash(compose("algo=pc", change)) == base) is same
@@ -51,13 +60,17 @@ def test_pc_settings_are_not_part_of_a_bp_run():
     assert config.config_hash(compose("algo=bp", "inference.steps=8")) == config.config_hash(compose("algo=bp"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("width=0", "width must be >= 1, got 0"),
-    ("inference.momentum=1.5", "inference.momentum must be in [0, 1), got 1.5"),
-    ("relax.variance=diagonal", "relax.variance must be one of"),
-    ("relax.update_every=999", "relax.update_every must be null or in [1, inference.steps=256], got 999"),
-    ("+foo=1", "foo is not a pcsweep setting"), ("+inference.stepsize=0.2", "inference.stepsize is not a pcsweep setting"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("width=0", "width must be >= 1, got 0"),
+        ("inference.momentum=1.5", "inference.momentum must be in [0, 1), got 1.5"),
+        ("relax.variance=diagonal", "relax.variance must be one of"),
+        ("relax.update_every=999", "relax.update_every must be null or in [1, inference.steps=256], got 999"),
+        ("+foo=1", "foo is not a pcsweep setting"),
+        ("+inference.stepsize=0.2", "inference.stepsize is not a pcsweep setting"),
+    ],
+)
 def test_each_setting_is_checked_once_when_it_becomes_typed(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         compose_settings("algo=pc", override)

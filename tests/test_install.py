@@ -16,8 +16,14 @@ TINY = ["width=16", "depth=2", "epochs=1", "inference.steps=8", "tracking.chance
 
 
 def run(command: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **env})
+    result = subprocess.run(
+        [str(c) for c in command],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **env},
+    )
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -27,8 +33,10 @@ def installed(tmp_path_factory) -> Path:
     """A fresh venv holding the wheel built from this checkout (its dependencies come from the test environment's
     site-packages through a .pth file: the point is what the wheel itself ships, not re-downloading torch)."""
     base = tmp_path_factory.mktemp("install")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", base / "dist", ROOT],
-        cwd=base)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", base / "dist", ROOT],
+        cwd=base,
+    )
     (wheel,) = (base / "dist").glob("pcsweep-*.whl")
     venv = base / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=base)
@@ -41,8 +49,14 @@ def installed(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_the_wheel_runs_a_sweep_and_its_report_from_an_empty_folder(installed, tmp_path):
-    where = run([installed / "python", "-c", "import pcsweep, hydra_plugins.pcsweep_sweeper as s; "
-                 "print(pcsweep.__file__); print(s.__file__)"], cwd=tmp_path).stdout.split()
+    where = run(
+        [
+            installed / "python",
+            "-c",
+            "import pcsweep, hydra_plugins.pcsweep_sweeper as s; print(pcsweep.__file__); print(s.__file__)",
+        ],
+        cwd=tmp_path,
+    ).stdout.split()
     assert all(str(installed.parent) in path for path in where), where  # the wheel's code, not this checkout's
     # the configs ship inside the package; relax=2 needs no quoting from the console script
     result = run([installed / "pcsweep", "-m", "algo=bp,pc", "relax=none,2", *TINY], cwd=tmp_path)
@@ -67,8 +81,10 @@ def test_a_users_own_config_folder_adds_experiments(installed, tmp_path):
     (tmp_path / "elsewhere" / "experiment").mkdir(parents=True)
     (tmp_path / "elsewhere" / "experiment" / "theirs.yaml").write_text(experiment.replace("mine", "theirs"))
     run([installed / "pcsweep", "experiment=mine", "relax=23", "tracking.chance_margin=-1"], cwd=tmp_path)
-    run([installed / "pcsweep", "--config-dir", "elsewhere", "experiment=theirs", "tracking.chance_margin=-1"],
-        cwd=tmp_path)
+    run(
+        [installed / "pcsweep", "--config-dir", "elsewhere", "experiment=theirs", "tracking.chance_margin=-1"],
+        cwd=tmp_path,
+    )
     for sweep, name in (("mine", "pc_12_2_rc23"), ("theirs", "pc_12_2")):
         (summary,) = (tmp_path / "multirun" / sweep).glob(f"{name}_digits-*/summary.json")
         assert json.loads(summary.read_text())["epochs"] == 1

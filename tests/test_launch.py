@@ -28,7 +28,6 @@ def test_gpus_launcher_without_a_gpu_trains_on_the_cpu_with_a_warning(tmp_path):
 
 
 def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
-    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -49,4 +48,9 @@ def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
     assert len(decayed) == 2 * 3 and all("relax=23" in job and "algo=pc" in job for job in decayed)
     assert all("variance_weight_decay=1e-06" in job for job in decayed)
     assert sorted({o for job in decayed for o in job if o.startswith(("dataset=", "seed="))}) == [
-        "dataset=fashion_mnist", "dataset=mnist", "seed=0", "seed=1", "seed=2"]
+        "dataset=fashion_mnist",
+        "dataset=mnist",
+        "seed=0",
+        "seed=1",
+        "seed=2",
+    ]

@@ -7,11 +7,10 @@ import torch
 
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature, output_loss
-from pcsweep.pc.engine import Tricks
 from pcsweep.pc import energy as pc_energy
-from pcsweep.pc.energy import energy
 from pcsweep.pc import reference as ref
-
+from pcsweep.pc.energy import energy
+from pcsweep.pc.engine import Tricks
 
 
 @pytest.fixture(autouse=True)
@@ -179,8 +178,17 @@ def test_a_too_large_step_does_increase_the_energy():
     assert (result.energy_trace.diff() > 0).any()
 
 
-@pytest.mark.parametrize("update_every,variance,momentum", [(None, None, 0.0), (4, None, 0.0), (None, "neuron", 0.0),
-                                                            (4, "layer", 0.0), (None, None, 0.9), (4, "neuron", 0.8)])
+@pytest.mark.parametrize(
+    "update_every,variance,momentum",
+    [
+        (None, None, 0.0),
+        (4, None, 0.0),
+        (None, "neuron", 0.0),
+        (4, "layer", 0.0),
+        (None, None, 0.9),
+        (4, "neuron", 0.8),
+    ],
+)
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("gradients", ["plain", "autograd"])
 def test_engine_training_equals_the_references(update_every, variance, momentum, loss, gradients):
@@ -241,7 +249,10 @@ def test_engine_equals_reference_in_float32(twin):
     ref_net = copy.deepcopy(net)
     x, y = (t.float() for t in batch())
     inference = Inference(steps=16, step_size=0.1, update_every=update_every)
-    for engine, network in ((PCEngine(net, inference), net), (ref.ReferencePC(ref_net, inference, "autograd"), ref_net)):
+    for engine, network in (
+        (PCEngine(net, inference), net),
+        (ref.ReferencePC(ref_net, inference, "autograd"), ref_net),
+    ):
         opt = torch.optim.SGD(network.parameters(), lr=0.05)
         for _ in range(2):
             engine.train_batch(x, y, apply_update=opt.step)
@@ -309,7 +320,7 @@ def test_activity_curvature_is_the_largest_eigenvalue_of_autograds_hessian(loss,
         hidden = torch.cat([t[b] for t in xs[1:-1]])
         sizes = [t.shape[1] for t in xs[1:-1]]
 
-        def energy_of(flat, b=b):
+        def energy_of(flat, b=b, sizes=sizes):
             parts = list(torch.split(flat, sizes))
             acts = [xs[0][b : b + 1]] + [p.unsqueeze(0) for p in parts] + [xs[-1][b : b + 1]]
             return energy(net, acts).sum()
@@ -327,7 +338,9 @@ def test_step_size_past_two_over_curvature_diverges_and_below_it_does_not():
     engine.feedforward_init(x, y)
     limit = 2 / activity_curvature(engine).max().item()
     for factor, unstable in ((0.9, False), (1.2, True)):
-        result = PCEngine(net, Inference(steps=200, step_size=factor * limit)).train_batch(x, y, lambda: None, trace_energy=True)
+        result = PCEngine(net, Inference(steps=200, step_size=factor * limit)).train_batch(
+            x, y, lambda: None, trace_energy=True
+        )
         assert bool((result.energy_trace.diff() > 0).any()) is unstable
         assert (result.energy_rises.item() > 0) is unstable  # the engine's own watch sees it too
 

@@ -32,7 +32,7 @@ def trained(tmp_path, *args):
     return result
 
 
-@pytest.mark.parametrize("content", ["{\"status\": \"compl", ""])
+@pytest.mark.parametrize("content", ['{"status": "compl', ""])
 def test_an_unreadable_summary_is_set_aside_and_the_run_finishes_again(tmp_path, content):
     """Invalid JSON, or the empty file a full disk leaves: one line naming it, the sweep goes on, the run is
     rebuilt from its last checkpoint (nothing retrained), and the report reads the new summary."""
@@ -75,16 +75,26 @@ def test_a_run_another_live_process_owns_is_skipped_and_a_dead_owners_lock_is_no
         assert f"{run_dir.name}: pid " in result.stdout and "is training it; skipped here" in result.stdout
         assert not (run_dir / "metrics.csv").exists()
     # a holder killed with -9 leaves its .lock file behind, but not its flock: the next run just trains
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pcsweep.files import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
-                               " print('held', flush=True); time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from pcsweep.files import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+            " print('held', flush=True); time.sleep(60)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
     holder.wait()
     assert (run_dir / ".lock").is_file()
     result = trained(tmp_path, *RUN)
-    assert "test accuracy" in result.stdout and json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
+    assert (
+        "test accuracy" in result.stdout and json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
+    )
 
 
 def test_two_identical_sweeps_at_once_train_each_run_once_and_keep_every_log_intact(tmp_path):
@@ -92,15 +102,25 @@ def test_two_identical_sweeps_at_once_train_each_run_once_and_keep_every_log_int
     env = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     import os
 
-    procs = [subprocess.Popen([sys.executable, "-m", "pcsweep", *args], cwd=tmp_path, env={**os.environ, **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pcsweep", *args],
+            cwd=tmp_path,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     trainings = sum(out.count("[pcsweep] training ") for out, _ in outputs)
     assert trainings == 2  # each of the two runs once, in one sweep or the other
     for name in ("bp", "pc"):
-        run_dir = run_folder(tmp_path, *SMALL, f"algo={name}", "relax=none", "logger=csv", "report.auto=false",
-                             "sweep_name=s")
+        run_dir = run_folder(
+            tmp_path, *SMALL, f"algo={name}", "relax=none", "logger=csv", "report.auto=false", "sweep_name=s"
+        )
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
         assert epochs_logged(run_dir) == [0, 1]
 
@@ -127,17 +147,23 @@ def test_a_full_disk_is_one_line_naming_the_run_and_the_file_and_a_rerun_finishe
     assert summary["status"] == "complete" and epochs_logged(run_dir) == [0, 1]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.precision=bf16-mixed", "trainer.precision must be 32-true or 64-true"),
-    ("trainer.precision=16-mixed", "trainer.precision must be 32-true or 64-true"),
-    ("trainer.accelerator=tpu", "trainer.accelerator must be one of"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.precision=bf16-mixed", "trainer.precision must be 32-true or 64-true"),
+        ("trainer.precision=16-mixed", "trainer.precision must be 32-true or 64-true"),
+        ("trainer.accelerator=tpu", "trainer.accelerator must be one of"),
+    ],
+)
 def test_settings_this_tool_cannot_honour_are_one_line_before_any_folder(tmp_path, override, message):
     result = pcsweep(tmp_path, *RUN, override)
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
-        line for line in result.stderr.splitlines() if line.startswith("pcsweep: error:")]
-    assert message in result.stderr and not list(tmp_path.glob("multirun/*/*/config.yaml"))  # nothing that looks like a run
+        line for line in result.stderr.splitlines() if line.startswith("pcsweep: error:")
+    ]
+    assert message in result.stderr and not list(
+        tmp_path.glob("multirun/*/*/config.yaml")
+    )  # nothing that looks like a run
 
 
 def test_an_accelerator_this_machine_lacks_is_one_line_before_any_folder(tmp_path):
@@ -160,8 +186,9 @@ def test_the_report_counts_seeds_never_copies_or_other_configs(tmp_path):
         cfg = OmegaConf.to_container(compose(*RUN, *overrides), resolve=True)
         path = tmp_path / "sweep" / folder
         path.mkdir(parents=True)
-        (path / "summary.json").write_text(json.dumps({"name": "bp_24_3", "dataset": "digits", "status": "complete",
-                                                       "config": cfg}))
+        (path / "summary.json").write_text(
+            json.dumps({"name": "bp_24_3", "dataset": "digits", "status": "complete", "config": cfg})
+        )
 
     fake_run("a", "seed=0")
     fake_run("a_copy", "seed=0")

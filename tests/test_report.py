@@ -66,13 +66,28 @@ def test_landscape_center_is_the_trained_models_loss_and_the_grid_is_symmetric(l
 
 @pytest.mark.slow
 def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path):
-    result = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc", "relax=none,2", "optimizer.lr=1e-3,100",
-                     "report.resolution=9", "report.samples=64")
+    result = pcsweep(
+        tmp_path,
+        "-m",
+        *SMALL,
+        "algo=bp,pc",
+        "relax=none,2",
+        "optimizer.lr=1e-3,100",
+        "report.resolution=9",
+        "report.samples=64",
+    )
     assert result.returncode == 0, result.stderr
     report = tmp_path / "multirun" / "default" / "report"
     names = sorted(p.name for p in report.iterdir())
-    for figure in ("benchmark_digits_24.png", "curves_digits_24.png", "weights_digits_24.png", "layers_digits_24.png",
-                   "landscapes_digits_24.png", "report.html", "report.md"):
+    for figure in (
+        "benchmark_digits_24.png",
+        "curves_digits_24.png",
+        "weights_digits_24.png",
+        "layers_digits_24.png",
+        "landscapes_digits_24.png",
+        "report.html",
+        "report.md",
+    ):
         assert figure in names, figure
     page = (report / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5  # self-contained (benchmark, curves, weights, layers, landscapes)
@@ -90,8 +105,18 @@ def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path
 
 @pytest.mark.slow
 def test_weight_decay_preset_gets_its_comparison(tmp_path):
-    result = pcsweep(tmp_path, "-m", "experiment=weight_decay", "width=24", "depth=3", "epochs=2",
-                     "inference.steps=16", "report.resolution=9", "report.samples=64", "tracking.chance_margin=-1")
+    result = pcsweep(
+        tmp_path,
+        "-m",
+        "experiment=weight_decay",
+        "width=24",
+        "depth=3",
+        "epochs=2",
+        "inference.steps=16",
+        "report.resolution=9",
+        "report.samples=64",
+        "tracking.chance_margin=-1",
+    )
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "weight_decay"
     configs = [json.loads(p.read_text())["config"] for p in sweep.glob("*/summary.json")]

@@ -19,8 +19,14 @@ EPOCHS = 12
 
 def start(cwd, *args):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "pcsweep", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcsweep", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -49,7 +55,8 @@ def test_kill_minus_nine_then_rerun_gives_the_uninterrupted_result(tmp_path):
 
 
 def same_result(reference_dir, run_dir, epochs):
-    """Bitwise the uninterrupted run's numbers: summary, per-epoch history and curve, weights, each epoch logged once."""
+    """Bitwise the uninterrupted run's numbers: summary, per-epoch history and curve, weights, each epoch logged
+    once."""
     import csv
 
     a = json.loads((reference_dir / "summary.json").read_text())
@@ -67,8 +74,17 @@ def same_result(reference_dir, run_dir, epochs):
     assert logged(run_dir / "metrics.csv") == logged(reference_dir / "metrics.csv") == [str(e) for e in range(epochs)]
 
 
-SIGNAL_CFG = ["algo=pc", "relax=2", "width=32", "depth=3", "epochs=3", "inference.steps=16", "batch_size=8",
-              "logger=csv", "report.auto=false"]
+SIGNAL_CFG = [
+    "algo=pc",
+    "relax=2",
+    "width=32",
+    "depth=3",
+    "epochs=3",
+    "inference.steps=16",
+    "batch_size=8",
+    "logger=csv",
+    "report.auto=false",
+]
 
 
 def wait_for_progress(run_root, proc, timeout=120):
@@ -93,8 +109,9 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_mid_epoch_checkpoints_says_so_exits_nonzero_and_the_rerun_is_bitwise_identical(tmp_path, signum,
-                                                                                                reference):
+def test_a_signal_mid_epoch_checkpoints_says_so_exits_nonzero_and_the_rerun_is_bitwise_identical(
+    tmp_path, signum, reference
+):
     proc = start(tmp_path, *SIGNAL_CFG, "sweep_name=stopped")
     wait_for_progress(tmp_path / "multirun" / "stopped", proc)
     time.sleep(0.3)

@@ -15,8 +15,14 @@ from helpers import SMALL, pcsweep
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "test-cluster.sh"
 # jobs small enough for a 2-core machine
-JOB = ["launcher=slurm", "logger=csv", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-       "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=20"]
+JOB = [
+    "launcher=slurm",
+    "logger=csv",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=20",
+]
 LONG = ["algo=pc", "relax=2", "width=128", "depth=3", "epochs=8", "inference.steps=64", "batch_size=32"]
 
 pytestmark = pytest.mark.slow
@@ -40,8 +46,14 @@ def squeue_ids(env):
 
 def start_sweep(cwd, env, *args):
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **env}
-    return subprocess.Popen([sys.executable, "-m", "pcsweep", "-m", *args], cwd=cwd, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcsweep", "-m", *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def start_when_requeued(job, env, seconds=120):
@@ -49,11 +61,13 @@ def start_when_requeued(job, env, seconds=120):
     waits for the resume, not for that delay."""
     deadline = time.time() + seconds
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                               env={**os.environ, **env}).stdout.strip()
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env={**os.environ, **env}
+        ).stdout.strip()
         if state == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True,
-                           env={**os.environ, **env})
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, env={**os.environ, **env}
+            )
             return
         time.sleep(0.5)
 
@@ -112,14 +126,17 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_result(tmp_pat
     same_numbers(summary(run_dir), uninterrupted)
 
 
-def test_the_time_limit_warning_checkpoints_mid_epoch_and_submitit_requeues_the_job_from_there(tmp_path, slurm, uninterrupted):
+def test_the_time_limit_warning_checkpoints_mid_epoch_and_submitit_requeues_the_job_from_there(
+    tmp_path, slurm, uninterrupted
+):
     """SLURM's warning before a time limit (or a preemption): the batch finishes, a mid-epoch checkpoint is saved,
     submitit requeues the job, and the requeued run continues inside that epoch to the uninterrupted result."""
     sweep = start_sweep(tmp_path, slurm, *LONG, *JOB)
     run_dir = wait_for_checkpoint(tmp_path / "multirun" / "default")
     (job,) = squeue_ids(slurm)
-    signalled = subprocess.run(["scancel", "--signal=USR2", job], capture_output=True, text=True,
-                               env={**os.environ, **slurm})
+    signalled = subprocess.run(
+        ["scancel", "--signal=USR2", job], capture_output=True, text=True, env={**os.environ, **slurm}
+    )
     assert signalled.returncode == 0, signalled.stderr
     start_when_requeued(job, slurm)
     out, err = sweep.communicate(timeout=400)
@@ -142,10 +159,13 @@ def test_a_cancelled_job_is_completed_by_running_the_command_again(tmp_path, slu
     same_numbers(summary(run_dir), uninterrupted)
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("hydra.launcher.partition=nope", "invalid partition"),
-    ("hydra.launcher.gpus_per_node=8", "Invalid generic resource (gres) specification"),  # this node has no GPU
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("hydra.launcher.partition=nope", "invalid partition"),
+        ("hydra.launcher.gpus_per_node=8", "Invalid generic resource (gres) specification"),  # this node has no GPU
+    ],
+)
 def test_an_impossible_request_shows_slurms_own_message(tmp_path, slurm, override, expected):
     result = pcsweep(tmp_path, "-m", *SMALL, *JOB, override, env=slurm)
     assert result.returncode != 0
@@ -157,6 +177,8 @@ def test_launcher_slurm_without_slurm_fails_before_submitting(tmp_path):
     result = pcsweep(tmp_path, "-m", *SMALL, *JOB, env={"PATH": str(tmp_path)})
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["pcsweep: error: launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's "
-                     "login node (or launcher=local)"]
+    assert lines == [
+        "pcsweep: error: launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's "
+        "login node (or launcher=local)"
+    ]
     assert not (tmp_path / "multirun" / "default" / ".submitit").exists()

@@ -21,13 +21,18 @@ WANDB_OFFLINE = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}
 
 def offline(tmp_path) -> dict:
     """Offline W&B, its staging and cache (artifacts) in the test's folder, not the home directory."""
-    return {**WANDB_OFFLINE, "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-            "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    return {
+        **WANDB_OFFLINE,
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+    }
 
 
 def curve(accs, seconds_per_epoch=2.0, steps_per_epoch=10):
-    return [{"epoch": e, "step": (e + 1) * steps_per_epoch, "train_seconds": (e + 1) * seconds_per_epoch, "test_acc": a}
-            for e, a in enumerate(accs)]
+    return [
+        {"epoch": e, "step": (e + 1) * steps_per_epoch, "train_seconds": (e + 1) * seconds_per_epoch, "test_acc": a}
+        for e, a in enumerate(accs)
+    ]
 
 
 def test_time_to_90_uses_the_final_accuracy():
@@ -90,12 +95,17 @@ def test_a_run_is_grouped_with_its_other_seeds_and_tagged_to_be_filtered():
 
     assert Run(None, {}, OmegaConf.to_container(cfg, resolve=True)).family == seed1["group"].rsplit("-", 1)[1]
     assert seed1["job_type"] == "pc_rc2"
-    assert sorted(seed1["tags"]) == sorted([f"width={cfg.width}", f"depth={cfg.depth}", "twin=pc_rc2", "dataset=digits",
-                                            "sweep=default", "seed=1"])
+    assert sorted(seed1["tags"]) == sorted(
+        [f"width={cfg.width}", f"depth={cfg.depth}", "twin=pc_rc2", "dataset=digits", "sweep=default", "seed=1"]
+    )
     assert "sweep=default-0123abcd" in in_a_sweep["tags"]  # the sweep id: a tag, not the group
     config = in_a_sweep["config"]
-    assert (config["twin"], config["family"], config["sweep"], config["seed"]) == ("pc_rc2", seed1["group"],
-                                                                                 "default-0123abcd", 1)
+    assert (config["twin"], config["family"], config["sweep"], config["seed"]) == (
+        "pc_rc2",
+        seed1["group"],
+        "default-0123abcd",
+        1,
+    )
 
 
 def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
@@ -109,18 +119,36 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     assert run.display_name == "pc_24_3_rc3_digits" and run.job_type == "pc_rc3" and run.project == "pcsweep"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert run.run_group == family_name(resolved)  # the run's identity without its seed
-    assert sorted(run.tags) == sorted(["twin=pc_rc3", "width=24", "depth=3", "dataset=digits", "sweep=default",
-                                       "seed=0"])
-    assert (data["config"]["twin"], data["config"]["family"], data["config"]["sweep"]) == ("pc_rc3", run.run_group,
-                                                                                           "default")
+    assert sorted(run.tags) == sorted(
+        ["twin=pc_rc3", "width=24", "depth=3", "dataset=digits", "sweep=default", "seed=0"]
+    )
+    assert (data["config"]["twin"], data["config"]["family"], data["config"]["sweep"]) == (
+        "pc_rc3",
+        run.run_group,
+        "default",
+    )
     assert data["config"]["width"] == 24 and data["config"]["relax"]["variance"] == "neuron"
     assert "${" not in json.dumps(resolved) and resolved["optimizer"]["lr"] == 3e-4  # the twin's own lr
     for key, value in resolved.items():  # the whole resolved config, nothing left to interpolate
         assert data["config"][key] == value, key
     keys = {k for row in data["history"] for k in row}
-    for key in ("train/loss", "train/acc", "test/loss", "test/acc", "time/train_seconds", "train/loss_step",
-                "train/energy", "inference/steps_to_tolerance", "align/cos_W1", "align/cos_W4", "align/output_error",
-                "layers/W1_change", "layers/W4_gaussian_distance", "layers/E1", "layers/E4"):
+    for key in (
+        "train/loss",
+        "train/acc",
+        "test/loss",
+        "test/acc",
+        "time/train_seconds",
+        "train/loss_step",
+        "train/energy",
+        "inference/steps_to_tolerance",
+        "align/cos_W1",
+        "align/cos_W4",
+        "align/output_error",
+        "layers/W1_change",
+        "layers/W4_gaussian_distance",
+        "layers/E1",
+        "layers/E4",
+    ):
         assert key in keys, key
     epochs = [row["test/acc"] for row in data["history"] if "test/acc" in row]
     assert len(epochs) == 2
@@ -129,8 +157,17 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     assert sum(histograms[0]["weights/W4/values"]) == 24 * 10  # every weight of the output layer counted
     assert histograms[0]["variances/S1/_type"] == "histogram"  # rc3: the variances too
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("final_test_acc", "best_test_acc", "time_to_90", "epoch_to_90", "step_to_90", "train_seconds",
-                "diverged", "name", "status"):
+    for key in (
+        "final_test_acc",
+        "best_test_acc",
+        "time_to_90",
+        "epoch_to_90",
+        "step_to_90",
+        "train_seconds",
+        "diverged",
+        "name",
+        "status",
+    ):
         assert data["summary"][key] == summary[key], key
     for name, check in summary["checks"].items():  # each check's verdict, a string to filter by
         assert data["summary"][f"checks/{name}"] == check["verdict"], name
@@ -243,7 +280,7 @@ def test_with_a_key_and_no_reachable_server_the_run_completes_offline(tmp_path, 
     url = "http://127.0.0.1:9" if server == "closed port" else black_hole
     env = {"WANDB_MODE": "", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": url}
     start = time.time()
-    result = pcsweep(tmp_path, *SMALL, "logger.init_timeout=5", env=env, timeout=180)
+    result = pcsweep(tmp_path, *SMALL, "logger.wandb.init_timeout=5", env=env, timeout=180)
     assert result.returncode == 0, result.stderr
     assert time.time() - start < 120
     assert "logging offline" in result.stdout

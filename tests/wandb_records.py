@@ -46,14 +46,21 @@ def records(path: Path) -> list:
 def metric(record) -> dict:
     """A ``define_metric`` record: {"step_metric": str, "step_sync": bool, "summary": {"max", ...}}."""
     ops = ("min", "max", "mean", "last", "first", "none", "copy")
-    return {"step_metric": record.step_metric, "step_sync": record.options.step_sync,
-            "summary": {op for op in ops if getattr(record.summary, op)}}
+    return {
+        "step_metric": record.step_metric,
+        "step_sync": record.options.step_sync,
+        "summary": {op for op in ops if getattr(record.summary, op)},
+    }
 
 
 def artifact(record) -> dict:
     """A logged artifact: {"name", "type", "metadata": {...}, "files": [paths in the artifact]}."""
-    return {"name": record.name, "type": record.type, "metadata": json.loads(record.metadata or "{}"),
-            "files": sorted(entry.path for entry in record.manifest.contents)}
+    return {
+        "name": record.name,
+        "type": record.type,
+        "metadata": json.loads(record.metadata or "{}"),
+        "files": sorted(entry.path for entry in record.manifest.contents),
+    }
 
 
 def read_run(run_file: Path) -> dict:
@@ -74,9 +81,9 @@ def read_run(run_file: Path) -> dict:
             for item in record.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
-            out["history"].append({
-                (item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item
-            })
+            out["history"].append(
+                {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            )
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

@@ -86,7 +86,12 @@ def make_twin(setup: Setup, twin: str, seed: int = 0):
     torch.manual_seed(seed)
     mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out).to(setup.device)
     log_vars = make_log_variances(mlp.sizes, "neuron", "mse").to(setup.device) if variance else None
-    return mlp, log_vars, mlp.as_pc_network(list(log_vars) if log_vars else None, "mse"), (setup.every if every else None)
+    return (
+        mlp,
+        log_vars,
+        mlp.as_pc_network(list(log_vars) if log_vars else None, "mse"),
+        (setup.every if every else None),
+    )
 
 
 def sgd(mlp, log_vars, lr: float = 1e-3) -> torch.optim.Optimizer:
@@ -150,6 +155,7 @@ def matmul_floor(shapes: list[tuple[int, int, int]], device: torch.device, repea
         reps = max(5, min(200, int(2e8 / (2 * m * k * n))))
         best = math.inf
         for kernel in product_kernels(m, k, n, device).values():
+
             def run(kernel=kernel, reps=reps):
                 for _ in range(reps):
                     kernel()
@@ -239,12 +245,18 @@ def pipeline_module(setup: Setup, twin: str):
 
     every, variance = TWINS[twin]
     settings = Settings(
-        width=setup.width, depth=setup.depth, seed=0,
+        width=setup.width,
+        depth=setup.depth,
+        seed=0,
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
         inference=InferenceSettings(steps=setup.steps, step_size=0.05, momentum=0.0),
-        relax=RelaxSettings(update_every=setup.every if every else None, variance="neuron" if variance else "fixed",
-                            log_variance_min=-2.0),
-        tracking=TrackingSettings(energy_trace=False, alignment_every=0))
+        relax=RelaxSettings(
+            update_every=setup.every if every else None,
+            variance="neuron" if variance else "fixed",
+            log_variance_min=-2.0,
+        ),
+        tracking=TrackingSettings(energy_trace=False, alignment_every=0),
+    )
     return PCModule(settings, setup.n_in, setup.n_out)
 
 
@@ -300,9 +312,18 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
             return result
 
         pc_module.engine.train_batch = timed_train_batch
-        trainer = L.Trainer(max_epochs=1, accelerator=setup.device.type, devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock])
+        trainer = L.Trainer(
+            max_epochs=1,
+            accelerator=setup.device.type,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=[clock],
+        )
         trainer.fit(pc_module, datamodule=TensorDataModule(dataset, setup.batch, seed=0))
         return clock.seconds, engine_seconds[0]
 
@@ -323,9 +344,29 @@ PEER_SCHEDULES = {"converged": "pc", "every": "pc_rc2"}  # PCX schedule -> our t
 
 def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str) -> dict:
     """One ``pcsweep.peers.pcx_mlp`` process (a fresh XLA, its own flags); its JSON, or ``{"error": line}``."""
-    command = [sys.executable, "-m", "pcsweep.peers.pcx_mlp", "--width", str(setup.width), "--depth",
-               str(setup.depth), "--batch", str(setup.batch), "--steps", str(setup.steps), "--every", str(setup.every),
-               "--step-size", "0.05", "--repeats", str(repeats), "--threads", str(threads), "--loop", loop]
+    command = [
+        sys.executable,
+        "-m",
+        "pcsweep.peers.pcx_mlp",
+        "--width",
+        str(setup.width),
+        "--depth",
+        str(setup.depth),
+        "--batch",
+        str(setup.batch),
+        "--steps",
+        str(setup.steps),
+        "--every",
+        str(setup.every),
+        "--step-size",
+        "0.05",
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
+        "--loop",
+        loop,
+    ]
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -353,8 +394,10 @@ def time_pcx(setup: Setup, threads: int, repeats: int, loop: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-HEADER = (f"{'model':<16}{'ms/batch':>10}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}{'PC/BP time':>11}"
-          f"{'PC/BP FLOP':>11}{'vs autograd':>12}")
+HEADER = (
+    f"{'model':<16}{'ms/batch':>10}{'floor ms':>10}{'floor/act':>10}{'GFLOP/s':>9}{'PC/BP time':>11}"
+    f"{'PC/BP FLOP':>11}{'vs autograd':>12}"
+)
 
 
 def measure_twin(setup: Setup, twin: str, bp_seconds: float, args: argparse.Namespace, repeats: int) -> dict:
@@ -365,26 +408,41 @@ def measure_twin(setup: Setup, twin: str, bp_seconds: float, args: argparse.Name
     ref_seconds = time_reference(setup, twin, 1 if args.quick else 2) if not args.no_reference else math.nan
     work = flops(shapes)
     row = {
-        "ms_per_batch": seconds * 1e3, "floor_ms": floor * 1e3, "efficiency": floor / seconds,
-        "gflops": work / seconds / 1e9, "updates": updates, "pc_bp_time": seconds / bp_seconds,
-        "pc_bp_flops": work / bp_flops(setup), "reference_ms": ref_seconds * 1e3,
+        "ms_per_batch": seconds * 1e3,
+        "floor_ms": floor * 1e3,
+        "efficiency": floor / seconds,
+        "gflops": work / seconds / 1e9,
+        "updates": updates,
+        "pc_bp_time": seconds / bp_seconds,
+        "pc_bp_flops": work / bp_flops(setup),
+        "reference_ms": ref_seconds * 1e3,
         "speedup_vs_autograd": ref_seconds / seconds,
     }
     speedup = f"{row['speedup_vs_autograd']:>11.2f}x" if not math.isnan(ref_seconds) else f"{'-':>12}"
-    print(f"{twin + '_' + str(setup.width) + '_' + str(setup.depth):<16}{row['ms_per_batch']:>10.1f}"
-          f"{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
-          f"{row['pc_bp_time']:>10.0f}x{row['pc_bp_flops']:>10.0f}x{speedup}")
+    print(
+        f"{twin + '_' + str(setup.width) + '_' + str(setup.depth):<16}{row['ms_per_batch']:>10.1f}"
+        f"{row['floor_ms']:>10.1f}{row['efficiency']:>10.2f}{row['gflops']:>9.0f}"
+        f"{row['pc_bp_time']:>10.0f}x{row['pc_bp_flops']:>10.0f}x{speedup}"
+    )
     return row
 
 
 def measure_pipeline(setup: Setup, twin: str, batches: int) -> dict:
     lightning_s, raw_s, inside_s = time_pipeline(setup, twin, batches)
-    print(f"pipeline ({twin}, {batches} batches): Lightning epoch {lightning_s:.2f} s, raw engine "
-          f"{raw_s:.2f} s, overhead {100 * (lightning_s / raw_s - 1):+.1f}%; within the Lightning epoch, "
-          f"all but the engine's train_batch: {100 * (lightning_s / inside_s - 1):+.1f}%")
-    return {"twin": twin, "batches": batches, "lightning_s": lightning_s, "raw_s": raw_s,
-            "overhead": lightning_s / raw_s - 1, "engine_in_lightning_s": inside_s,
-            "overhead_in_epoch": lightning_s / inside_s - 1}
+    print(
+        f"pipeline ({twin}, {batches} batches): Lightning epoch {lightning_s:.2f} s, raw engine "
+        f"{raw_s:.2f} s, overhead {100 * (lightning_s / raw_s - 1):+.1f}%; within the Lightning epoch, "
+        f"all but the engine's train_batch: {100 * (lightning_s / inside_s - 1):+.1f}%"
+    )
+    return {
+        "twin": twin,
+        "batches": batches,
+        "lightning_s": lightning_s,
+        "raw_s": raw_s,
+        "overhead": lightning_s / raw_s - 1,
+        "engine_in_lightning_s": inside_s,
+        "overhead_in_epoch": lightning_s / inside_s - 1,
+    }
 
 
 def measure_tricks(setup: Setup, twin: str, repeats: int) -> dict:
@@ -407,9 +465,11 @@ def measure_peers(setup: Setup, entry: dict, repeats: int, loop: str) -> dict:
         best, ours = peer["best"][schedule], entry["twins"][twin]["ms_per_batch"]
         entry["twins"][twin]["pcx_ms"] = best["ms_per_batch"]
         entry["twins"][twin]["speedup_vs_pcx"] = best["ms_per_batch"] / ours
-        print(f"PCX {peer['pcx']} (jax {peer['jax']}, {schedule}, {best['runtime']} XLA runtime, "
-              f"{peer['loop']}ed loop): {best['ms_per_batch']:.1f} ms/batch; {twin} is "
-              f"{entry['twins'][twin]['speedup_vs_pcx']:.2f}x faster")
+        print(
+            f"PCX {peer['pcx']} (jax {peer['jax']}, {schedule}, {best['runtime']} XLA runtime, "
+            f"{peer['loop']}ed loop): {best['ms_per_batch']:.1f} ms/batch; {twin} is "
+            f"{entry['twins'][twin]['speedup_vs_pcx']:.2f}x faster"
+        )
     return peer
 
 
@@ -438,23 +498,35 @@ def run(args: argparse.Namespace) -> dict:
     repeats = 3 if args.quick else args.repeats
     rate, rate_shape = best_matmul_rate(device, args.quick)
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "device": str(device), "threads": torch.get_num_threads(),
-                    "best_matmul_gflops": rate, "best_matmul_shape": rate_shape},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "best_matmul_gflops": rate,
+            "best_matmul_shape": rate_shape,
+        },
         "settings": {k: getattr(args, k) for k in ("widths", "depth", "batch", "steps", "every", "input", "quick")},
         "widths": {},
     }
-    print(f"pcsweep.bench  torch {torch.__version__}  {device}  {torch.get_num_threads()} threads  "
-          f"best torch.mm rate {rate:.0f} GFLOP/s ({rate_shape})")
-    print(f"MLP {args.input} -> {args.depth} x width -> 10, batch {args.batch}, T = {args.steps}, relax 2 every "
-          f"{args.every}, float32, SGD; median of {repeats}\n")
+    print(
+        f"pcsweep.bench  torch {torch.__version__}  {device}  {torch.get_num_threads()} threads  "
+        f"best torch.mm rate {rate:.0f} GFLOP/s ({rate_shape})"
+    )
+    print(
+        f"MLP {args.input} -> {args.depth} x width -> 10, batch {args.batch}, T = {args.steps}, relax 2 every "
+        f"{args.every}, float32, SGD; median of {repeats}\n"
+    )
     for width in args.widths:
         report["widths"][str(width)] = measure_width(width, args, device, repeats)
     report["paper_grid"] = paper_grid_hours(report, args.steps)
     grid = report["paper_grid"]
-    print(f"paper grid projected on this device: {grid['hours']:.1f} h ({grid['runs']} runs: the twins measured here "
-          f"at widths {', '.join(map(str, args.widths))}, on {grid['datasets']} datasets, {grid['epochs']} epochs of "
-          f"{grid['batches_per_epoch']} batches, T = {grid['steps']}; time taken as linear in T)")
+    print(
+        f"paper grid projected on this device: {grid['hours']:.1f} h ({grid['runs']} runs: the twins measured here "
+        f"at widths {', '.join(map(str, args.widths))}, on {grid['datasets']} datasets, {grid['epochs']} epochs of "
+        f"{grid['batches_per_epoch']} batches, T = {grid['steps']}; time taken as linear in T)"
+    )
     return report
 
 
@@ -491,11 +563,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) autograd reference")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Lightning pipeline measurement")
     parser.add_argument("--no-tricks", action="store_true", help="skip timing the engine with each trick switched off")
-    parser.add_argument("--peers", action="store_true",
-                        help="also time PCX on the same workload (needs pip install 'pcsweep[peers]'; minutes of XLA "
-                             "compilation)")
-    parser.add_argument("--peer-loop", choices=("unroll", "scan"), default="unroll",
-                        help="PCX's T loop: unrolled as in its examples, or a scan (compiles in seconds)")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time PCX on the same workload (needs pip install 'pcsweep[peers]'; minutes of XLA compilation)",
+    )
+    parser.add_argument(
+        "--peer-loop",
+        choices=("unroll", "scan"),
+        default="unroll",
+        help="PCX's T loop: unrolled as in its examples, or a scan (compiles in seconds)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     return parser.parse_args(argv)
 

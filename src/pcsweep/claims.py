@@ -22,21 +22,21 @@ PC_TWINS = ("pc", "pc_rc2", "pc_rc3", "pc_rc23")
 class ClaimRules:
     """Thresholds of the verdicts (README: "The paper's claims")."""
 
-    confidence: float = 0.95        # of the intervals over seeds
-    min_seeds: int = 2              # fewer: the value is shown, the verdict is inconclusive
-    accuracy_margin: float = 0.02   # "similar accuracy": |difference| below this; "clearly worse": above it
-    time_ratio: float = 0.5         # "substantially faster": time to 90% at most this fraction of pc's
-    sharper_factor: float = 2.0     # "much sharper": loss increase at the sharpness radius at least this many times pc's
-    convex_fraction: float = 0.9    # "convex near the minimum": this share of the zoomed plane is locally convex
-    convex_kept: float = 0.8        # a twin keeps pc's convexity when its wide plane's convex share is at least
-                                    # this times pc's (a bounded loss bends down far out, for BP too: wide planes
-                                    # are compared with each other, not with 1)
-    deep_layers: int = 2            # "the deepest layers": the first this many weight layers (input side)
-    updated_ratio: float = 0.5      # a layer "fails to update" when its relative change is below this times BP's
+    confidence: float = 0.95  # of the intervals over seeds
+    min_seeds: int = 2  # fewer: the value is shown, the verdict is inconclusive
+    accuracy_margin: float = 0.02  # "similar accuracy": |difference| below this; "clearly worse": above it
+    time_ratio: float = 0.5  # "substantially faster": time to 90% at most this fraction of pc's
+    sharper_factor: float = 2.0  # "much sharper": loss increase at the sharpness radius at least this many times pc's
+    convex_fraction: float = 0.9  # "convex near the minimum": this share of the zoomed plane is locally convex
+    convex_kept: float = 0.8  # a twin keeps pc's convexity when its wide plane's convex share is at least
+    # this times pc's (a bounded loss bends down far out, for BP too: wide planes
+    # are compared with each other, not with 1)
+    deep_layers: int = 2  # "the deepest layers": the first this many weight layers (input side)
+    updated_ratio: float = 0.5  # a layer "fails to update" when its relative change is below this times BP's
     gaussian_distance: float = 0.05  # a layer is "roughly Gaussian" below this (pcsweep.layers.gaussian_distance)
 
     @classmethod
-    def from_mapping(cls, values: Optional[dict]) -> "ClaimRules":
+    def from_mapping(cls, values: Optional[dict]) -> ClaimRules:
         values = dict(values or {})
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -45,29 +45,45 @@ class ClaimRules:
 
 
 CLAIMS = {
-    1: ("PC and BP reach similar final accuracy on the same architecture.",
-        "final accuracy of pc minus bp (paired by seed); holds when the interval lies within +-accuracy_margin"),
-    2: ("Standard PC can converge early to a clearly worse minimum, especially in narrow networks.",
+    1: (
+        "PC and BP reach similar final accuracy on the same architecture.",
+        "final accuracy of pc minus bp (paired by seed); holds when the interval lies within +-accuracy_margin",
+    ),
+    2: (
+        "Standard PC can converge early to a clearly worse minimum, especially in narrow networks.",
         "final accuracy of bp minus pc at the narrowest width; holds when it exceeds accuracy_margin and, with two "
-        "widths, the gap is larger in the narrow network than in the wide one"),
-    3: ("Relaxing condition 3 brings PC to BP: rc3 is the PC twin most similar to BP.",
+        "widths, the gap is larger in the narrow network than in the wide one",
+    ),
+    3: (
+        "Relaxing condition 3 brings PC to BP: rc3 is the PC twin most similar to BP.",
         "final accuracy of pc_rc3 minus bp; holds when within +-accuracy_margin and rc3 is the PC twin nearest BP "
-        "in weight distributions (mean per-layer Wasserstein distance) and in landscape sharpness (|log ratio|)"),
-    4: ("Relaxing condition 2 cuts training time substantially, while BP stays faster.",
+        "in weight distributions (mean per-layer Wasserstein distance) and in landscape sharpness (|log ratio|)",
+    ),
+    4: (
+        "Relaxing condition 2 cuts training time substantially, while BP stays faster.",
         "time to 90% of final accuracy, pc_rc2 over pc (geometric mean ratio); holds when at most time_ratio and "
-        "bp's time is below pc_rc2's"),
-    5: ("Relaxing condition 2 keeps the landscape convex but makes it much sharper.",
+        "bp's time is below pc_rc2's",
+    ),
+    5: (
+        "Relaxing condition 2 keeps the landscape convex but makes it much sharper.",
         "loss increase at the sharpness radius, pc_rc2 over pc; holds when at least sharper_factor and pc_rc2's "
-        "wide plane keeps pc's convex share (at least convex_kept times it)"),
-    6: ("Relaxing both conditions loses convexity everywhere but in the immediate vicinity of the minimum.",
+        "wide plane keeps pc's convex share (at least convex_kept times it)",
+    ),
+    6: (
+        "Relaxing both conditions loses convexity everywhere but in the immediate vicinity of the minimum.",
         "convex share of pc_rc23's wide plane over pc's (paired by seed); holds when below convex_kept while "
-        "pc_rc23's zoomed plane is convex (convex_fraction)"),
-    7: ("Except rc3, PC twins fail to update their deepest layers; rc3's layers, like BP's, are roughly Gaussian.",
+        "pc_rc23's zoomed plane is convex (convex_fraction)",
+    ),
+    7: (
+        "Except rc3, PC twins fail to update their deepest layers; rc3's layers, like BP's, are roughly Gaussian.",
         "relative weight change of the deep_layers first layers over BP's (mean); holds when below updated_ratio "
-        "for every PC twin but rc3, at or above it for rc3, and rc3's layers are within gaussian_distance"),
-    8: ("A mild weight decay on W and S makes rc23's landscape smoother and every layer's weights Gaussian.",
+        "for every PC twin but rc3, at or above it for rc3, and rc3's layers are within gaussian_distance",
+    ),
+    8: (
+        "A mild weight decay on W and S makes rc23's landscape smoother and every layer's weights Gaussian.",
         "pc_rc23 with decay minus without (paired by seed): convex share of the wide plane, and the largest "
-        "per-layer distance from a Gaussian; holds when the first rises and the second falls"),
+        "per-layer distance from a Gaussian; holds when the first rises and the second falls",
+    ),
 }
 
 
@@ -102,8 +118,9 @@ class Estimate:
         return interval(self.values, confidence)
 
 
-def decide(estimate: Estimate, rules: ClaimRules, holds: Callable[[float, float], bool],
-           fails: Callable[[float, float], bool]) -> tuple[str, str]:
+def decide(
+    estimate: Estimate, rules: ClaimRules, holds: Callable[[float, float], bool], fails: Callable[[float, float], bool]
+) -> tuple[str, str]:
     """A verdict from an interval: ``holds(lo, hi)`` / ``fails(lo, hi)`` on the interval, else inconclusive."""
     n = len(estimate.values)
     if n < rules.min_seeds or n < 2:
@@ -175,7 +192,9 @@ def shape_ratios(runs: dict[int, dict], baseline: dict[int, dict], view: str, ke
     return paired(runs, baseline, lambda a, b: ratio(_shape(a, view, key), _shape(b, view, key)))
 
 
-def _need(group: dict[str, dict[int, dict]], twins: Sequence[str], condition2: Sequence[str] = ()) -> Optional[tuple[str, str]]:
+def _need(
+    group: dict[str, dict[int, dict]], twins: Sequence[str], condition2: Sequence[str] = ()
+) -> Optional[tuple[str, str]]:
     missing = [t for t in twins if not group.get(t)]
     if missing:
         return NOT_TESTED, f"no {', '.join(missing)} runs"
@@ -190,8 +209,15 @@ def _result(estimate: Optional[Estimate], verdict: str, reason: str, rules: Clai
     if estimate is None or not estimate.values:
         return {"value": None, "ci": None, "n": 0, "verdict": verdict, "reason": reason, **details}
     ci = estimate.ci(rules.confidence)
-    return {"value": estimate.mean(), "ci": list(ci) if ci else None, "n": len(estimate.values),
-            "per_seed": estimate.values, "verdict": verdict, "reason": reason, **details}
+    return {
+        "value": estimate.mean(),
+        "ci": list(ci) if ci else None,
+        "n": len(estimate.values),
+        "per_seed": estimate.values,
+        "verdict": verdict,
+        "reason": reason,
+        **details,
+    }
 
 
 def _landscape_missing(runs: Sequence[dict]) -> Optional[tuple[str, str]]:
@@ -208,8 +234,15 @@ def claim1(group, rules):
     est = Estimate(paired(group["pc"], group["bp"], lambda p, b: p["final_acc"] - b["final_acc"]))
     m = rules.accuracy_margin
     verdict, reason = decide(est, rules, lambda lo, hi: -m < lo and hi < m, lambda lo, hi: lo > m or hi < -m)
-    loss = paired(group["pc"], group["bp"], lambda p, b: p["test_loss"] - b["test_loss"]
-                  if p.get("test_loss") is not None and b.get("test_loss") is not None else None)
+    loss = paired(
+        group["pc"],
+        group["bp"],
+        lambda p, b: (
+            p["test_loss"] - b["test_loss"]
+            if p.get("test_loss") is not None and b.get("test_loss") is not None
+            else None
+        ),
+    )
     return _result(est, verdict, reason, rules, test_loss_difference=sum(loss) / len(loss) if loss else None)
 
 
@@ -251,8 +284,12 @@ def claim3(group, rules):
     m = rules.accuracy_margin
     verdict, reason = decide(est, rules, lambda lo, hi: -m < lo and hi < m, lambda lo, hi: lo > m or hi < -m)
     if not others:
-        return _result(est, INCONCLUSIVE if verdict == HOLDS else verdict,
-                       "no other PC twin to compare with" if verdict == HOLDS else reason, rules)
+        return _result(
+            est,
+            INCONCLUSIVE if verdict == HOLDS else verdict,
+            "no other PC twin to compare with" if verdict == HOLDS else reason,
+            rules,
+        )
 
     def mean_of(twin, value):
         values = [v for v in (value(f) for f in group[twin].values()) if v is not None]
@@ -276,7 +313,10 @@ def claim3(group, rules):
         if not nearest:
             verdict, reason = INCONCLUSIVE, "weight and landscape distances missing"
         elif not all(nearest.values()):
-            verdict, reason = FAILS, "another PC twin is nearer BP in " + ", ".join(k for k, v in nearest.items() if not v)
+            verdict, reason = (
+                FAILS,
+                "another PC twin is nearer BP in " + ", ".join(k for k, v in nearest.items() if not v),
+            )
     return _result(est, verdict, reason, rules, **details)
 
 
@@ -292,26 +332,34 @@ def claim4(group, rules):
     bp = Estimate(paired(group["bp"], group["pc_rc2"], times), log=True)
     bp_ci = bp.ci(rules.confidence) if bp.values else None
     if verdict == HOLDS and bp_ci and bp_ci[1] >= 1:
-        verdict, reason = (FAILS, "bp is not faster than pc_rc2") if bp_ci[0] >= 1 else (INCONCLUSIVE, "bp vs pc_rc2 undecided")
+        verdict, reason = (
+            (FAILS, "bp is not faster than pc_rc2") if bp_ci[0] >= 1 else (INCONCLUSIVE, "bp vs pc_rc2 undecided")
+        )
     return _result(est, verdict, reason, rules, bp_over_rc2=bp.mean() if bp.values else None)
 
 
 def claim5(group, rules):
-    need = _need(group, ("pc", "pc_rc2")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc2"].values()))
+    need = _need(group, ("pc", "pc_rc2")) or _landscape_missing(
+        list(group["pc"].values()) + list(group["pc_rc2"].values())
+    )
     if need:
         return _result(None, *need, rules)
     est = Estimate(shape_ratios(group["pc_rc2"], group["pc"], "sharpness", "increase"), log=True)
     if not est.values:
         return _result(None, INCONCLUSIVE, "the loss does not rise at the sharpness radius (not at a minimum)", rules)
     kept_mean = _mean(shape_ratios(group["pc_rc2"], group["pc"], "wide", "convex_fraction"))
-    verdict, reason = decide(est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor)
+    verdict, reason = decide(
+        est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor
+    )
     if verdict == HOLDS and kept_mean is not None and kept_mean < rules.convex_kept:
         verdict, reason = FAILS, f"pc_rc2's wide plane is less convex than pc's ({kept_mean:.2f} of its convex share)"
     return _result(est, verdict, reason, rules, rc2_convex_share_over_pc=kept_mean)
 
 
 def claim6(group, rules):
-    need = _need(group, ("pc", "pc_rc23")) or _landscape_missing(list(group["pc"].values()) + list(group["pc_rc23"].values()))
+    need = _need(group, ("pc", "pc_rc23")) or _landscape_missing(
+        list(group["pc"].values()) + list(group["pc_rc23"].values())
+    )
     if need:
         return _result(None, *need, rules)
     est = Estimate(shape_ratios(group["pc_rc23"], group["pc"], "wide", "convex_fraction"), log=True)
@@ -322,8 +370,11 @@ def claim6(group, rules):
     if verdict == HOLDS and zoomed is not None and zoomed < rules.convex_fraction:
         verdict, reason = FAILS, f"pc_rc23 is not convex near the minimum either (zoomed {zoomed:.2f})"
     lrs = sorted({f.get("lr") for f in group.get("_all_rc23", [])} - {None})
-    stability = ("not tested: one learning rate" if len(lrs) < 2 else
-                 {str(lr): sorted({f["status"] for f in group["_all_rc23"] if f.get("lr") == lr}) for lr in lrs})
+    stability = (
+        "not tested: one learning rate"
+        if len(lrs) < 2
+        else {str(lr): sorted({f["status"] for f in group["_all_rc23"] if f.get("lr") == lr}) for lr in lrs}
+    )
     return _result(est, verdict, reason, rules, zoomed_convex_fraction=zoomed, learning_rates=stability)
 
 
@@ -352,12 +403,19 @@ def claim7(group, rules):
     for t in others:
         e = Estimate(paired(group[t], group["bp"], deep_ratio))
         ratios[t] = e.mean() if e.values else None
-        verdicts[t] = decide(e, rules, lambda lo, hi: hi < u, lambda lo, hi: lo >= u) if e.values else (INCONCLUSIVE, "")
+        verdicts[t] = (
+            decide(e, rules, lambda lo, hi: hi < u, lambda lo, hi: lo >= u) if e.values else (INCONCLUSIVE, "")
+        )
     gauss = [max(f["gaussian"]) for f in group["pc_rc3"].values() if f.get("gaussian")]
     rc3_gaussian = max(gauss) if gauss else None
-    details = {"deep_change_over_bp": ratios, "rc3_max_gaussian_distance": rc3_gaussian,
-               "last_layers_gaussian_distance": {t: _mean([f["gaussian"][-1] for f in group[t].values() if f.get("gaussian")])
-                                                 for t in ["bp", "pc_rc3"] + others}}
+    details = {
+        "deep_change_over_bp": ratios,
+        "rc3_max_gaussian_distance": rc3_gaussian,
+        "last_layers_gaussian_distance": {
+            t: _mean([f["gaussian"][-1] for f in group[t].values() if f.get("gaussian")])
+            for t in ["bp", "pc_rc3"] + others
+        },
+    }
     if not others:
         return _result(rc3, INCONCLUSIVE, "no PC twin other than rc3", rules, **details)
     states = [v for v, _ in verdicts.values()]
@@ -382,18 +440,33 @@ def claim8(group, rules):
     need = _landscape_missing(list(plain.values()) + list(decayed.values()))
     if need:
         return _result(None, *need, rules)
-    est = Estimate(paired(decayed, plain, lambda d, p: _shape(d, "wide", "convex_fraction") - _shape(p, "wide", "convex_fraction")))
+    est = Estimate(
+        paired(decayed, plain, lambda d, p: _shape(d, "wide", "convex_fraction") - _shape(p, "wide", "convex_fraction"))
+    )
     verdict, reason = decide(est, rules, lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0)
-    gauss = Estimate(paired(decayed, plain, lambda d, p: max(d["gaussian"]) - max(p["gaussian"])
-                            if d.get("gaussian") and p.get("gaussian") else None))
+    gauss = Estimate(
+        paired(
+            decayed,
+            plain,
+            lambda d, p: max(d["gaussian"]) - max(p["gaussian"]) if d.get("gaussian") and p.get("gaussian") else None,
+        )
+    )
     if gauss.values and verdict == HOLDS:
         g_verdict, g_reason = decide(gauss, rules, lambda lo, hi: hi < 0, lambda lo, hi: lo >= 0)
         if g_verdict != HOLDS:
             verdict, reason = g_verdict, "weights: " + (g_reason or "not more Gaussian with decay")
-    variance = {"without": _mean_layers([f.get("log_variance_mean") for f in plain.values()]),
-                "with": _mean_layers([f.get("log_variance_mean") for f in decayed.values()])}
-    return _result(est, verdict, reason, rules, gaussian_distance_change=gauss.mean() if gauss.values else None,
-                   mean_log_variance_per_layer=variance)
+    variance = {
+        "without": _mean_layers([f.get("log_variance_mean") for f in plain.values()]),
+        "with": _mean_layers([f.get("log_variance_mean") for f in decayed.values()]),
+    }
+    return _result(
+        est,
+        verdict,
+        reason,
+        rules,
+        gaussian_distance_change=gauss.mean() if gauss.values else None,
+        mean_log_variance_per_layer=variance,
+    )
 
 
 def _mean_layers(rows):
@@ -410,8 +483,11 @@ def _overall(groups: list[dict]) -> tuple[str, str]:
     if not tested:
         return NOT_TESTED, groups[0]["reason"] if groups else "no runs"
     if len(set(tested)) == 1 and tested[0] in (HOLDS, FAILS):
-        reasons = [(f"{g['dataset']}/{g.get('width')}: " if len(groups) > 1 else "") + g["reason"]
-                   for g in groups if g["verdict"] == tested[0] and g["reason"]]
+        reasons = [
+            (f"{g['dataset']}/{g.get('width')}: " if len(groups) > 1 else "") + g["reason"]
+            for g in groups
+            if g["verdict"] == tested[0] and g["reason"]
+        ]
         return tested[0], "; ".join(reasons)
     if HOLDS in tested and FAILS in tested:
         where = ", ".join(f"{g['dataset']}/{g.get('width')}" for g in groups if g["verdict"] == FAILS)
@@ -443,8 +519,9 @@ def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None) -> list[
             for (dataset, width), group in groups.items():
                 rows.append({"dataset": dataset, "width": width, **PER_GROUP[number](group, rules)})
         verdict, reason = _overall(rows) if rows else (NOT_TESTED, "no runs")
-        results.append({"id": number, "claim": claim, "statistic": statistic, "verdict": verdict, "reason": reason,
-                        "groups": rows})
+        results.append(
+            {"id": number, "claim": claim, "statistic": statistic, "verdict": verdict, "reason": reason, "groups": rows}
+        )
     return results
 
 

@@ -46,8 +46,15 @@ def _weight_updates(engine: PCEngine) -> list[Tensor]:
 
 
 @torch.no_grad()
-def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: int, max_steps: int,
-                     tolerance: float = 1e-6, check_every: int = 8) -> dict:
+def probe_condition2(
+    engine: PCEngine,
+    inputs: Tensor,
+    target: Tensor,
+    at_step: int,
+    max_steps: int,
+    tolerance: float = 1e-6,
+    check_every: int = 8,
+) -> dict:
     """Inference without weight updates on (inputs, target): the state at ``at_step`` against the state where the
     error energy's relative change over ``check_every`` steps fell below ``tolerance`` (or ``max_steps``).
 
@@ -80,8 +87,9 @@ def probe_condition2(engine: PCEngine, inputs: Tensor, target: Tensor, at_step: 
         "layer_energy_at_T": layers_at_t,  # where the error sits when the weights are updated
         "layer_energy_converged": engine.layer_error_energies().tolist(),
         "cosine": [_cosine(a, b) for a, b in zip(updates_at_t, updates_at_end)],
-        "norm_ratio": [float(a.norm() / b.norm()) if float(b.norm()) > 0 else 1.0
-                       for a, b in zip(updates_at_t, updates_at_end)],
+        "norm_ratio": [
+            float(a.norm() / b.norm()) if float(b.norm()) > 0 else 1.0 for a, b in zip(updates_at_t, updates_at_end)
+        ],
     }
 
 
@@ -94,8 +102,14 @@ def condition2_verdict(probes: Sequence[dict], relaxed: bool, limits: Condition2
     worst_cosine = min(min(p["cosine"]) for p in probes)
     held = worst_gap <= limits.max_gap and worst_cosine >= limits.min_cosine
     verdict = "relaxed" if relaxed else ("held" if held else "violated")
-    return {"verdict": verdict, "worst_gap": worst_gap, "worst_cosine": worst_cosine,
-            "max_gap": limits.max_gap, "min_cosine": limits.min_cosine, "probed_epochs": len(probes)}
+    return {
+        "verdict": verdict,
+        "worst_gap": worst_gap,
+        "worst_cosine": worst_cosine,
+        "max_gap": limits.max_gap,
+        "min_cosine": limits.min_cosine,
+        "probed_epochs": len(probes),
+    }
 
 
 @torch.no_grad()
@@ -105,8 +119,9 @@ def stiffness(engine: PCEngine, inputs: Tensor, target: Tensor, iterations: int 
     return engine.inference.step_size * float(activity_curvature(engine, iterations).max())
 
 
-def variance_floor(step_size: float, curvature_at_unit_variance: float,
-                   target_stiffness: float = AUTO_FLOOR_STIFFNESS) -> float:
+def variance_floor(
+    step_size: float, curvature_at_unit_variance: float, target_stiffness: float = AUTO_FLOOR_STIFFNESS
+) -> float:
     """The lowest log S at which ``step_size * lambda_max`` stays at ``target_stiffness`` (lambda scales like 1/S)."""
     return math.log(step_size * curvature_at_unit_variance / target_stiffness)
 
@@ -116,9 +131,18 @@ def variance_statistics(log_variances: Sequence[Tensor], floor: Optional[float])
     rows = []
     for log_s in log_variances:
         values = log_s.detach().double().flatten().cpu()
-        at_floor = float((values <= floor + 1e-6).double().mean()) if floor is not None and math.isfinite(floor) else 0.0
-        rows.append({"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1 else 0.0,
-                     "min": float(values.min()), "max": float(values.max()), "at_floor": at_floor})
+        at_floor = (
+            float((values <= floor + 1e-6).double().mean()) if floor is not None and math.isfinite(floor) else 0.0
+        )
+        rows.append(
+            {
+                "mean": float(values.mean()),
+                "std": float(values.std()) if values.numel() > 1 else 0.0,
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "at_floor": at_floor,
+            }
+        )
     return rows
 
 
@@ -140,7 +164,9 @@ def follow_variance_floor(engine: PCEngine, inputs: Tensor, target: Tensor, targ
 
 
 @torch.no_grad()
-def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_setting, trainable_variance: bool) -> dict:
+def preflight_stability(
+    engine: PCEngine, inputs: Tensor, target: Tensor, floor_setting, trainable_variance: bool
+) -> dict:
     """At the initial weights (S = 1) on one batch: is gradient descent on the activities stable, and which floor on
     log S keeps it so? Heavy-ball descent is stable while ``step_size * lambda_max < 2 (1 + momentum)``; the largest
     eigenvalue scales like 1/S, so a floor f allows ``step_size * lambda_max * exp(-f)`` at most.
@@ -155,7 +181,8 @@ def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_
         raise UnstableSetting(
             f"inference.step_size={gamma:g} is past the stability limit: step_size * lambda_max = {stiff:.3g} >= "
             f"2 (1 + momentum) = {limit:.3g} at the initial weights (lambda_max = {lam:.3g}); use a step size "
-            f"below {limit / lam:.3g}")
+            f"below {limit / lam:.3g}"
+        )
     floor = None
     if trainable_variance:
         lowest = math.log(stiff / limit)
@@ -167,6 +194,12 @@ def preflight_stability(engine: PCEngine, inputs: Tensor, target: Tensor, floor_
                 raise UnstableSetting(
                     f"relax.log_variance_min={floor:g} is below the stable range: with inference.step_size={gamma:g}, "
                     f"momentum {beta:g} and lambda_max = {lam:.3g} at the initial weights, inference diverges once "
-                    f"log S < {lowest:.3g}; use relax.log_variance_min=auto or a value above {lowest:.3g}")
-    return {"lambda_max": lam, "stiffness": stiff, "limit": limit, "log_variance_min": floor,
-            "floor_stiffness": AUTO_FLOOR_STIFFNESS * (1 + beta) if floor_setting == "auto" else None}
+                    f"log S < {lowest:.3g}; use relax.log_variance_min=auto or a value above {lowest:.3g}"
+                )
+    return {
+        "lambda_max": lam,
+        "stiffness": stiff,
+        "limit": limit,
+        "log_variance_min": floor,
+        "floor_stiffness": AUTO_FLOOR_STIFFNESS * (1 + beta) if floor_setting == "auto" else None,
+    }

@@ -52,7 +52,9 @@ def _identity_roles(schema: type, prefix: str = "") -> dict[str, Any]:
         roles[key] = f.metadata.get("identity", True)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            roles.update({k: roles[key] if v is True else v for k, v in _identity_roles(type(default), key + ".").items()})
+            roles.update(
+                {k: roles[key] if v is True else v for k, v in _identity_roles(type(default), key + ".").items()}
+            )
     return roles
 
 
@@ -75,7 +77,7 @@ DEFAULTS = _flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resol
 
 
 # free-form: a torch optimizer's options, the twins' learning rates, claim thresholds, callbacks' arguments
-OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.", "callbacks.")
+OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.", "callbacks.", "logger.")
 
 
 def settings_from(cfg: DictConfig) -> Settings:
@@ -83,19 +85,25 @@ def settings_from(cfg: DictConfig) -> Settings:
     A key the schema does not declare (``+foo=1``, a typo) is an error: it would change the run's identity."""
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-    unknown = [k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)]
+    unknown = [
+        k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)
+    ]
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a pcsweep setting (`python -m pcsweep --cfg job` lists them)")
     try:
         settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
+    for name, node in settings.logger.items():
+        check_target(f"logger.{name}", node)
     for name, node in settings.callbacks.items():
         check_target(f"callbacks.{name}", node)
         monitored = node.get("monitor")
         if monitored is not None and monitored not in monitorable(settings):
-            raise ConfigError(f"callbacks.{name}.monitor={monitored} is not logged by this run; one of: "
-                              f"{', '.join(monitorable(settings))}")
+            raise ConfigError(
+                f"callbacks.{name}.monitor={monitored} is not logged by this run; one of: "
+                f"{', '.join(monitorable(settings))}"
+            )
     return settings
 
 
@@ -152,11 +160,16 @@ def identity(config: Any) -> dict[str, Any]:
     """The settings that determine a run's numbers and differ from the defaults, as ``{dotted key: value}``.
     ``config``: a composed config or a resolved one read back from a run's ``config.yaml``."""
     if OmegaConf.is_config(config):  # without hydra's node: its run dir is named from this identity
-        config = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
+        config = OmegaConf.to_container(
+            OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True
+        )
     flat = _flatten({k: v for k, v in config.items() if k != "hydra"})
     pc = flat.get("algo.name") == "pc"
-    return {k: v for k, v in sorted(flat.items())
-            if (_role(k) is True or (_role(k) == "pc" and pc)) and (k not in DEFAULTS or DEFAULTS[k] != v)}
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if (_role(k) is True or (_role(k) == "pc" and pc)) and (k not in DEFAULTS or DEFAULTS[k] != v)
+    }
 
 
 def config_hash(config: Any, length: int = 8) -> str:
@@ -248,7 +261,8 @@ def family_name(config: Any) -> str:
     """The run's identity without its seed, ``<paper name>_<dataset>-<hash>``: the runs of one family are seeds of
     one experiment (their W&B group; ``report.Run.family`` is the same hash). ``config``: as for ``identity``."""
     if OmegaConf.is_config(config):
-        config = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),
-                                        resolve=True)
+        config = OmegaConf.to_container(
+            OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True
+        )
     unseeded = {k: v for k, v in config.items() if k != "seed"}
     return f"{paper_name(OmegaConf.create(unseeded))}_{unseeded['dataset']['name']}-{config_hash(unseeded)}"

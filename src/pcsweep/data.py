@@ -54,7 +54,7 @@ class Split:
     inputs: Tensor  # (N, features) float in [0, 1]
     labels: Tensor  # (N,) int64
 
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Split":
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Split:
         return Split(self.inputs.to(device=device, dtype=dtype), self.labels.to(device))
 
     def __len__(self) -> int:
@@ -214,15 +214,21 @@ def _distort(images: Tensor, count: int, gen: torch.Generator) -> tuple[Tensor, 
     return out, pick
 
 
-def load_digits28(train_size: int = 60000, test_size: int = 10000, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_digits28(
+    train_size: int = 60000, test_size: int = 10000, test_fraction: float = 0.2, seed: int = 0
+) -> Dataset:
     """An MNIST-shaped check set made offline from the bundled digits: 784 inputs, MNIST's split sizes (938 batches
     of 64 per epoch). Train and test images are distorted copies of disjoint digits (the fixed digits split)."""
     base = load_digits(test_fraction)
     gen = torch.Generator().manual_seed(seed)
     train_x, train_pick = _distort(base.train.inputs, train_size, gen)
     test_x, test_pick = _distort(base.test.inputs, test_size, gen)
-    return Dataset("digits28", Split(train_x, base.train.labels[train_pick]), Split(test_x, base.test.labels[test_pick]),
-                   num_classes=10)
+    return Dataset(
+        "digits28",
+        Split(train_x, base.train.labels[train_pick]),
+        Split(test_x, base.test.labels[test_pick]),
+        num_classes=10,
+    )
 
 
 def load_idx_dataset(name: str, data_dir: Path | str, download: bool = False, mirrors: Sequence[str] = ()) -> Dataset:
@@ -247,8 +253,9 @@ def load_dataset(settings) -> Dataset:
     if settings.name == "digits":
         dataset = load_digits(settings.test_fraction)
     elif settings.name == "digits28":
-        dataset = load_digits28(settings.train_size or 60000, settings.test_size or 10000, settings.test_fraction,
-                                settings.seed)
+        dataset = load_digits28(
+            settings.train_size or 60000, settings.test_size or 10000, settings.test_fraction, settings.seed
+        )
     else:
         dataset = load_idx_dataset(settings.name, settings.data_dir, settings.download, list(settings.mirrors))
     return hold_out_validation(dataset, settings.val_fraction)
@@ -262,6 +269,7 @@ def hold_out_validation(dataset: Dataset, fraction: float) -> Dataset:
         return dataset
     order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(0))
     val, train = order[:count], order[count:]
-    pick = lambda split, idx: Split(split.inputs[idx], split.labels[idx])  # noqa: E731
-    return Dataset(dataset.name, pick(dataset.train, train), dataset.test, dataset.num_classes,
-                   val=pick(dataset.train, val))
+    pick = lambda split, idx: Split(split.inputs[idx], split.labels[idx])
+    return Dataset(
+        dataset.name, pick(dataset.train, train), dataset.test, dataset.num_classes, val=pick(dataset.train, val)
+    )

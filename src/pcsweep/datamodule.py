@@ -44,7 +44,10 @@ class TensorBatches:
                 idx = order[start : start + self.batch_size]
                 yield self.split.inputs[idx], self.split.labels[idx]
             else:
-                yield self.split.inputs[start : start + self.batch_size], self.split.labels[start : start + self.batch_size]
+                yield (
+                    self.split.inputs[start : start + self.batch_size],
+                    self.split.labels[start : start + self.batch_size],
+                )
 
 
 class TensorDataModule(L.LightningDataModule):

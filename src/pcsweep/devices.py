@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from pathlib import Path

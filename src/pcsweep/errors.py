@@ -20,8 +20,14 @@ def exit_with(message: str, prog: str = "pcsweep") -> NoReturn:
 # HYDRA_FULL_ERROR; pcsweep's rule is one line. Until Hydra hands over to pcsweep (a sweeper's setup, or the task
 # function), what goes to stderr is held; if Hydra exits with its report instead, the report becomes one line.
 _held: list = []  # [the real stderr, the buffer] while held
-_DETAIL = ("To append to your config", "full_key:", "object_type=", "reference_type=", "See https://hydra.cc",
-           "Set the environment variable HYDRA_FULL_ERROR")
+_DETAIL = (
+    "To append to your config",
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "See https://hydra.cc",
+    "Set the environment variable HYDRA_FULL_ERROR",
+)
 
 
 def hold_stderr() -> None:

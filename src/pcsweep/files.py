@@ -9,11 +9,11 @@ holder dies, so a killed process never leaves a stale lock).
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path

@@ -64,7 +64,9 @@ class History(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._sync(pl_module)
         self._batch_start = time.perf_counter()
 
@@ -75,15 +77,24 @@ class History(L.Callback):
         self._batch_start = None
         batches = trainer.num_training_batches
         every = max(1, batches // max(self.evals_per_epoch, 1))
-        if self.evals_per_epoch > 1 and (batch_idx + 1) % every == 0 and batch_idx + 1 < batches \
-                and not getattr(pl_module, "diverged", False):
+        if (
+            self.evals_per_epoch > 1
+            and (batch_idx + 1) % every == 0
+            and batch_idx + 1 < batches
+            and not getattr(pl_module, "diverged", False)
+        ):
             self._point(trainer, batch_idx + 1, test_accuracy(pl_module, trainer.datamodule.test_split))
 
     def _point(self, trainer: L.Trainer, batches_done: int, test_acc: Optional[float]) -> None:
-        self.curve.append({"epoch": trainer.current_epoch,
-                           "epochs": trainer.current_epoch + batches_done / trainer.num_training_batches,
-                           "step": last_batch(trainer, batches_done), "train_seconds": self.train_seconds,
-                           "test_acc": test_acc})
+        self.curve.append(
+            {
+                "epoch": trainer.current_epoch,
+                "epochs": trainer.current_epoch + batches_done / trainer.num_training_batches,
+                "step": last_batch(trainer, batches_done),
+                "train_seconds": self.train_seconds,
+                "test_acc": test_acc,
+            }
+        )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":

@@ -27,8 +27,10 @@ class Interrupted(Exception):
 
     def __init__(self, epoch: int, batch: int, signum: int) -> None:
         self.epoch, self.batch, self.signum = epoch, batch, signum
-        super().__init__(f"interrupted ({signal.Signals(signum).name}) in epoch {epoch} at batch {batch}; "
-                         "re-run the same command to resume")
+        super().__init__(
+            f"interrupted ({signal.Signals(signum).name}) in epoch {epoch} at batch {batch}; "
+            "re-run the same command to resume"
+        )
 
 
 class MidEpochCheckpoints(L.Callback):

@@ -90,24 +90,40 @@ def landscape(
     """Losses on a ``resolution`` x ``resolution`` grid over [-span, span]^2 around the trained weights."""
     d1, d2 = directions(weights, seed)
     # exactly symmetric, with an exact 0 in the middle for odd sizes (linspace leaves ~1e-17 there)
-    coords = (torch.arange(resolution, dtype=torch.float64) - (resolution - 1) / 2) * (2 * span / max(resolution - 1, 1))
+    coords = (torch.arange(resolution, dtype=torch.float64) - (resolution - 1) / 2) * (
+        2 * span / max(resolution - 1, 1)
+    )
     grid_a, grid_b = torch.meshgrid(coords, coords, indexing="ij")
     flat_a, flat_b = grid_a.flatten(), grid_b.flatten()
     out = torch.empty(flat_a.shape[0], dtype=torch.float64)
     total = flat_a.shape[0]
     for start in range(0, total, points_per_pass):
         stop = min(start + points_per_pass, total)
-        out[start:stop] = batched_losses(weights, biases, d1, d2, flat_a[start:stop].to(inputs.device),
-                                         flat_b[start:stop].to(inputs.device), inputs, target, activation,
-                                         loss).double().cpu()
+        out[start:stop] = (
+            batched_losses(
+                weights,
+                biases,
+                d1,
+                d2,
+                flat_a[start:stop].to(inputs.device),
+                flat_b[start:stop].to(inputs.device),
+                inputs,
+                target,
+                activation,
+                loss,
+            )
+            .double()
+            .cpu()
+        )
         if progress is not None:
             progress(stop, total)
     return Landscape(coords, coords.clone(), out.view(resolution, resolution))
 
 
 # ------------------------------------------------------------------------------------------------ shape as numbers
-def output_loss(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor, activation: str,
-                loss: str) -> Tensor:
+def output_loss(
+    weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor, activation: str, loss: str
+) -> Tensor:
     """The feedforward output loss the landscape plots (differentiable in ``weights``)."""
     act = get_activation(activation).fn
     h = inputs
@@ -120,8 +136,16 @@ def output_loss(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Ten
     return -(target * torch.log_softmax(h, dim=1)).sum(dim=1).mean()
 
 
-def hessian_extremes(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor,
-                     activation: str = "tanh", loss: str = "mse", iterations: int = 40, seed: int = 0) -> dict:
+def hessian_extremes(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    inputs: Tensor,
+    target: Tensor,
+    activation: str = "tanh",
+    loss: str = "mse",
+    iterations: int = 40,
+    seed: int = 0,
+) -> dict:
     """The extreme eigenvalues of the loss Hessian over all weights at the trained point, by Lanczos on
     Hessian-vector products (full reorthogonalization; the extreme Ritz values converge first). Li et al. (2018)
     read convexity from ``|lambda_min / lambda_max|``: near 0, the loss curves up in (nearly) every direction."""
@@ -155,14 +179,26 @@ def hessian_extremes(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs
         T += torch.diag(off, 1) + torch.diag(off, -1)
     ritz = torch.linalg.eigvalsh(T)
     lam_min, lam_max = float(ritz[0]), float(ritz[-1])
-    return {"lambda_min": lam_min, "lambda_max": lam_max,
-            "ratio": abs(lam_min / lam_max) if lam_max != 0 else float("inf"), "iterations": len(alphas)}
+    return {
+        "lambda_min": lam_min,
+        "lambda_max": lam_max,
+        "ratio": abs(lam_min / lam_max) if lam_max != 0 else float("inf"),
+        "iterations": len(alphas),
+    }
 
 
 @torch.no_grad()
-def sharpness(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tensor, target: Tensor,
-              activation: str = "tanh", loss: str = "mse", radius: float = 0.1, directions: int = 16,
-              seed: int = 0) -> dict:
+def sharpness(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    inputs: Tensor,
+    target: Tensor,
+    activation: str = "tanh",
+    loss: str = "mse",
+    radius: float = 0.1,
+    directions: int = 16,
+    seed: int = 0,
+) -> dict:
     """How fast the loss grows away from the trained point: the mean loss increase at ``radius`` along random
     filter-normalized directions (the scale the landscapes are drawn in, so twins of different weight norms compare)."""
     generator = torch.Generator().manual_seed(seed)
@@ -173,8 +209,12 @@ def sharpness(weights: Sequence[Tensor], biases: Sequence[Tensor], inputs: Tenso
         moved = [w + radius * u for w, u in zip(weights, d)]
         rises.append(float(output_loss(moved, biases, inputs, target, activation, loss)) - center)
     mean = sum(rises) / len(rises)
-    return {"radius": radius, "center_loss": center, "increase": mean,
-            "relative_increase": mean / center if center > 0 else float("inf")}
+    return {
+        "radius": radius,
+        "center_loss": center,
+        "increase": mean,
+        "relative_increase": mean / center if center > 0 else float("inf"),
+    }
 
 
 def plane_convexity(losses: Tensor, coords: Tensor, threshold: float = 0.1) -> dict:
@@ -189,12 +229,16 @@ def plane_convexity(losses: Tensor, coords: Tensor, threshold: float = 0.1) -> d
     zab = (z[2:, 2:] - z[2:, :-2] - z[:-2, 2:] + z[:-2, :-2]) / (4 * h**2)
     mean, root = (zaa + zbb) / 2, torch.sqrt(((zaa - zbb) / 2) ** 2 + zab**2)
     lam_max, lam_min = mean + root, mean - root
-    nonconvex = torch.where(lam_max > 0, (-lam_min).clamp_min(0) / lam_max.clamp_min(1e-300),
-                            torch.full_like(lam_max, float("inf")))
+    nonconvex = torch.where(
+        lam_max > 0, (-lam_min).clamp_min(0) / lam_max.clamp_min(1e-300), torch.full_like(lam_max, float("inf"))
+    )
     convex = nonconvex <= threshold
     a, b = torch.meshgrid(coords[1:-1].double(), coords[1:-1].double(), indexing="ij")
     radius = torch.sqrt(a**2 + b**2)
     span = float(coords[-1])
-    return {"convex_fraction": float(convex.double().mean()),
-            "convex_radius": float(radius[~convex].min()) if bool((~convex).any()) else span,
-            "span": span, "threshold": threshold}
+    return {
+        "convex_fraction": float(convex.double().mean()),
+        "convex_radius": float(radius[~convex].min()) if bool((~convex).any()) else span,
+        "span": span,
+        "threshold": threshold,
+    }

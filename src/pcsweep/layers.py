@@ -42,5 +42,7 @@ def gaussian_distance(weight: Tensor) -> float:
 
 def layer_statistics(weights: Sequence[Tensor], initial: Sequence[Tensor]) -> dict[str, list[float]]:
     """Per weight layer (input side first): relative change from ``initial`` and distance from a Gaussian."""
-    return {"change": [relative_change(w, w0) for w, w0 in zip(weights, initial)],
-            "gaussian_distance": [gaussian_distance(w) for w in weights]}
+    return {
+        "change": [relative_change(w, w0) for w, w0 in zip(weights, initial)],
+        "gaussian_distance": [gaussian_distance(w) for w in weights],
+    }

@@ -38,11 +38,18 @@ class TwinModule(L.LightningModule):
 
             settings = settings_from_container(settings)
         # plain types only: a checkpoint then loads without unpickling pcsweep's classes
-        self.save_hyperparameters({"settings": dataclasses.asdict(settings), "num_features": num_features,
-                                   "num_classes": num_classes})
+        self.save_hyperparameters(
+            {"settings": dataclasses.asdict(settings), "num_features": num_features, "num_classes": num_classes}
+        )
         torch.manual_seed(settings.seed)
-        self.mlp = MLP(num_features, settings.width, settings.depth, num_classes, activation=settings.activation,
-                       init=settings.init)
+        self.mlp = MLP(
+            num_features,
+            settings.width,
+            settings.depth,
+            num_classes,
+            activation=settings.activation,
+            init=settings.init,
+        )
         self.settings = settings
         self.loss_kind = settings.output_loss
         self.log_variances: Optional[torch.nn.ParameterList] = None
@@ -111,8 +118,10 @@ class TwinModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The epoch's running means as they are (and the batches not yet added to them, in their groups): a run
         resumed from a mid-epoch checkpoint then ends the epoch with the means of an uninterrupted one, bit for bit."""
-        checkpoint["train_metrics"] = {name: ({k: getattr(m, k) for k in m._defaults}, m._update_count)
-                                       for name, m in self._train_metrics().items()}
+        checkpoint["train_metrics"] = {
+            name: ({k: getattr(m, k) for k in m._defaults}, m._update_count)
+            for name, m in self._train_metrics().items()
+        }
         checkpoint["unrecorded_batches"] = list(self._unrecorded)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -134,7 +143,7 @@ class TwinModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         values = self.epoch_train_metrics()
-        self.log_dict({f"train/{name[len('train_'):]}": value for name, value in values.items()}, on_epoch=True)
+        self.log_dict({f"train/{name[len('train_') :]}": value for name, value in values.items()}, on_epoch=True)
         for metric in [self.train_acc, *self.train_means.values()]:
             metric.reset()
 
@@ -174,8 +183,11 @@ class PCModule(TwinModule):
             self.log_variances = make_log_variances(mlp.sizes, settings.relax.variance, settings.output_loss)
         # relax.log_variance_min=auto: no floor until the pre-flight measures one (run.check_stability)
         floor = settings.relax.log_variance_min
-        self.engine = PCEngine(mlp.as_pc_network(self.log_variances, settings.output_loss), settings.schedule(),
-                               log_variance_min=-math.inf if floor == "auto" else float(floor))
+        self.engine = PCEngine(
+            mlp.as_pc_network(self.log_variances, settings.output_loss),
+            settings.schedule(),
+            log_variance_min=-math.inf if floor == "auto" else float(floor),
+        )
         tracking = settings.tracking
         self.divergence_factor = tracking.divergence_factor
         # relax.log_variance_min=auto: the stiffness the floor keeps (set by the pre-flight), re-measured every
@@ -219,7 +231,11 @@ class PCModule(TwinModule):
                 first_update.extend(layer.weight.grad.clone() for layer in self.mlp.layers)
             optimizer.step()
 
-        if self.floor_stiffness is not None and self.variance_floor_every and batch_idx % self.variance_floor_every == 0:
+        if (
+            self.floor_stiffness is not None
+            and self.variance_floor_every
+            and batch_idx % self.variance_floor_every == 0
+        ):
             follow_variance_floor(self.engine, inputs, target, self.floor_stiffness)
         trace = self.trace_energy and batch_idx == 0
         result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
@@ -227,15 +243,24 @@ class PCModule(TwinModule):
         if not self.diverged:
             start, end = float(result.energy_start), float(result.energy_end)
             if end > self.divergence_factor * max(start, 1e-12):
-                self.stop_diverged(f"inference diverged in epoch {self.current_epoch}, batch {batch_idx}: the error "
-                                   f"energy rose from {start:.3g} to {end:.3g} (step size too large for the curvature)")
+                self.stop_diverged(
+                    f"inference diverged in epoch {self.current_epoch}, batch {batch_idx}: the error "
+                    f"energy rose from {start:.3g} to {end:.3g} (step size too large for the curvature)"
+                )
         if self.diverged:
             return
         extra = {} if self.log_variances is None else {"log_variance_energy": result.log_variance_energy}
-        self.record_train(batch_idx, result.loss, result.logits, labels,
-                          energy=result.energy_end, energy_start=result.energy_start,
-                          inference_steps=torch.tensor(float(result.steps_used)),
-                          energy_rises=result.energy_rises.float(), **extra)
+        self.record_train(
+            batch_idx,
+            result.loss,
+            result.logits,
+            labels,
+            energy=result.energy_end,
+            energy_start=result.energy_start,
+            inference_steps=torch.tensor(float(result.steps_used)),
+            energy_rises=result.energy_rises.float(),
+            **extra,
+        )
         if trace:
             self.latest_energy_trace = result.energy_trace
         if align:

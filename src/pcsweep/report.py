@@ -21,19 +21,19 @@ from typing import Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
 
-from pcsweep.claims import ClaimRules, claims_document, evaluate  # noqa: E402
-from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness  # noqa: E402
-from pcsweep.layers import wasserstein1  # noqa: E402
-from pcsweep.errors import exit_with  # noqa: E402
-from pcsweep.files import read_json, write_atomic  # noqa: E402
-from pcsweep.summary import checks_text, read_manifest  # noqa: E402
+from pcsweep.claims import ClaimRules, claims_document, evaluate
+from pcsweep.errors import exit_with
+from pcsweep.files import read_json, write_atomic
+from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness
+from pcsweep.layers import wasserstein1
+from pcsweep.summary import checks_text, read_manifest
 
 TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
 PALETTE = dict(zip(TWIN_ORDER, sns.color_palette("deep", 5)))
@@ -97,7 +97,9 @@ def seeds_only(runs: list[Run]) -> tuple[list[Run], list[dict]]:
     for run in runs:
         key = (run.family, run.config.get("seed"))
         if key in seen:
-            skipped.append({"model": run.path.name, "reason": f"same config and seed as {seen[key]}: listed, not counted"})
+            skipped.append(
+                {"model": run.path.name, "reason": f"same config and seed as {seen[key]}: listed, not counted"}
+            )
             continue
         seen[key] = run.path.name
         kept.append(run)
@@ -126,7 +128,9 @@ def load_sweep(path: Path) -> Sweep:
             if entry["status"] == "duplicate":
                 skipped.append({"model": entry["model"], "reason": f"duplicate of {entry['duplicate_of']}"})
             elif not (path / entry.get("run_dir", "") / "summary.json").is_file():
-                skipped.append({"model": entry.get("run_dir", entry["model"]), "reason": "no summary (failed or unfinished)"})
+                skipped.append(
+                    {"model": entry.get("run_dir", entry["model"]), "reason": "no summary (failed or unfinished)"}
+                )
     if not runs:
         raise FileNotFoundError(f"no finished runs (summary.json) under {path}")
     return Sweep(path, runs, skipped)
@@ -137,13 +141,26 @@ def summary_frame(sweep: Sweep) -> pd.DataFrame:
     rows = []
     for run in sweep.runs:
         s = run.summary
-        rows.append({"model": run.label, "twin": run.twin, "dataset": s["dataset"], "width": run.config.get("width"),
-                     "depth": run.config.get("depth"), "seed": run.config.get("seed"), "status": s["status"],
-                     "final acc": s.get("final_test_acc"), "best acc": s.get("best_test_acc"),
-                     "train loss": s.get("final_train_loss"), "test loss": s.get("final_test_loss"),
-                     "train time [s]": s.get("train_seconds"), "time to 90% [s]": s.get("time_to_90"),
-                     "epochs": s.get("epochs"), "conditions": checks_text(s.get("checks")),
-                     "run": run.path.name})
+        rows.append(
+            {
+                "model": run.label,
+                "twin": run.twin,
+                "dataset": s["dataset"],
+                "width": run.config.get("width"),
+                "depth": run.config.get("depth"),
+                "seed": run.config.get("seed"),
+                "status": s["status"],
+                "final acc": s.get("final_test_acc"),
+                "best acc": s.get("best_test_acc"),
+                "train loss": s.get("final_train_loss"),
+                "test loss": s.get("final_test_loss"),
+                "train time [s]": s.get("train_seconds"),
+                "time to 90% [s]": s.get("time_to_90"),
+                "epochs": s.get("epochs"),
+                "conditions": checks_text(s.get("checks")),
+                "run": run.path.name,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -151,10 +168,19 @@ def curves_frame(sweep: Sweep) -> pd.DataFrame:
     rows = []
     for run in sweep.finished:
         for record in run.summary.get("history", []):
-            rows.append({"model": run.label, "twin": run.twin, "dataset": run.summary["dataset"],
-                         "width": run.config.get("width"), "seed": run.config.get("seed"),
-                         "epoch": record["epoch"] + 1, "test accuracy": record.get("test_acc"),
-                         "train loss": record.get("train_loss"), "test loss": record.get("test_loss")})
+            rows.append(
+                {
+                    "model": run.label,
+                    "twin": run.twin,
+                    "dataset": run.summary["dataset"],
+                    "width": run.config.get("width"),
+                    "seed": run.config.get("seed"),
+                    "epoch": record["epoch"] + 1,
+                    "test accuracy": record.get("test_acc"),
+                    "train loss": record.get("train_loss"),
+                    "test loss": record.get("test_loss"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -189,10 +215,24 @@ def figure_benchmark(sweep: Sweep, out: Path) -> list[Path]:
         order = _order(part["model"])
         fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(order), 4.2))
         palette = _palette(order)
-        for ax, column, title in ((axes[0], "final acc", "Final test accuracy"),
-                                  (axes[1], "time to 90% [s]", "Time to 90% of final accuracy")):
-            sns.barplot(data=part, x="model", y=column, hue="model", order=order, hue_order=order, palette=palette,
-                        errorbar=("ci", 95), seed=0, capsize=0.15, ax=ax, legend=False)
+        for ax, column, title in (
+            (axes[0], "final acc", "Final test accuracy"),
+            (axes[1], "time to 90% [s]", "Time to 90% of final accuracy"),
+        ):
+            sns.barplot(
+                data=part,
+                x="model",
+                y=column,
+                hue="model",
+                order=order,
+                hue_order=order,
+                palette=palette,
+                errorbar=("ci", 95),
+                seed=0,
+                capsize=0.15,
+                ax=ax,
+                legend=False,
+            )
             ax.set_title(title)
             ax.set_xlabel("")
             ax.set_ylabel("accuracy" if column == "final acc" else "training wall time [s]")
@@ -216,8 +256,18 @@ def figure_curves(sweep: Sweep, out: Path, select=None, suffix: str = "") -> lis
         order = _order(part["model"])
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
         for ax, column in zip(axes, ("test accuracy", "train loss", "test loss")):
-            sns.lineplot(data=part, x="epoch", y=column, hue="model", hue_order=order, palette=_palette(order),
-                         errorbar=("ci", 95), seed=0, marker="o", ax=ax)
+            sns.lineplot(
+                data=part,
+                x="epoch",
+                y=column,
+                hue="model",
+                hue_order=order,
+                palette=_palette(order),
+                errorbar=("ci", 95),
+                seed=0,
+                marker="o",
+                ax=ax,
+            )
             ax.set_title(column.capitalize())
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if "loss" in column and (part[column].dropna() > 0).all():
@@ -303,19 +353,43 @@ def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: in
 
     def progress(done: int, total: int) -> None:  # a live counter on a terminal, one line per landscape in a log
         if not quiet and (interactive or done == total):
-            print(f"{chr(13) if interactive else ''}[pcsweep.report] landscape {run.label} span {span:g}: "
-                  f"{done}/{total} points", end="" if interactive else "\n", file=sys.stderr, flush=True)
+            print(
+                f"{chr(13) if interactive else ''}[pcsweep.report] landscape {run.label} span {span:g}: "
+                f"{done}/{total} points",
+                end="" if interactive else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    result = landscape(weights, biases, inputs, target, cfg.activation, cfg.output_loss, span=span,
-                       resolution=resolution, seed=seed, progress=progress).to_dict()
+    result = landscape(
+        weights,
+        biases,
+        inputs,
+        target,
+        cfg.activation,
+        cfg.output_loss,
+        span=span,
+        resolution=resolution,
+        seed=seed,
+        progress=progress,
+    ).to_dict()
     if not quiet and interactive:
         print(file=sys.stderr)
     torch.save(result, cache)
     return result
 
 
-def figure_landscapes(sweep: Sweep, out: Path, spans=(1.0, 0.1), resolution: int = 41, samples: int = 1000,
-                      seed: int = 0, select=None, suffix: str = "", quiet: bool = False) -> list[Path]:
+def figure_landscapes(
+    sweep: Sweep,
+    out: Path,
+    spans=(1.0, 0.1),
+    resolution: int = 41,
+    samples: int = 1000,
+    seed: int = 0,
+    select=None,
+    suffix: str = "",
+    quiet: bool = False,
+) -> list[Path]:
     """Figs 4 and 7: per model, contour plots (wide and zoomed) and a 3-D surface of the wide view; with several
     seeds, the mean of their log-loss surfaces."""
     paths = []
@@ -376,7 +450,10 @@ def run_shape(run: Run, spans, resolution: int, samples: int, seed: int = 0, qui
     if measured is None:
         cfg, weights, biases, inputs, target = _loss_setting(run, samples, seed)
         args = (weights, biases, inputs, target, cfg.activation, cfg.output_loss)
-        measured = {"hessian": hessian_extremes(*args, seed=seed), "sharpness": sharpness(*args, radius=min(spans), seed=seed)}
+        measured = {
+            "hessian": hessian_extremes(*args, seed=seed),
+            "sharpness": sharpness(*args, radius=min(spans), seed=seed),
+        }
         write_atomic(cache, json.dumps(measured))
     return {**views, **measured}
 
@@ -392,16 +469,26 @@ def run_facts(sweep: Sweep, shapes: dict[Path, dict]) -> list[dict]:
         s, checks = run.summary, run.summary.get("checks") or {}
         layers = (s.get("layers") or [{}])[-1]
         variance = (checks.get("variance") or {}).get("layers")
-        fact = {"label": run.label, "twin": run.twin, "dataset": s["dataset"], "width": run.config.get("width"),
-                "seed": run.config.get("seed"), "lr": (run.config.get("optimizer") or {}).get("lr"),
-                "family": run.family,
-                "weight_decay": run.config.get("weight_decay") or 0.0, "status": s["status"],
-                "final_acc": s.get("final_test_acc"), "test_loss": s.get("final_test_loss"), "t90": s.get("time_to_90"),
-                "condition2": (checks.get("condition2") or {}).get("verdict"),
-                "inference": (checks.get("inference") or {}).get("verdict"),
-                "change": layers.get("change"), "gaussian": layers.get("gaussian_distance"),
-                "log_variance_mean": [v["mean"] for v in variance] if variance else None,
-                "shape": shapes.get(run.path)}
+        fact = {
+            "label": run.label,
+            "twin": run.twin,
+            "dataset": s["dataset"],
+            "width": run.config.get("width"),
+            "seed": run.config.get("seed"),
+            "lr": (run.config.get("optimizer") or {}).get("lr"),
+            "family": run.family,
+            "weight_decay": run.config.get("weight_decay") or 0.0,
+            "status": s["status"],
+            "final_acc": s.get("final_test_acc"),
+            "test_loss": s.get("final_test_loss"),
+            "t90": s.get("time_to_90"),
+            "condition2": (checks.get("condition2") or {}).get("verdict"),
+            "inference": (checks.get("inference") or {}).get("verdict"),
+            "change": layers.get("change"),
+            "gaussian": layers.get("gaussian_distance"),
+            "log_variance_mean": [v["mean"] for v in variance] if variance else None,
+            "shape": shapes.get(run.path),
+        }
         bp = bp_weights.get((s["dataset"], fact["width"], fact["seed"]))
         if bp is not None and run.twin != "bp" and s["status"] == "complete":
             fact["weight_distance"] = [wasserstein1(w, b) for w, b in zip(_weights(run), bp)]
@@ -418,12 +505,19 @@ def claims_frame(results: list[dict]) -> pd.DataFrame:
     for claim in results:
         for group in claim["groups"]:
             ci = group.get("ci")
-            rows.append({"claim": claim["id"], "setting": f"{group['dataset']}" + (f", width {group['width']}"
-                                                                                   if group.get("width") else ""),
-                         "value": _fmt_value(group.get("value")),
-                         "95% CI": f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else
-                         (f"{group['n']} seed: no interval" if group.get("n") == 1 else "-"),
-                         "seeds": group.get("n", 0), "verdict": group["verdict"], "reason": group.get("reason") or ""})
+            rows.append(
+                {
+                    "claim": claim["id"],
+                    "setting": f"{group['dataset']}" + (f", width {group['width']}" if group.get("width") else ""),
+                    "value": _fmt_value(group.get("value")),
+                    "95% CI": f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+                    if ci
+                    else (f"{group['n']} seed: no interval" if group.get("n") == 1 else "-"),
+                    "seeds": group.get("n", 0),
+                    "verdict": group["verdict"],
+                    "reason": group.get("reason") or "",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -443,10 +537,17 @@ def figure_layers(sweep: Sweep, out: Path) -> list[Path]:
         probes = run.summary.get("conditions") or []
         energy = probes[-1]["condition2"].get("layer_energy_at_T") if probes else None
         for l, change in enumerate(layers.get("change") or []):
-            rows.append({"model": run.label, "dataset": run.summary["dataset"], "width": run.config.get("width"),
-                         "layer": l + 1, "relative change": change,
-                         "distance from Gaussian": layers["gaussian_distance"][l],
-                         "error energy at T": energy[l] if energy else None})
+            rows.append(
+                {
+                    "model": run.label,
+                    "dataset": run.summary["dataset"],
+                    "width": run.config.get("width"),
+                    "layer": l + 1,
+                    "relative change": change,
+                    "distance from Gaussian": layers["gaussian_distance"][l],
+                    "error energy at T": energy[l] if energy else None,
+                }
+            )
     frame = pd.DataFrame(rows)
     paths = []
     if frame.empty:
@@ -459,8 +560,18 @@ def figure_layers(sweep: Sweep, out: Path) -> list[Path]:
             if data.empty:
                 ax.set_visible(False)
                 continue
-            sns.lineplot(data=data, x="layer", y=column, hue="model", hue_order=_order(data["model"]),
-                         palette=_palette(order), errorbar=("ci", 95), seed=0, marker="o", ax=ax)
+            sns.lineplot(
+                data=data,
+                x="layer",
+                y=column,
+                hue="model",
+                hue_order=_order(data["model"]),
+                palette=_palette(order),
+                errorbar=("ci", 95),
+                seed=0,
+                marker="o",
+                ax=ax,
+            )
             ax.set_title(column.capitalize() + (" (PC)" if column == "error energy at T" else ""))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if column != "distance from Gaussian" and (data[column] > 0).all():
@@ -489,12 +600,20 @@ def shape_frame(sweep: Sweep, shapes: dict[Path, dict]) -> pd.DataFrame:
     for run in sweep.finished:
         shape = shapes.get(run.path)
         if shape:
-            rows.append({"model": run.label, "dataset": run.summary["dataset"], "seed": run.config.get("seed"),
-                         "lambda_max": shape["hessian"]["lambda_max"], "lambda_min": shape["hessian"]["lambda_min"],
-                         "|min/max|": shape["hessian"]["ratio"], "convex share (wide)": shape["wide"]["convex_fraction"],
-                         "convex share (zoomed)": shape["zoomed"]["convex_fraction"],
-                         "convex radius": shape["wide"]["convex_radius"],
-                         f"loss rise at r={shape['sharpness']['radius']:g}": shape["sharpness"]["increase"]})
+            rows.append(
+                {
+                    "model": run.label,
+                    "dataset": run.summary["dataset"],
+                    "seed": run.config.get("seed"),
+                    "lambda_max": shape["hessian"]["lambda_max"],
+                    "lambda_min": shape["hessian"]["lambda_min"],
+                    "|min/max|": shape["hessian"]["ratio"],
+                    "convex share (wide)": shape["wide"]["convex_fraction"],
+                    "convex share (zoomed)": shape["zoomed"]["convex_fraction"],
+                    "convex radius": shape["wide"]["convex_radius"],
+                    f"loss rise at r={shape['sharpness']['radius']:g}": shape["sharpness"]["increase"],
+                }
+            )
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -523,28 +642,50 @@ def _table_md(frame: pd.DataFrame) -> str:
 
 def claims_parts(results: list[dict]) -> tuple[list[str], list[str]]:
     """The claims section: per claim its verdict, what was measured, and one row per setting (html, markdown)."""
-    intro = ("Each claim of the paper as measured here; the verdict rules and thresholds are in the README and in "
-             "claims.json. Intervals are 95% Student-t intervals over seeds (paired by seed).")
-    html_parts, md = ["<h2>The paper's claims</h2>", f"<p>{html.escape(intro)}</p>"], ["## The paper's claims", "", intro, ""]
+    intro = (
+        "Each claim of the paper as measured here; the verdict rules and thresholds are in the README and in "
+        "claims.json. Intervals are 95% Student-t intervals over seeds (paired by seed)."
+    )
+    html_parts, md = (
+        ["<h2>The paper's claims</h2>", f"<p>{html.escape(intro)}</p>"],
+        ["## The paper's claims", "", intro, ""],
+    )
     frame = claims_frame(results)
     for claim in results:
-        head = f"Claim {claim['id']}: {claim['claim']} — {claim['verdict']}" + (f" ({claim['reason']})" if claim["reason"] else "")
+        head = f"Claim {claim['id']}: {claim['claim']} — {claim['verdict']}" + (
+            f" ({claim['reason']})" if claim["reason"] else ""
+        )
         rows = frame[frame["claim"] == claim["id"]].drop(columns=["claim"])
-        html_parts += [f"<h3>{html.escape(head)}</h3>", f"<p><i>{html.escape(claim['statistic'])}</i></p>", _table_html(rows)]
+        html_parts += [
+            f"<h3>{html.escape(head)}</h3>",
+            f"<p><i>{html.escape(claim['statistic'])}</i></p>",
+            _table_html(rows),
+        ]
         md += [f"### {head}", "", f"*{claim['statistic']}*", "", _table_md(rows), ""]
     return html_parts, md
 
 
-def write_documents(sweep: Sweep, out: Path, sections: list[tuple[str, str, list[Path]]],
-                    claims: Optional[list[dict]] = None,
-                    tables: Sequence[tuple[str, str, pd.DataFrame]] = ()) -> tuple[Path, Path]:
+def write_documents(
+    sweep: Sweep,
+    out: Path,
+    sections: list[tuple[str, str, list[Path]]],
+    claims: Optional[list[dict]] = None,
+    tables: Sequence[tuple[str, str, pd.DataFrame]] = (),
+) -> tuple[Path, Path]:
     frame = summary_frame(sweep).drop(columns=["twin"])
     notes = [f"{s['model']}: {s['reason']}" for s in sweep.skipped]
-    notes += [f"{r.label} ({r.summary['dataset']}): diverged ({r.summary.get('diverged_reason') or 'non-finite'}), "
-              "left out of the figures" for r in sweep.runs if r.summary["status"] == "diverged"]
-    notes += [f"{r.label} ({r.summary['dataset']}): failed to learn (final accuracy "
-              f"{r.summary.get('final_test_acc') or 0:.3f}), left out of the figures and rankings" for r in sweep.runs
-              if r.summary["status"] == "failed_to_learn"]
+    notes += [
+        f"{r.label} ({r.summary['dataset']}): diverged ({r.summary.get('diverged_reason') or 'non-finite'}), "
+        "left out of the figures"
+        for r in sweep.runs
+        if r.summary["status"] == "diverged"
+    ]
+    notes += [
+        f"{r.label} ({r.summary['dataset']}): failed to learn (final accuracy "
+        f"{r.summary.get('final_test_acc') or 0:.3f}), left out of the figures and rankings"
+        for r in sweep.runs
+        if r.summary["status"] == "failed_to_learn"
+    ]
     parts = [f"<h1>pcsweep report: {html.escape(sweep.path.name)}</h1>", "<h2>Runs</h2>", _table_html(frame)]
     if notes:
         parts += ["<h2>Not shown</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
@@ -563,12 +704,16 @@ def write_documents(sweep: Sweep, out: Path, sections: list[tuple[str, str, list
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
         parts += [f'<img src="{_embed(p)}" alt="{html.escape(p.name)}">' for p in images]
         md += [f"## {title}", "", text, ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}img{max-width:100%;"
-             "margin:0.5em 0}table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;"
-             "border-bottom:1px solid #ddd;text-align:right}th{background:#f3f3f3}")
+    style = (
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}img{max-width:100%;"
+        "margin:0.5em 0}table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;"
+        "border-bottom:1px solid #ddd;text-align:right}th{background:#f3f3f3}"
+    )
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>pcsweep report</title>"
-                         f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    html_path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>pcsweep report</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
     md_path.write_text("\n".join(md))
     return html_path, md_path
 
@@ -581,51 +726,84 @@ def _has_tabulate() -> bool:
     return True
 
 
-def build_report(sweep_dir: Path, spans=(1.0, 0.1), resolution: int = 41, samples: int = 1000,
-                 landscapes: bool = True, quiet: bool = False, rules: Optional[ClaimRules] = None) -> Path:
+def build_report(
+    sweep_dir: Path,
+    spans=(1.0, 0.1),
+    resolution: int = 41,
+    samples: int = 1000,
+    landscapes: bool = True,
+    quiet: bool = False,
+    rules: Optional[ClaimRules] = None,
+) -> Path:
     sweep = load_sweep(Path(sweep_dir))
     rules = rules or ClaimRules()
     out = sweep.path / "report"
     out.mkdir(exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
     sections = [
-        ("Benchmark (Fig 2)", "Final test accuracy and training wall time to reach 90% of it.",
-         figure_benchmark(sweep, out)),
+        (
+            "Benchmark (Fig 2)",
+            "Final test accuracy and training wall time to reach 90% of it.",
+            figure_benchmark(sweep, out),
+        ),
         ("Curves (Fig 3)", "Test accuracy, train and test loss per epoch.", figure_curves(sweep, out)),
         ("Weight distributions (Fig 5)", "First two and last two weight layers.", figure_weights(sweep, out)),
-        ("Per layer", "Relative change of each weight layer from its initial values, distance of its distribution "
-         "from a Gaussian (1-D Wasserstein of the standardized weights), and for PC the error energy per layer at the "
-         "update point on the probe batch.", figure_layers(sweep, out)),
+        (
+            "Per layer",
+            "Relative change of each weight layer from its initial values, distance of its distribution "
+            "from a Gaussian (1-D Wasserstein of the standardized weights), and for PC the error energy per layer at "
+            "the update point on the probe batch.",
+            figure_layers(sweep, out),
+        ),
     ]
     if landscapes:
-        sections.append((
-            "Loss landscapes (Figs 4, 7)",
-            f"Feedforward output loss on {samples} training samples along two filter-normalized Gaussian directions, "
-            f"{resolution}x{resolution} grid; wide, zoomed and as a surface. The star is the trained model.",
-            figure_landscapes(sweep, out, spans, resolution, samples, quiet=quiet)))
+        sections.append(
+            (
+                "Loss landscapes (Figs 4, 7)",
+                f"Feedforward output loss on {samples} training samples along two filter-normalized Gaussian "
+                f"directions, {resolution}x{resolution} grid; wide, zoomed and as a surface. The star is the trained "
+                "model.",
+                figure_landscapes(sweep, out, spans, resolution, samples, quiet=quiet),
+            )
+        )
     pair = weight_decay_models(sweep)
     tables: list = []
     if pair:
         images = figure_curves(sweep, out, select=pair, suffix="_weight_decay")
         if landscapes:
-            images += figure_landscapes(sweep, out, spans, resolution, samples, select=pair, suffix="_weight_decay",
-                                        quiet=quiet)
+            images += figure_landscapes(
+                sweep, out, spans, resolution, samples, select=pair, suffix="_weight_decay", quiet=quiet
+            )
         sections.append(("Weight decay (Fig 6)", "The same twin with and without weight decay.", images))
-        tables.append(("Weight decay: what it did to the variances", "Mean log S per weight layer (over neurons, then "
-                       "seeds) at the end of training, with and without decay; 0 is S = 1, where the decay pulls.",
-                       variance_frame(sweep, pair)))
-    shapes = {run.path: run_shape(run, spans, resolution, samples, quiet=quiet)
-              for run in sweep.finished} if landscapes else {}
+        tables.append(
+            (
+                "Weight decay: what it did to the variances",
+                "Mean log S per weight layer (over neurons, then "
+                "seeds) at the end of training, with and without decay; 0 is S = 1, where the decay pulls.",
+                variance_frame(sweep, pair),
+            )
+        )
+    shapes = (
+        {run.path: run_shape(run, spans, resolution, samples, quiet=quiet) for run in sweep.finished}
+        if landscapes
+        else {}
+    )
     claims, _ = write_claims(sweep, out, rules, shapes)
-    tables += [("Landscape shape", "Extreme eigenvalues of the loss Hessian over all weights at the trained point "
-               "(Lanczos on Hessian-vector products), the share of the plotted plane where the 2x2 Hessian is convex "
-               "(|min(λ,0)/λmax| <= 0.1), the radius of the convex disc, and the mean loss increase along 16 "
-               "random filter-normalized directions at the zoomed radius.", shape_frame(sweep, shapes))]
+    tables += [
+        (
+            "Landscape shape",
+            "Extreme eigenvalues of the loss Hessian over all weights at the trained point "
+            "(Lanczos on Hessian-vector products), the share of the plotted plane where the 2x2 Hessian is convex "
+            "(|min(λ,0)/λmax| <= 0.1), the radius of the convex disc, and the mean loss increase along 16 "
+            "random filter-normalized directions at the zoomed radius.",
+            shape_frame(sweep, shapes),
+        )
+    ]
     html_path, _ = write_documents(sweep, out, sections, claims, tables)
     return html_path
 
 
-def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
+def log_to_wandb(html_path: Path, sweep_dir: Path, options: Optional[dict] = None) -> None:
     """The report's figures as one W&B run (job type ``report``, grouped and tagged by the sweep, whose training runs
     carry the same ``sweep=`` tag), offline without a key, as training runs are; the report folder as a ``report``
     artifact."""
@@ -633,12 +811,17 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
 
     from pcsweep.tracking import start_wandb
 
-    logger_cfg = logger_cfg or OmegaConf.create({"mode": "auto", "project": "pcsweep", "entity": None,
-                                                 "init_timeout": 30})
     manifest = read_manifest(Path(sweep_dir))
     sweep = (manifest.get("sweep_id") if manifest is not None else None) or Path(sweep_dir).name
-    run = start_wandb(logger_cfg, html_path.parent, name=f"report {Path(sweep_dir).name}", group=sweep,
-                      job_type="report", tags=[f"sweep={sweep}"[:64]], config={"sweep": sweep})
+    run = start_wandb(
+        html_path.parent,
+        **(options or {}),
+        name=f"report {Path(sweep_dir).name}",
+        group=sweep,
+        job_type="report",
+        tags=[f"sweep={sweep}"[:64]],
+        config={"sweep": sweep},
+    )
     try:
         run.log({p.stem: wandb.Image(str(p)) for p in html_path.parent.glob("*.png")})
         run.log({"report": wandb.Html(html_path.read_text())})
@@ -651,8 +834,9 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, logger_cfg=None) -> None:
             artifact.add_file(str(claims_path))
             run.log_artifact(artifact)
         # the report folder's own files (html, md, figures, claims.json), not its wandb/ folder
-        files = sorted(p for p in html_path.parent.iterdir()
-                       if p.is_file() and p.suffix in (".html", ".md", ".png", ".json"))
+        files = sorted(
+            p for p in html_path.parent.iterdir() if p.is_file() and p.suffix in (".html", ".md", ".png", ".json")
+        )
         if not run.disabled and files:
             artifact = wandb.Artifact(f"report-{Path(sweep_dir).name}", type="report", metadata={"sweep": sweep})
             for path in files:
@@ -675,8 +859,9 @@ def parse_rules(items: Sequence[str]) -> dict:
 def claims_overview(path: Path) -> str:
     """One line per claim, for the terminal."""
     claims = json.loads(path.read_text())["claims"]
-    return "\n".join(f"  claim {c['id']}: {c['verdict']}" + (f" ({c['reason']})" if c["reason"] else "")
-                     for c in claims)
+    return "\n".join(
+        f"  claim {c['id']}: {c['verdict']}" + (f" ({c['reason']})" if c["reason"] else "") for c in claims
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -687,13 +872,19 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--spans", type=float, nargs="+", default=[1.0, 0.1], help="wide and zoomed half-widths")
     parser.add_argument("--no-landscapes", action="store_true", help="skip the (expensive) landscapes")
     parser.add_argument("--wandb", action="store_true", help="also log the figures to W&B")
-    parser.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
-                        help="a claim-verdict threshold (pcsweep.claims.ClaimRules), e.g. --rule accuracy_margin=0.01")
+    parser.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a claim-verdict threshold (pcsweep.claims.ClaimRules), e.g. --rule accuracy_margin=0.01",
+    )
     args = parser.parse_args(argv)
     try:
         rules = ClaimRules.from_mapping(parse_rules(args.rule))
-        html_path = build_report(args.sweep, tuple(args.spans), args.resolution, args.samples,
-                                 landscapes=not args.no_landscapes, rules=rules)
+        html_path = build_report(
+            args.sweep, tuple(args.spans), args.resolution, args.samples, landscapes=not args.no_landscapes, rules=rules
+        )
     except (FileNotFoundError, ValueError) as exc:
         exit_with(str(exc), prog="pcsweep-report")
     print(f"[pcsweep.report] {html_path}")

@@ -7,14 +7,15 @@ also gets a ``DIVERGED`` marker.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import shutil
 import signal
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import hydra
@@ -26,17 +27,27 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.conditions import Condition2Thresholds, condition2_verdict, preflight_stability
-from pcsweep.config import duplicate_target, find_previous_folder, paper_name, settings_from
-from pcsweep.devices import training_devices
-from pcsweep.files import DiskFull, RunBusy, disk_full, read_json, run_lock, set_aside, write_atomic
+from pcsweep.config import duplicate_target, find_previous_folder, locate, paper_name, settings_from
 from pcsweep.data import BUNDLED, load_dataset
 from pcsweep.datamodule import TensorDataModule
+from pcsweep.devices import training_devices
+from pcsweep.files import DiskFull, RunBusy, disk_full, read_json, run_lock, set_aside, write_atomic
 from pcsweep.history import History, time_to_fraction
 from pcsweep.interruption import Interrupted, MidEpochCheckpoints
 from pcsweep.models import BPModule, PCModule, TwinModule
 from pcsweep.settings import Settings
-from pcsweep.tracking import (AxesWandbLogger, EnergyTraces, LayerLearning, ResumableCSVLogger, RunConditions,
-                              WeightHistograms, log_final_artifacts, run_labels, run_summary, start_wandb, trim_metrics)
+from pcsweep.tracking import (
+    AxesWandbLogger,
+    EnergyTraces,
+    LayerLearning,
+    ResumableCSVLogger,
+    RunConditions,
+    WeightHistograms,
+    log_final_artifacts,
+    run_labels,
+    run_summary,
+    trim_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +93,13 @@ def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
     """At the initial weights on the first training batch: ``preflight_stability`` (raises ``UnstableSetting``).
     The sweeper runs it for every PC job before launching any; each run again, to set its automatic floor."""
     inputs, target = model.probe_batch(dataset.train, settings.batch_size)
-    return preflight_stability(model.engine, inputs, target, settings.relax.log_variance_min,
-                               trainable_variance=model.log_variances is not None)
+    return preflight_stability(
+        model.engine,
+        inputs,
+        target,
+        settings.relax.log_variance_min,
+        trainable_variance=model.log_variances is not None,
+    )
 
 
 def check_stability(settings: Settings, model: PCModule, dataset) -> dict:
@@ -102,41 +118,63 @@ def learned(settings: Settings, final_test_acc: Optional[float], num_classes: in
     return final_test_acc is not None and final_test_acc >= 1.0 / num_classes + settings.tracking.chance_margin
 
 
-def run_checks(settings: Settings, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]) -> dict:
+def run_checks(
+    settings: Settings, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]
+) -> dict:
     """Whether the run's assumptions held, each with a verdict and its numbers (the summary's ``checks``)."""
     chance = 1.0 / summary["num_classes"]
     final = summary.get("final_test_acc")
-    checks: dict[str, Any] = {"learned": {"verdict": "learned" if learned(settings, final, summary["num_classes"])
-                                                     else "failed to learn", "final_test_acc": final,
-                                          "chance": chance, "margin": settings.tracking.chance_margin}}
+    checks: dict[str, Any] = {
+        "learned": {
+            "verdict": "learned" if learned(settings, final, summary["num_classes"]) else "failed to learn",
+            "final_test_acc": final,
+            "chance": chance,
+            "margin": settings.tracking.chance_margin,
+        }
+    }
     if conditions is None:
         return checks
     records = conditions.records
     limits = Condition2Thresholds(settings.tracking.condition2_max_gap, settings.tracking.condition2_min_cosine)
-    checks["condition2"] = condition2_verdict([r["condition2"] for r in records], settings.relax.update_every is not None,
-                                              limits)
+    checks["condition2"] = condition2_verdict(
+        [r["condition2"] for r in records], settings.relax.update_every is not None, limits
+    )
     worst = max((r["stiffness"] for r in records), default=stability["stiffness"])
     rises = [r.get("train_energy_rises") for r in summary["history"] if r.get("train_energy_rises") is not None]
-    checks["inference"] = {"verdict": "stable" if worst < stability["limit"] else "unstable",
-                           "stiffness_initial": stability["stiffness"], "stiffness_worst": worst,
-                           "limit": stability["limit"], "lambda_max_initial": stability["lambda_max"],
-                           "energy_rises_per_batch": rises}
+    checks["inference"] = {
+        "verdict": "stable" if worst < stability["limit"] else "unstable",
+        "stiffness_initial": stability["stiffness"],
+        "stiffness_worst": worst,
+        "limit": stability["limit"],
+        "lambda_max_initial": stability["lambda_max"],
+        "energy_rises_per_batch": rises,
+    }
     if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
         layers = records[-1]["variance"]
         at_floor = sum(layer["at_floor"] for layer in layers[:-1]) / max(len(layers) - 1, 1)
         spread = max(layer["std"] for layer in layers)  # across the neurons of a layer
         # ∂E/∂log S is about +1/2 for every inferred neuron: Adam moves them all alike unless the data tell them apart
-        verdict = ("hidden variances at the floor" if at_floor > 0.5 else
-                   "uniform drift (not a per-neuron variance)" if spread < UNIFORM_SPREAD else "learned per neuron")
+        verdict = (
+            "hidden variances at the floor"
+            if at_floor > 0.5
+            else "uniform drift (not a per-neuron variance)"
+            if spread < UNIFORM_SPREAD
+            else "learned per neuron"
+        )
         checks["variance"] = {
-            "verdict": verdict, "spread": spread,
+            "verdict": verdict,
+            "spread": spread,
             "log_variance_min_initial": stability["log_variance_min"],
-            "log_variance_min": records[-1]["log_variance_min"], "hidden_at_floor": at_floor, "layers": layers}
+            "log_variance_min": records[-1]["log_variance_min"],
+            "hidden_at_floor": at_floor,
+            "layers": layers,
+        }
     return checks
 
 
-def _summary(cfg: DictConfig, settings: Settings, run_dir: Path, history: History, status: str,
-             num_classes: int) -> dict[str, Any]:
+def _summary(
+    cfg: DictConfig, settings: Settings, run_dir: Path, history: History, status: str, num_classes: int
+) -> dict[str, Any]:
     records = history.records
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
@@ -186,8 +224,13 @@ def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: boo
     tracking = settings.tracking
     # one file, rewritten after every epoch (save_last alone only mirrors top-k saves), after every callback's
     # epoch-end work (the condition probes) is in its state
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
-                                                      enable_version_counter=False, save_on_train_epoch_end=True)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
     others = [WeightHistograms(run_dir, tracking.histogram_every)]
     if pc and tracking.energy_trace:
         others.append(EnergyTraces(run_dir, tracking.energy_tolerance))
@@ -224,35 +267,58 @@ def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
         return last, f", resuming after epoch {state['epoch']} from {last.relative_to(run_dir)}"
     trained = state["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
     trim_metrics(metrics, last_epoch=mid_epoch["epoch"] - 1, last_step=trained, step_epoch=mid_epoch["epoch"])
-    return last, (f", resuming in epoch {mid_epoch['epoch']} after batch {mid_epoch['batches']} from "
-                  f"{last.relative_to(run_dir)}")
+    return last, (
+        f", resuming in epoch {mid_epoch['epoch']} after batch {mid_epoch['batches']} from {last.relative_to(run_dir)}"
+    )
 
 
 def start_logging(cfg: DictConfig, settings: Settings, run_dir: Path) -> tuple[list, Any]:
-    """Lightning loggers (CSV always; W&B with logger=wandb) and the W&B run, if any."""
+    """Lightning loggers: the CSV log (always: resume and the summary read it), then conf/logger's, each built from
+    its ``_target_`` and given what it takes of the run's folder (``run_dir``, ``save_dir``) and W&B ``labels``;
+    and the W&B run, if there is one."""
     loggers: list = [ResumableCSVLogger(run_dir)]
-    if settings.logger.name != "wandb":
-        return loggers, None
-    wandb_run = start_wandb(settings.logger, run_dir, **run_labels(cfg, settings))
-    return loggers + [AxesWandbLogger(wandb_run)], wandb_run
+    runtime = {"run_dir": run_dir, "save_dir": str(run_dir), "labels": run_labels(cfg, settings)}
+    for node in settings.logger.values():
+        accepts = inspect.signature(locate(node["_target_"])).parameters
+        build = hydra.utils.instantiate(node, _partial_=True)
+        loggers.append(build(**{k: v for k, v in runtime.items() if k in accepts and k not in node}))
+    wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, AxesWandbLogger)), None)
+    return loggers, wandb_run
 
 
-def fit(settings: Settings, run_dir: Path, model: TwinModule, datamodule, callbacks: list, loggers: list,
-        last: Optional[Path], resume: str) -> None:
+def fit(
+    settings: Settings,
+    run_dir: Path,
+    model: TwinModule,
+    datamodule,
+    callbacks: list,
+    loggers: list,
+    last: Optional[Path],
+    resume: str,
+) -> None:
     """Lightning's fit on the configured devices, from the checkpoint ``last`` if there is one."""
     trainer_settings = settings.trainer
     # holds a GPU slot (launcher=gpus) until training ends
     with training_devices(trainer_settings.accelerator, trainer_settings.gpu_slots, run_dir.parent / ".gpu_slots") as (
-        accelerator, device_ids, plugins
+        accelerator,
+        device_ids,
+        plugins,
     ):
         trainer = L.Trainer(
-            max_epochs=settings.epochs, accelerator=accelerator, devices=device_ids,
-            plugins=plugins + [AtomicCheckpointIO()], precision=trainer_settings.precision, logger=loggers,
-            callbacks=callbacks, enable_progress_bar=trainer_settings.progress_bar, enable_model_summary=False,
-            num_sanity_val_steps=0, log_every_n_steps=trainer_settings.log_every_n_steps, default_root_dir=run_dir,
+            max_epochs=settings.epochs,
+            accelerator=accelerator,
+            devices=device_ids,
+            plugins=plugins + [AtomicCheckpointIO()],
+            precision=trainer_settings.precision,
+            logger=loggers,
+            callbacks=callbacks,
+            enable_progress_bar=trainer_settings.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=trainer_settings.log_every_n_steps,
+            default_root_dir=run_dir,
         )
-        log.info(f"training {run_dir.name} ({settings.epochs} epochs on {trainer.strategy.root_device}"
-              f"{resume})")
+        log.info(f"training {run_dir.name} ({settings.epochs} epochs on {trainer.strategy.root_device}{resume})")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
@@ -267,20 +333,33 @@ def announce(summary: dict, run_dir: Path, num_classes: int) -> None:
     if summary["status"] == "diverged":
         log.info(f"{run_dir.name}: diverged ({summary['diverged_reason']}); marked, the sweep goes on")
     elif summary["status"] == "failed_to_learn":
-        log.info(f"{run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
-              f"{1 / num_classes:.2f}); listed, not ranked")
+        log.info(
+            f"{run_dir.name}: failed to learn (test accuracy {summary['final_test_acc']:.4f}, chance "
+            f"{1 / num_classes:.2f}); listed, not ranked"
+        )
     else:
-        log.info(f"{run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
-              f"{summary['train_seconds']:.1f} s of training")
+        log.info(
+            f"{run_dir.name}: test accuracy {summary['final_test_acc']:.4f} after "
+            f"{summary['train_seconds']:.1f} s of training"
+        )
 
 
-def finish(cfg: DictConfig, settings: Settings, run_dir: Path, model: TwinModule, callbacks: Callbacks,
-           stability: Optional[dict], num_classes: int) -> dict[str, Any]:
+def finish(
+    cfg: DictConfig,
+    settings: Settings,
+    run_dir: Path,
+    model: TwinModule,
+    callbacks: Callbacks,
+    stability: Optional[dict],
+    num_classes: int,
+) -> dict[str, Any]:
     """Final weights, ``summary.json`` (with the run's checks) and, for a diverged run, its ``DIVERGED`` marker."""
     status = "diverged" if model.diverged else "complete"
     weights = run_dir / "weights.pt.partial"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_", "val_"))},
-               weights)
+    torch.save(
+        {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(("train_", "test_", "val_"))},
+        weights,
+    )
     os.replace(weights, run_dir / "weights.pt")
     summary = _summary(cfg, settings, run_dir, callbacks.history, status, num_classes)
     summary["diverged_reason"] = model.diverged_reason
@@ -314,8 +393,12 @@ def skipped(cfg: DictConfig, settings: Settings, run_dir: Path) -> Optional[dict
     target = duplicate_target(settings)
     if target is not None:
         log.info(f"skipped {paper_name(settings)} relax={settings.relax.name}: duplicate of {target}")
-        return {"name": paper_name(settings), "dataset": settings.dataset.name, "status": "duplicate",
-                "duplicate_of": target}
+        return {
+            "name": paper_name(settings),
+            "dataset": settings.dataset.name,
+            "status": "duplicate",
+            "duplicate_of": target,
+        }
     adopt_previous_folder(run_dir, cfg)
     done = finished_summary(run_dir)
     if done is not None:
@@ -346,19 +429,26 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             done = finished_summary(run_dir)  # finished by another process since the check above
             return done if done is not None else train_owned(cfg, settings, run_dir, dataset, model, stability)
     except RunBusy as exc:
-        log.info(f"{run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up "
-              "its result)")
-        return {"name": paper_name(settings), "dataset": settings.dataset.name, "status": "busy", "run_dir": run_dir.name}
+        log.info(f"{run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up its result)")
+        return {
+            "name": paper_name(settings),
+            "dataset": settings.dataset.name,
+            "status": "busy",
+            "run_dir": run_dir.name,
+        }
     except OSError as exc:
         full = disk_full(exc)
         if full is None:
             raise
-        raise DiskFull(f"{run_dir.name}: no space left on the device writing {full.filename or run_dir}; free some "
-                       "and run the same command again (it resumes from the last checkpoint)") from None
+        raise DiskFull(
+            f"{run_dir.name}: no space left on the device writing {full.filename or run_dir}; free some "
+            "and run the same command again (it resumes from the last checkpoint)"
+        ) from None
 
 
-def train_owned(cfg: DictConfig, settings: Settings, run_dir: Path, dataset, model: TwinModule,
-                stability: Optional[dict]) -> dict[str, Any]:
+def train_owned(
+    cfg: DictConfig, settings: Settings, run_dir: Path, dataset, model: TwinModule, stability: Optional[dict]
+) -> dict[str, Any]:
     """The training itself, in a run folder this process owns."""
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     callbacks = make_callbacks(settings, run_dir, model, stability is not None)
@@ -366,8 +456,16 @@ def train_owned(cfg: DictConfig, settings: Settings, run_dir: Path, dataset, mod
     loggers, wandb_run = start_logging(cfg, settings, run_dir)
     succeeded = False
     try:
-        fit(settings, run_dir, model, TensorDataModule(dataset, settings.batch_size, seed=settings.seed),
-            callbacks.all(), loggers, last, resume)
+        fit(
+            settings,
+            run_dir,
+            model,
+            TensorDataModule(dataset, settings.batch_size, seed=settings.seed),
+            callbacks.all(),
+            loggers,
+            last,
+            resume,
+        )
         summary = finish(cfg, settings, run_dir, model, callbacks, stability, dataset.num_classes)
         if wandb_run is not None:
             wandb_run.summary.update(run_summary(summary))

@@ -92,8 +92,12 @@ class InferenceSettings:
         check(is_number(self.step_size) and self.step_size > 0, "inference.step_size", "> 0", self.step_size)
         check(is_number(self.momentum) and 0 <= self.momentum < 1, "inference.momentum", "in [0, 1)", self.momentum)
         check(self.check_every >= 1, "inference.check_every", ">= 1", self.check_every)
-        check(self.tolerance is None or (is_number(self.tolerance) and self.tolerance > 0), "inference.tolerance",
-              "null or > 0", self.tolerance)
+        check(
+            self.tolerance is None or (is_number(self.tolerance) and self.tolerance > 0),
+            "inference.tolerance",
+            "null or > 0",
+            self.tolerance,
+        )
 
 
 @dataclass
@@ -113,8 +117,12 @@ class DatasetSettings:
 
     def __post_init__(self) -> None:
         one_of("dataset.name", self.name, DATASETS)
-        check(is_number(self.val_fraction) and 0 <= self.val_fraction < 1, "dataset.val_fraction", "in [0, 1)",
-              self.val_fraction)
+        check(
+            is_number(self.val_fraction) and 0 <= self.val_fraction < 1,
+            "dataset.val_fraction",
+            "in [0, 1)",
+            self.val_fraction,
+        )
 
 
 def dataset_settings(node: Any) -> DatasetSettings:
@@ -139,17 +147,23 @@ class TrainerSettings:
 
     def __post_init__(self) -> None:
         one_of("trainer.accelerator", self.accelerator, ACCELERATORS)
-        check(str(self.precision) in PRECISIONS, "trainer.precision",
-              "32-true or 64-true (PC trains with hand-written gradients: a mixed precision would train and evaluate "
-              "at different precisions)", self.precision)
+        check(
+            str(self.precision) in PRECISIONS,
+            "trainer.precision",
+            "32-true or 64-true (PC trains with hand-written gradients: a mixed precision would train and evaluate "
+            "at different precisions)",
+            self.precision,
+        )
 
     def check_devices(self) -> None:
         """An accelerator this machine does not have is a one-line error (call where the run will train)."""
         import torch
 
         if self.accelerator in ("gpu", "cuda") and not self.gpu_slots and not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={self.accelerator} but no GPU is visible here "
-                              "(torch.cuda.is_available() is False): use trainer.accelerator=auto or cpu")
+            raise ConfigError(
+                f"trainer.accelerator={self.accelerator} but no GPU is visible here "
+                "(torch.cuda.is_available() is False): use trainer.accelerator=auto or cpu"
+            )
 
 
 @dataclass
@@ -159,22 +173,12 @@ class CheckpointSettings:
     every_minutes: float = 5.0  # a crash or kill -9 loses at most this much training (0: epoch ends and signals only)
 
     def __post_init__(self) -> None:
-        check(is_number(self.every_minutes) and self.every_minutes >= 0, "checkpoint.every_minutes", ">= 0",
-              self.every_minutes)
-
-
-@dataclass
-class LoggerSettings:
-    """conf/logger: wandb (offline without an API key) | csv (metrics.csv and summary.json are always written)."""
-
-    name: str = "wandb"
-    project: str = "pcsweep"
-    entity: Optional[str] = None
-    mode: str = "auto"  # auto: online when an API key is configured, else offline | online | offline | disabled
-    init_timeout: float = 30  # seconds to reach the server before falling back to offline
-
-    def __post_init__(self) -> None:
-        one_of("logger.name", self.name, ("wandb", "csv"))
+        check(
+            is_number(self.every_minutes) and self.every_minutes >= 0,
+            "checkpoint.every_minutes",
+            ">= 0",
+            self.every_minutes,
+        )
 
 
 @dataclass
@@ -206,7 +210,9 @@ class ReportSettings:
     landscapes: bool = True
     resolution: int = 21  # landscape grid points per axis (the CLI's default is 41)
     samples: int = 300  # training samples the landscape loss uses (the CLI's default is 1000)
-    spans: List[float] = field(default_factory=lambda: [1.0, 0.1])  # wide and zoomed (the zoomed is the sharpness radius)
+    spans: List[float] = field(
+        default_factory=lambda: [1.0, 0.1]
+    )  # wide and zoomed (the zoomed is the sharpness radius)
     claims: Dict[str, Any] = field(default_factory=dict)  # verdict thresholds: pcsweep.claims.ClaimRules
 
 
@@ -218,7 +224,8 @@ class Settings:
     relax: RelaxSettings = setting(identity="pc", factory=RelaxSettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     optimizer: Any = None  # conf/optimizer: a torch.optim class for hydra.utils.instantiate (_partial_)
-    logger: LoggerSettings = setting(identity=False, factory=LoggerSettings)
+    # conf/logger: Lightning loggers beside metrics.csv (always written), {name: {_target_: class, its arguments}}
+    logger: Dict[str, Any] = setting(identity=False, factory=dict)
     seed: int = 0
     width: int = 256  # neurons per hidden layer
     depth: int = 8  # hidden layers (depth + 1 weight matrices)
@@ -228,7 +235,9 @@ class Settings:
     epochs: int = 5
     batch_size: int = 64
     # per optimizer; each twin's file (conf/twin/) sets its own and the optimizer reads its entry into optimizer.lr
-    learning_rates: Dict[str, float] = setting(identity=False, factory=lambda: {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.1})
+    learning_rates: Dict[str, float] = setting(
+        identity=False, factory=lambda: {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.1}
+    )
     inference: InferenceSettings = setting(identity="pc", factory=InferenceSettings)
     weight_decay: float = 0.0  # on weight matrices (not biases)
     variance_weight_decay: float = 0.0  # on log-variances (relax 3): pulls S toward 1
@@ -250,8 +259,12 @@ class Settings:
         lr = (self.optimizer or {}).get("lr")
         check(is_number(lr) and lr > 0, "optimizer.lr", "> 0", lr)
         check(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        check(is_number(self.variance_weight_decay) and self.variance_weight_decay >= 0, "variance_weight_decay",
-              ">= 0", self.variance_weight_decay)
+        check(
+            is_number(self.variance_weight_decay) and self.variance_weight_decay >= 0,
+            "variance_weight_decay",
+            ">= 0",
+            self.variance_weight_decay,
+        )
         check(self.variance_floor_every >= 0, "variance_floor_every", ">= 0", self.variance_floor_every)
         one_of("activation", self.activation, ACTIVATIONS)
         one_of("output_loss", self.output_loss, OUTPUT_LOSSES)
@@ -264,5 +277,11 @@ class Settings:
     def schedule(self) -> Inference:
         """What the PC engine runs: the inference settings with the twin's update interval."""
         i = self.inference
-        return Inference(steps=i.steps, step_size=i.step_size, momentum=i.momentum, update_every=self.relax.update_every,
-                         tolerance=i.tolerance, check_every=i.check_every)
+        return Inference(
+            steps=i.steps,
+            step_size=i.step_size,
+            momentum=i.momentum,
+            update_every=self.relax.update_every,
+            tolerance=i.tolerance,
+            check_every=i.check_every,
+        )

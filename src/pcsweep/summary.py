@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -41,12 +41,15 @@ def checks_text(checks: Optional[dict]) -> Optional[str]:
         parts.append(f"c2 {c2['verdict']} (gap {c2['worst_gap']:.2f}, cos {c2['worst_cosine']:.2f})")
     inference = checks.get("inference")
     if inference:
-        parts.append(f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/"
-                     f"{inference['limit']:.2f})")
+        parts.append(
+            f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/{inference['limit']:.2f})"
+        )
     variance = checks.get("variance")
     if variance:
-        parts.append(f"S at floor {100 * variance['hidden_at_floor']:.0f}%"
-                     + (", uniform" if variance["verdict"].startswith("uniform") else ""))
+        parts.append(
+            f"S at floor {100 * variance['hidden_at_floor']:.0f}%"
+            + (", uniform" if variance["verdict"].startswith("uniform") else "")
+        )
     return "; ".join(parts) or None
 
 
@@ -76,14 +79,22 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for entry in manifest:
         if entry["status"] == "duplicate":
-            rows.append({"model": entry["model"], "dataset": entry["dataset"], "status": f"skipped: duplicate of {entry['duplicate_of']}"})
+            rows.append(
+                {
+                    "model": entry["model"],
+                    "dataset": entry["dataset"],
+                    "status": f"skipped: duplicate of {entry['duplicate_of']}",
+                }
+            )
             continue
         summary = read_json(sweep_dir / entry["run_dir"] / "summary.json")
         if isinstance(summary, dict):
             rows.append(row_from_summary(summary))
         else:
             # failed, interrupted, or being trained by another sweep (which holds its lock)
-            rows.append({"model": entry["run_dir"], "status": "unfinished (no summary.json)", "run_dir": entry["run_dir"]})
+            rows.append(
+                {"model": entry["run_dir"], "status": "unfinished (no summary.json)", "run_dir": entry["run_dir"]}
+            )
     return rows
 
 
@@ -130,13 +141,21 @@ class SweepSummaryCallback(Callback):
             from pcsweep.claims import ClaimRules
             from pcsweep.report import build_report, claims_overview, log_to_wandb
 
-            rules = ClaimRules.from_mapping(OmegaConf.to_container(config.report.claims)
-                                            if config.report.get("claims") is not None else None)
-            html_path = build_report(sweep_dir, tuple(config.report.spans), config.report.resolution,
-                                     config.report.samples, landscapes=config.report.landscapes, rules=rules)
+            rules = ClaimRules.from_mapping(
+                OmegaConf.to_container(config.report.claims) if config.report.get("claims") is not None else None
+            )
+            html_path = build_report(
+                sweep_dir,
+                tuple(config.report.spans),
+                config.report.resolution,
+                config.report.samples,
+                landscapes=config.report.landscapes,
+                rules=rules,
+            )
             log.info(f"report: {html_path}\nthe paper's claims:\n{claims_overview(html_path.parent / 'claims.json')}")
-            if config.logger.name == "wandb":
-                log_to_wandb(html_path, sweep_dir, config.logger)
+            wandb_node = config.logger.get("wandb")  # the runs' W&B project, entity and mode
+            if wandb_node is not None:
+                log_to_wandb(html_path, sweep_dir, {k: v for k, v in wandb_node.items() if not k.startswith("_")})
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)

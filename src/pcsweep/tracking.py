@@ -48,8 +48,9 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def trim_metrics(path: Path | str, last_epoch: int, last_step: Optional[int] = None,
-                 step_epoch: Optional[int] = None) -> None:
+def trim_metrics(
+    path: Path | str, last_epoch: int, last_step: Optional[int] = None, step_epoch: Optional[int] = None
+) -> None:
     """Drop the rows a resumed run will log again: everything after the epoch its checkpoint completed, except (a
     mid-epoch checkpoint) the rows of ``step_epoch`` logged at steps up to ``last_step``."""
     path = Path(path)
@@ -58,12 +59,14 @@ def trim_metrics(path: Path | str, last_epoch: int, last_step: Optional[int] = N
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         fields, rows = reader.fieldnames or [], list(reader)
+
     def keep(row: dict) -> bool:
         if row.get("epoch", "") == "":
             return False
         epoch = float(row["epoch"])
-        return epoch <= last_epoch or (epoch == step_epoch and row.get("step", "") != ""
-                                       and float(row["step"]) <= last_step)
+        return epoch <= last_epoch or (
+            epoch == step_epoch and row.get("step", "") != "" and float(row["step"]) <= last_step
+        )
 
     kept = [row for row in rows if keep(row)]
     text = io.StringIO(newline="")
@@ -124,17 +127,28 @@ def _wandb_id(run_dir: Path) -> str:
 _online_failed = False  # once W&B could not be reached, the rest of this process's runs go offline at once
 
 
-def start_wandb(logger_cfg, run_dir: Path, **init_kwargs: Any):
-    """``wandb.init`` that never hangs: no key -> offline; an unreachable server -> offline, after a bounded wait."""
+def start_wandb(
+    run_dir: Path,
+    *,
+    project: str = "pcsweep",
+    entity: str | None = None,
+    mode: str = "auto",
+    init_timeout: float = 30,
+    **init_kwargs: Any,
+):
+    """``wandb.init`` that never hangs: no key -> offline; an unreachable server -> offline, after a bounded wait.
+    ``mode``: auto (online with an API key, else offline) | online | offline | disabled; ``init_timeout``: seconds
+    to reach the server before falling back to offline."""
     global _online_failed
     import wandb
 
-    mode = resolve_wandb_mode(logger_cfg.mode)
+    mode = resolve_wandb_mode(mode)
     if mode == "online" and _online_failed:
         mode = "offline"
-    timeout = float(logger_cfg.init_timeout)
-    kwargs = dict(project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), id=_wandb_id(run_dir),
-                  resume="allow", **init_kwargs)
+    timeout = float(init_timeout)
+    kwargs = dict(
+        project=project, entity=entity, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", **init_kwargs
+    )
     settings = wandb.Settings(init_timeout=timeout, silent=True)
     if mode == "online" and not server_reachable(wandb_base_url(), min(timeout, 10.0)):
         log.info(f"W&B server {wandb_base_url()} unreachable: logging offline")
@@ -161,8 +175,13 @@ STEP, EPOCH, SECONDS = "trainer/global_step", "epoch", "time/train_seconds"
 # What a run's W&B summary keeps of a metric (the rest: its last value). "max,last" shows as test/acc.max and
 # test/acc.last. The test loss keeps its minimum too (the best the model got, as for accuracy); a training loss is
 # noisy per batch, so only its last (epoch mean or batch) value means anything.
-SUMMARIES = {"test/acc": "max,last", "train/acc": "max,last", "test/loss": "min,last", "train/loss": "last",
-             "train/loss_step": "last"}
+SUMMARIES = {
+    "test/acc": "max,last",
+    "train/acc": "max,last",
+    "test/loss": "min,last",
+    "train/loss": "last",
+    "train/loss_step": "last",
+}
 
 
 def define_axes(run) -> None:
@@ -212,6 +231,12 @@ class AxesWandbLogger(WandbLogger):
         super().log_metrics(metrics, step)
 
 
+def wandb_logger(run_dir: Path, labels: dict[str, Any], **options: Any) -> AxesWandbLogger:
+    """``conf/logger/wandb.yaml``'s ``_target_``: a W&B run for the run folder (``start_wandb``'s options; filed as
+    ``run_labels`` says), with pcsweep's x-axes."""
+    return AxesWandbLogger(start_wandb(run_dir, **options, **labels))
+
+
 def run_labels(cfg, settings) -> dict[str, Any]:
     """How W&B files a run (``wandb.init`` arguments): grouped by its family (the identity without the seed: W&B
     aggregates the seeds), job type its twin, tags and flat config keys to filter by twin, size, dataset, sweep and
@@ -221,18 +246,29 @@ def run_labels(cfg, settings) -> dict[str, Any]:
     from pcsweep.config import family_name, paper_name, twin_name
 
     twin, sweep, family = twin_name(settings), settings.tracking.group or settings.sweep_name, family_name(cfg)
-    tags = {"twin": twin, "width": settings.width, "depth": settings.depth, "dataset": settings.dataset.name,
-            "sweep": sweep, "seed": settings.seed}
-    return {"name": f"{paper_name(settings)}_{settings.dataset.name}", "group": family, "job_type": twin,
-            "tags": [f"{k}={v}"[:64] for k, v in tags.items()],  # W&B refuses longer tags
-            "config": {**OmegaConf.to_container(cfg, resolve=True), "twin": twin, "family": family, "sweep": sweep}}
+    tags = {
+        "twin": twin,
+        "width": settings.width,
+        "depth": settings.depth,
+        "dataset": settings.dataset.name,
+        "sweep": sweep,
+        "seed": settings.seed,
+    }
+    return {
+        "name": f"{paper_name(settings)}_{settings.dataset.name}",
+        "group": family,
+        "job_type": twin,
+        "tags": [f"{k}={v}"[:64] for k, v in tags.items()],  # W&B refuses longer tags
+        "config": {**OmegaConf.to_container(cfg, resolve=True), "twin": twin, "family": family, "sweep": sweep},
+    }
 
 
 def run_summary(summary: dict) -> dict[str, Any]:
     """A finished run's ``summary.json`` as W&B summary keys: its numbers and status, each check's verdict as
     ``checks/<name>`` (the details stay in summary.json, logged with the weights)."""
-    kept = {k: v for k, v in summary.items()
-            if k not in ("history", "config", "curve", "conditions", "layers", "checks")}
+    kept = {
+        k: v for k, v in summary.items() if k not in ("history", "config", "curve", "conditions", "layers", "checks")
+    }
     kept.update({f"checks/{name}": str(check.get("verdict")) for name, check in (summary.get("checks") or {}).items()})
     return kept
 
@@ -245,9 +281,16 @@ def log_final_artifacts(wandb_run, run_dir: Path, summary: dict) -> None:
     weights = run_dir / "weights.pt"
     if wandb_run.disabled or not weights.is_file():
         return
-    artifact = wandb.Artifact(f"weights-{run_dir.name}", type="model", metadata={
-        "status": summary.get("status"), "final_test_acc": summary.get("final_test_acc"),
-        "seed": (summary.get("config") or {}).get("seed"), "family": wandb_run.group})
+    artifact = wandb.Artifact(
+        f"weights-{run_dir.name}",
+        type="model",
+        metadata={
+            "status": summary.get("status"),
+            "final_test_acc": summary.get("final_test_acc"),
+            "seed": (summary.get("config") or {}).get("seed"),
+            "family": wandb_run.group,
+        },
+    )
     artifact.add_file(str(weights))
     for name in ("config.yaml", "summary.json"):
         if (run_dir / name).is_file():
@@ -308,8 +351,12 @@ class WeightHistograms(L.Callback):
             import wandb
 
             # from our own bins: numpy's refuses a range as narrow as a barely-trained variance's
-            data = {name: wandb.Histogram(np_histogram=(h["counts"], torch.linspace(h["min"], h["max"], len(h["counts"]) + 1).tolist()))
-                    for name, h in hists.items()}
+            data = {
+                name: wandb.Histogram(
+                    np_histogram=(h["counts"], torch.linspace(h["min"], h["max"], len(h["counts"]) + 1).tolist())
+                )
+                for name, h in hists.items()
+            }
             for run in runs:  # at the epoch's last batch, with the other end-of-epoch rows
                 run.log({**data, **axes(trainer, batch_step(trainer, trainer.num_training_batches - 1))})
 
@@ -333,17 +380,27 @@ class EnergyTraces(L.Callback):
         self.traces[str(epoch)] = values
         write_atomic(self.path, json.dumps({"tolerance": self.tolerance, "traces": self.traces}))
         converged = steps_to_tolerance(values, self.tolerance)
-        log_direct(pl_module, {"inference/steps_to_tolerance": float(converged if converged is not None else len(values)),
-                               "inference/energy_first": values[0], "inference/energy_last": values[-1]},
-                   step=batch_step(trainer, batch_idx))
+        log_direct(
+            pl_module,
+            {
+                "inference/steps_to_tolerance": float(converged if converged is not None else len(values)),
+                "inference/energy_first": values[0],
+                "inference/energy_last": values[-1],
+            },
+            step=batch_step(trainer, batch_idx),
+        )
         runs = wandb_runs(trainer)
         if runs:
             import wandb
 
             epochs = sorted(self.traces, key=int)
-            plot = wandb.plot.line_series(xs=list(range(len(values))), ys=[self.traces[e] for e in epochs],
-                                          keys=[f"epoch {e}" for e in epochs], title="Inference energy, first batch",
-                                          xname="inference step")
+            plot = wandb.plot.line_series(
+                xs=list(range(len(values))),
+                ys=[self.traces[e] for e in epochs],
+                keys=[f"epoch {e}" for e in epochs],
+                title="Inference energy, first batch",
+                xname="inference step",
+            )
             for run in runs:
                 run.log({"inference/energy_trace": plot, **axes(trainer, batch_step(trainer, batch_idx))})
 
@@ -383,11 +440,21 @@ class RunConditions(L.Callback):
         engine = pl_module.engine
         inputs, target = pl_module.probe_batch(trainer.datamodule.train_split, trainer.datamodule.batch_size)
         schedule = engine.inference
-        probe = probe_condition2(engine, inputs, target, at_step=schedule.update_every or schedule.steps,
-                                 max_steps=self.max_multiple * schedule.steps, tolerance=self.tolerance)
+        probe = probe_condition2(
+            engine,
+            inputs,
+            target,
+            at_step=schedule.update_every or schedule.steps,
+            max_steps=self.max_multiple * schedule.steps,
+            tolerance=self.tolerance,
+        )
         record = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
-        metrics = {"cond2/gap": probe["gap"], "cond2/min_cosine": min(probe["cosine"]),
-                   "cond2/steps_converged": float(probe["steps_converged"]), "inference/stiffness": record["stiffness"]}
+        metrics = {
+            "cond2/gap": probe["gap"],
+            "cond2/min_cosine": min(probe["cosine"]),
+            "cond2/steps_converged": float(probe["steps_converged"]),
+            "inference/stiffness": record["stiffness"],
+        }
         metrics.update({f"cond2/cos_W{l + 1}": c for l, c in enumerate(probe["cosine"])})
         metrics.update({f"cond2/norm_ratio_W{l + 1}": r for l, r in enumerate(probe["norm_ratio"])})
         metrics.update({f"layers/E{l + 1}": e for l, e in enumerate(probe["layer_energy_at_T"])})

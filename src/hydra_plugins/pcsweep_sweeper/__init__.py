@@ -10,10 +10,9 @@ behind the same checks: every trial is a normal run folder, a trial whose run al
 ``summary.json``, and the objective is read from the run's summary (a validation metric: never the test set).
 """
 
-
-import logging
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,12 +111,17 @@ class FilteringLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         slurm = self.slurm
         if slurm and shutil.which("sbatch") is None:
-            fail("launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's login node "
-                 "(or launcher=local)")
+            fail(
+                "launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's login node "
+                "(or launcher=local)"
+            )
         seen: Dict[str, str] = {}
         entries = [self.plan(overrides, seen) for overrides in job_overrides]
-        to_launch = [list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"]
-                     for entry in entries if entry["status"] == "launched"]
+        to_launch = [
+            list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"]
+            for entry in entries
+            if entry["status"] == "launched"
+        ]
         self.sweeper.manifest.extend(entries)
         self.sweeper.write_manifest()
         if not to_launch:
@@ -134,8 +138,10 @@ class FilteringLauncher(Launcher):
                 fail("SLURM refused the jobs: " + " ".join(message.split()))
             if isinstance(exc, FailedJobError):
                 raise
-            fail(f"a SLURM job ended unfinished ({message.splitlines()[0]}); run the same command again: "
-                 "finished runs are skipped and interrupted ones resume from their checkpoints")
+            fail(
+                f"a SLURM job ended unfinished ({message.splitlines()[0]}); run the same command again: "
+                "finished runs are skipped and interrupted ones resume from their checkpoints"
+            )
 
 
 class StabilityPreflight:
@@ -177,8 +183,12 @@ class SweepRecord:
 
 
 class PcsweepSweeper(SweepRecord, BasicSweeper):
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 also: Optional[List[Dict[str, Any]]] = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: Optional[int] = None,
+        params: Optional[Dict[str, str]] = None,
+        also: Optional[List[Dict[str, Any]]] = None,
+    ) -> None:
         BasicSweeper.__init__(self, max_batch_size=max_batch_size, params=params)
         self.also = [dict(entry) for entry in (also or [])]
         self.manifest = []
@@ -201,8 +211,9 @@ class PcsweepSweeper(SweepRecord, BasicSweeper):
         for entry in self.also:
             extra = parser.parse_overrides([f"{k}={v}" for k, v in entry.items()])
             keys = {o.get_key_element() for o in extra}
-            jobs += BasicSweeper.split_arguments([o for o in overrides if o.get_key_element() not in keys] + extra,
-                                                 None)[0]
+            jobs += BasicSweeper.split_arguments(
+                [o for o in overrides if o.get_key_element() not in keys] + extra, None
+            )[0]
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
@@ -244,11 +255,15 @@ class TrialLauncher(FilteringLauncher):
         from pcsweep.config import duplicate_target
 
         if duplicate_target(settings) is not None:
-            fail(f"{label}: algo=bp has no conditions to relax, so relax={settings.relax.name} tunes nothing: "
-                 "use relax=none")
+            fail(
+                f"{label}: algo=bp has no conditions to relax, so relax={settings.relax.name} tunes nothing: "
+                "use relax=none"
+            )
         if settings.dataset.val_fraction == 0:
-            fail(f"{label}: the objective {self.sweeper.objective} is measured on a validation split, and "
-                 "dataset.val_fraction is 0: add dataset.val_fraction=0.1 (tuning never reads the test set)")
+            fail(
+                f"{label}: the objective {self.sweeper.objective} is measured on a validation split, and "
+                "dataset.val_fraction is 0: add dataset.val_fraction=0.1 (tuning never reads the test set)"
+            )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import JobStatus
@@ -270,8 +285,13 @@ class TrialLauncher(FilteringLauncher):
             job = by_run[entry.get("run_dir") or entry["duplicate_of"]]
             if job.status == JobStatus.COMPLETED:
                 summary = job.return_value
-                self.sweeper.trials.append({"overrides": list(overrides), "run_dir": summary.get("run_dir"),
-                                            "value": objective_value(summary, self.sweeper.objective)})
+                self.sweeper.trials.append(
+                    {
+                        "overrides": list(overrides),
+                        "run_dir": summary.get("run_dir"),
+                        "value": objective_value(summary, self.sweeper.objective),
+                    }
+                )
                 job = finished_return(overrides, self.sweeper.trials[-1]["value"])
             returns.append(job)
         return returns
@@ -321,12 +341,15 @@ class PcsweepOptunaSweeper(SweepRecord, Sweeper):
         except ImportError:
             fail("hydra/sweeper=optuna needs Hydra's Optuna sweeper: pip install 'pcsweep[tune]'")
         if objective not in OBJECTIVES:
-            fail(f"hydra.sweeper.objective={objective} is not something a run measures; one of: "
-                 + ", ".join(OBJECTIVES))
+            fail(
+                f"hydra.sweeper.objective={objective} is not something a run measures; one of: " + ", ".join(OBJECTIVES)
+            )
         direction = str(getattr(optuna_options.get("direction"), "name", optuna_options.get("direction")))
         if direction != OBJECTIVES[objective]:
-            fail(f"{objective} is better when it is {'higher' if OBJECTIVES[objective] == 'maximize' else 'lower'}: "
-                 f"set hydra.sweeper.direction={OBJECTIVES[objective]}")
+            fail(
+                f"{objective} is better when it is {'higher' if OBJECTIVES[objective] == 'maximize' else 'lower'}: "
+                f"set hydra.sweeper.direction={OBJECTIVES[objective]}"
+            )
         import optuna
         from hydra.utils import instantiate
 
@@ -360,13 +383,20 @@ class PcsweepOptunaSweeper(SweepRecord, Sweeper):
         better = max if OBJECTIVES[self.objective] == "maximize" else min
         best = better(self.trials, key=lambda trial: trial["value"])
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        record = {"objective": self.objective, "value": best["value"], "overrides": best["overrides"],
-                  "run_dir": best["run_dir"], "trials": len(self.trials)}
+        record = {
+            "objective": self.objective,
+            "value": best["value"],
+            "overrides": best["overrides"],
+            "run_dir": best["run_dir"],
+            "trials": len(self.trials),
+        }
         write_atomic(sweep_dir / "best.yaml", OmegaConf.to_yaml(OmegaConf.create(record)))
         config = sweep_dir / str(best["run_dir"]) / "config.yaml"
         if config.is_file():
             write_atomic(sweep_dir / "best_config.yaml", config.read_text())
         chosen = [override for override in best["overrides"] if override not in self.fixed]
-        log.info(f"best of {len(self.trials)} trials: {' '.join(chosen)} ({self.objective} "
-                 f"{best['value']:.4f}) in {best['run_dir']}; saved as {sweep_dir / 'best.yaml'} and "
-                 f"{sweep_dir / 'best_config.yaml'}")
+        log.info(
+            f"best of {len(self.trials)} trials: {' '.join(chosen)} ({self.objective} "
+            f"{best['value']:.4f}) in {best['run_dir']}; saved as {sweep_dir / 'best.yaml'} and "
+            f"{sweep_dir / 'best_config.yaml'}"
+        )

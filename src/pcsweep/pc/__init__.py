@@ -10,5 +10,16 @@ from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES, Activation, Network, g
 from pcsweep.pc.engine import PCEngine, activity_curvature
 from pcsweep.pc.schedule import BatchResult, Inference, train_batch
 
-__all__ = ["ACTIVATIONS", "OUTPUT_LOSSES", "Activation", "BatchResult", "Inference", "Network", "PCEngine",
-           "activity_curvature", "get_activation", "output_loss", "train_batch"]
+__all__ = [
+    "ACTIVATIONS",
+    "OUTPUT_LOSSES",
+    "Activation",
+    "BatchResult",
+    "Inference",
+    "Network",
+    "PCEngine",
+    "activity_curvature",
+    "get_activation",
+    "output_loss",
+    "train_batch",
+]

@@ -46,15 +46,22 @@ class Activation:
 
 ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation(
-        "tanh", torch.tanh, lambda a, out: torch.tanh(a, out=out),
+        "tanh",
+        torch.tanh,
+        lambda a, out: torch.tanh(a, out=out),
         lambda a, fa, out: torch.addcmul(out.fill_(1.0), fa, fa, value=-1.0, out=out),
     ),
     "sigmoid": Activation(
-        "sigmoid", torch.sigmoid, lambda a, out: torch.sigmoid(a, out=out),
+        "sigmoid",
+        torch.sigmoid,
+        lambda a, out: torch.sigmoid(a, out=out),
         lambda a, fa, out: torch.addcmul(fa, fa, fa, value=-1.0, out=out),
     ),
     "relu": Activation(
-        "relu", torch.relu, lambda a, out: torch.clamp_min(a, 0.0, out=out), lambda a, fa, out: out.copy_(a > 0),
+        "relu",
+        torch.relu,
+        lambda a, out: torch.clamp_min(a, 0.0, out=out),
+        lambda a, fa, out: out.copy_(a > 0),
     ),
     "linear": Activation("linear", lambda a: a, lambda a, out: out.copy_(a), lambda a, fa, out: out.fill_(1.0)),
 }
@@ -198,5 +205,7 @@ def parameter_gradients(net: Network, xs: Sequence[Tensor], errs: Errors) -> lis
     for l, log_s in enumerate(net.log_variances):
         if log_s is not None:
             per_neuron = 0.5 * (1 - (errs.e[l] * errs.eps[l]).mean(dim=0))
-            variances.append(per_neuron if log_s.numel() == per_neuron.numel() else per_neuron.sum().reshape(log_s.shape))
+            variances.append(
+                per_neuron if log_s.numel() == per_neuron.numel() else per_neuron.sum().reshape(log_s.shape)
+            )
     return weights + biases + variances

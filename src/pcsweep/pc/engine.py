@@ -74,7 +74,12 @@ class _ParamRows:
 
 def _reuse(buffer: Optional[Tensor], like: Tensor) -> Tensor:
     """``buffer`` if it can hold a tensor like ``like`` (shape, dtype, device), else a new empty one."""
-    if buffer is not None and buffer.shape == like.shape and buffer.dtype == like.dtype and buffer.device == like.device:
+    if (
+        buffer is not None
+        and buffer.shape == like.shape
+        and buffer.dtype == like.dtype
+        and buffer.device == like.device
+    ):
         return buffer
     return torch.empty_like(like)
 
@@ -83,9 +88,13 @@ def _bind(params: Sequence[Tensor], stack: Optional[Tensor]) -> Tensor:
     """Make the parameters views of one stacked tensor (values kept), so that a layer-batched product reads them in
     place and the optimizer's in-place updates land in the stack. Re-binds whenever something (a device move, a
     dtype cast) gave a parameter storage of its own."""
-    if stack is not None and stack.shape[0] == len(params) and all(
-        p.device == stack.device and p.dtype == stack.dtype and p.data_ptr() == stack[i].data_ptr()
-        for i, p in enumerate(params)
+    if (
+        stack is not None
+        and stack.shape[0] == len(params)
+        and all(
+            p.device == stack.device and p.dtype == stack.dtype and p.data_ptr() == stack[i].data_ptr()
+            for i, p in enumerate(params)
+        )
     ):
         return stack
     stack = torch.stack([p.detach() for p in params])
@@ -100,8 +109,13 @@ class PCEngine:
     in the equations) are views into the stacks. ``log_variance_min`` is a floor on log S (the run may move it).
     """
 
-    def __init__(self, network: Network, inference: Inference = Inference(),
-                 log_variance_min: float = -math.inf, tricks: Tricks = Tricks()) -> None:
+    def __init__(
+        self,
+        network: Network,
+        inference: Inference = Inference(),
+        log_variance_min: float = -math.inf,
+        tricks: Tricks = Tricks(),
+    ) -> None:
         hidden_sizes = set(network.sizes[1:-1])
         if len(hidden_sizes) != 1:
             raise ValueError(f"the hidden layers must share one width, got sizes {network.sizes}")
@@ -147,8 +161,11 @@ class PCEngine:
                 out_var.clamp_(min=self.log_variance_min)
             self._output_precision = None if out_var is None else torch.exp(-out_var)
         W = self.net.weights
-        views_of = tuple(t.data_ptr() for t in (W[0], W[-1], self._w_stack, self._w_t_stack, self._b_stack,
-                                                self._precision_base) if t is not None)
+        views_of = tuple(
+            t.data_ptr()
+            for t in (W[0], W[-1], self._w_stack, self._w_t_stack, self._b_stack, self._precision_base)
+            if t is not None
+        )
         if views_of != self._param_views_of:  # once, and again after anything moved the parameters
             self._param_views_of = views_of
             self._build_param_views()
@@ -183,8 +200,9 @@ class PCEngine:
         self._param_rows = [
             _ParamRows(
                 w=None if stack is None else stack[lo:],
-                w_t=None if stack is None else (
-                    stack[lo:].transpose(1, 2) if self._w_t_stack is None else self._w_t_stack[lo:]),
+                w_t=None
+                if stack is None
+                else (stack[lo:].transpose(1, 2) if self._w_t_stack is None else self._w_t_stack[lo:]),
                 b=None if stack is None else self._b_stack[lo:].unsqueeze(1),
                 precision=self._hidden_precision[lo:] if self._hidden_variances else None,
             )
@@ -195,9 +213,15 @@ class PCEngine:
         # kernel (a call costs more than the imbalance there). pcsweep.bench measures what it buys.
         self._threads = torch.get_num_threads()
         rows = 0 if stack is None else stack.shape[0]
-        if (self.tricks.thread_balance and stack is not None and stack.device.type == "cpu"
-                and stack.shape[-1] > NARROW_MAX_WIDTH
-                and self._threads > 1 and rows % self._threads and stack.shape[1] % self._threads == 0):
+        if (
+            self.tricks.thread_balance
+            and stack is not None
+            and stack.device.type == "cpu"
+            and stack.shape[-1] > NARROW_MAX_WIDTH
+            and self._threads > 1
+            and rows % self._threads
+            and stack.shape[1] % self._threads == 0
+        ):
             self._param_rows[0].balanced = rows - rows % self._threads
 
     # ----------------------------------------------------------------- buffers
@@ -229,9 +253,20 @@ class PCEngine:
         self.g = hidden(self.G) + [self.epsL]
         self.x_top = self.X[H - 1]
         self._rows = [
-            _Rows(self.X[lo:], self.A[lo:], self.MU[lo:], self.FP[lo:], self.E[lo:], self.EPS[lo:], self.G[lo:],
-                  self.X[lo:-1], self.A[lo + 1 :], self.G[lo + 1 :],
-                  None if self.V is None else self.V[lo:], None if self.V is None else self.V[lo:-1])
+            _Rows(
+                self.X[lo:],
+                self.A[lo:],
+                self.MU[lo:],
+                self.FP[lo:],
+                self.E[lo:],
+                self.EPS[lo:],
+                self.G[lo:],
+                self.X[lo:-1],
+                self.A[lo + 1 :],
+                self.G[lo + 1 :],
+                None if self.V is None else self.V[lo:],
+                None if self.V is None else self.V[lo:-1],
+            )
             for lo in range(H)
         ]
         self._buffers_for = key
@@ -260,8 +295,11 @@ class PCEngine:
     def _predict_in_blocks(self, x: Tensor, w: Tensor, b: Tensor, out: Tensor) -> None:
         """out = b + x @ w^T as one batched product over ``threads`` row blocks of w, so each thread gets one."""
         blocks, (batch, n) = self._threads, out.shape
-        part = torch.baddbmm(b.view(blocks, 1, n // blocks), x.expand(blocks, *x.shape),
-                             w.view(blocks, n // blocks, w.shape[1]).transpose(1, 2))
+        part = torch.baddbmm(
+            b.view(blocks, 1, n // blocks),
+            x.expand(blocks, *x.shape),
+            w.view(blocks, n // blocks, w.shape[1]).transpose(1, 2),
+        )
         out.view(batch, blocks, n // blocks).copy_(part.transpose(0, 1))
 
     def activities_changed(self) -> None:
@@ -289,7 +327,12 @@ class PCEngine:
             self.eL.copy_(self.epsL)
 
     def _step(self, lo: int = 0) -> None:
-        gamma, beta, rows, params = self.inference.step_size, self.inference.momentum, self._rows[lo], self._param_rows[lo]
+        gamma, beta, rows, params = (
+            self.inference.step_size,
+            self.inference.momentum,
+            self._rows[lo],
+            self._param_rows[lo],
+        )
         # plain descent moves x by -gamma dE/dx; the heavy ball moves its velocity so, then x by the velocity
         if beta:
             moved, moved_below, top = rows.v.mul_(beta), rows.v_below, self.V[-1]
@@ -345,7 +388,12 @@ class PCEngine:
     def _grad_stack(self, params: Sequence[Tensor], name: str) -> Tensor:
         """A stacked gradient buffer whose slices are the parameters' ``.grad`` (rebuilt if anyone replaced them)."""
         stack = self._grad_stacks.get(name)
-        if stack is None or stack.shape[1:] != params[0].shape or stack.device != params[0].device or stack.dtype != params[0].dtype:
+        if (
+            stack is None
+            or stack.shape[1:] != params[0].shape
+            or stack.device != params[0].device
+            or stack.dtype != params[0].dtype
+        ):
             stack = torch.zeros(len(params), *params[0].shape, dtype=params[0].dtype, device=params[0].device)
             self._grad_stacks[name] = stack
         for i, p in enumerate(params):
@@ -439,14 +487,15 @@ class PCEngine:
     def parameters_changed(self) -> None:
         self.refresh_parameters()
 
-    def train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None],
-                    trace_energy: bool = False) -> BatchResult:
+    def train_batch(
+        self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None], trace_energy: bool = False
+    ) -> BatchResult:
         """``schedule.train_batch`` with this engine and its inference settings."""
         return train_batch(self, self.inference, inputs, target, apply_update, trace_energy)
 
 
 @torch.no_grad()
-def activity_curvature(engine: "PCEngine", iterations: int = 30, seed: int = 0, unit_variance: bool = False) -> Tensor:
+def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0, unit_variance: bool = False) -> Tensor:
     """Largest eigenvalue of each sample's Gauss-Newton Hessian of E over the hidden activities, by power iteration
     at the engine's current state (shape (B,)). Gradient descent on the activities is stable while
     ``step_size * lambda_max < 2``. At the feedforward state (hidden errors zero, linear output) Gauss-Newton is the
@@ -474,9 +523,7 @@ def activity_curvature(engine: "PCEngine", iterations: int = 30, seed: int = 0, 
                 r.append(softmax * change - softmax * (softmax * change).sum(dim=1, keepdim=True))
             else:
                 r.append(change if P[l - 1] is None else P[l - 1] * change)
-        hv = torch.stack([
-            r[l - 1] - ((fp[l + 1] * r[l]) if l + 1 < L else r[l]) @ W[l] for l in range(1, L)
-        ])
+        hv = torch.stack([r[l - 1] - ((fp[l + 1] * r[l]) if l + 1 < L else r[l]) @ W[l] for l in range(1, L)])
         lam = (v * hv).sum(dim=(0, 2))
         v = hv
     return lam

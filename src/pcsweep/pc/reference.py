@@ -76,6 +76,7 @@ class ReferencePC:
     def log_variance_energy(self) -> Tensor:
         return pc.log_variance_energy(self.net)
 
-    def train_batch(self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None],
-                    trace_energy: bool = False) -> BatchResult:
+    def train_batch(
+        self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None], trace_energy: bool = False
+    ) -> BatchResult:
         return train_batch(self, self.inference, inputs, target, apply_update, trace_energy)

@@ -85,8 +85,14 @@ class Stepper(Protocol):
 
 
 @torch.no_grad()
-def train_batch(stepper: Stepper, inference: Inference, inputs: Tensor, target: Tensor,
-                apply_update: Callable[[], None], trace_energy: bool = False) -> BatchResult:
+def train_batch(
+    stepper: Stepper,
+    inference: Inference,
+    inputs: Tensor,
+    target: Tensor,
+    apply_update: Callable[[], None],
+    trace_energy: bool = False,
+) -> BatchResult:
     """Feedforward init, clamp, ``inference.steps`` steps with weight updates on schedule.
 
     ``apply_update`` is called once the gradients are in ``.grad`` (typically ``optimizer.step``). Every
@@ -126,6 +132,14 @@ def train_batch(stepper: Stepper, inference: Inference, inputs: Tensor, target: 
         if converged:
             steps_used = t
             break
-    return BatchResult(loss=loss, logits=logits, energy_start=energy_start, energy_end=energy_end, updates=updates,
-                       energy_trace=torch.stack(trace) if trace is not None else None, steps_used=steps_used,
-                       energy_rises=rises, log_variance_energy=stepper.log_variance_energy())
+    return BatchResult(
+        loss=loss,
+        logits=logits,
+        energy_start=energy_start,
+        energy_end=energy_end,
+        updates=updates,
+        energy_trace=torch.stack(trace) if trace is not None else None,
+        steps_used=steps_used,
+        energy_rises=rises,
+        log_variance_energy=stepper.log_variance_energy(),
+    )

@@ -53,10 +53,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (compiling) one")
     p.add_argument("--schedules", nargs="+", choices=("converged", "every"), default=["converged", "every"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for XLA (pins the process to that many cores; 1 also turns off Eigen threading)")
-    p.add_argument("--loop", choices=("unroll", "scan"), default="unroll",
-                   help="unroll the T steps in Python at trace time (PCX examples) or roll them into pxf.scan")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for XLA (pins the process to that many cores; 1 also turns off Eigen threading)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("unroll", "scan"),
+        default="unroll",
+        help="unroll the T steps in Python at trace time (PCX examples) or roll them into pxf.scan",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="tiny-net correctness check against plain JAX; prints 'ok'")
     args = p.parse_args(argv)
@@ -95,12 +103,24 @@ def import_pcx() -> SimpleNamespace:
         import pcx.predictive_coding as pxc
         import pcx.utils as pxu
     except ImportError as exc:  # one clear line, no traceback
-        sys.exit(f"pcsweep.peers.pcx_mlp needs PCX and JAX ({exc}); "
-                 'install them with: pip install "pcx==0.6.3" "jax[cpu]>=0.4.33,<0.5"')
+        sys.exit(
+            f"pcsweep.peers.pcx_mlp needs PCX and JAX ({exc}); "
+            'install them with: pip install "pcx==0.6.3" "jax[cpu]>=0.4.33,<0.5"'
+        )
     from importlib.metadata import version
 
-    return SimpleNamespace(jax=jax, jnp=jax.numpy, optax=optax, px=pcx, pxf=pxf, pxnn=pxnn, pxc=pxc, pxu=pxu,
-                           pcx_version=version("pcx"), jax_version=jax.__version__)
+    return SimpleNamespace(
+        jax=jax,
+        jnp=jax.numpy,
+        optax=optax,
+        px=pcx,
+        pxf=pxf,
+        pxnn=pxnn,
+        pxc=pxc,
+        pxu=pxu,
+        pcx_version=version("pcx"),
+        jax_version=jax.__version__,
+    )
 
 
 def build(api: SimpleNamespace):
@@ -170,6 +190,7 @@ def build(api: SimpleNamespace):
                     e_w = learning_step(x, model=model, optim_w=optim_w)
                     e_update = e_w if e_update is None else e_update
         else:
+
             def inner(_, *, model, optim_h):
                 return (), inference_step(x, model=model, optim_h=optim_h)
 
@@ -178,7 +199,8 @@ def build(api: SimpleNamespace):
                 return (), (es[0], learning_step(x, model=model, optim_w=optim_w))
 
             _, (e_firsts, e_updates) = pxf.scan(outer, length=steps // every)(
-                model=model, optim_w=optim_w, optim_h=optim_h)
+                model=model, optim_w=optim_w, optim_h=optim_h
+            )
             e_first, e_update = e_firsts[0], e_updates[0]
         optim_h.clear()
         return e_first, e_update
@@ -242,10 +264,9 @@ def benchmark(args, api) -> dict:
     for schedule in args.schedules:
         model, optim_w, optim_h = make(args.width, args.depth, args.batch, args.step_size, args.lr, args.seed)
 
-        def call(i):
+        def call(i, every=every_of[schedule], model=model, optim_w=optim_w, optim_h=optim_h):
             x, y = batches[i % len(batches)]
-            out = train_on_batch(args.steps, every_of[schedule], args.loop, x, y,
-                                 model=model, optim_w=optim_w, optim_h=optim_h)
+            out = train_on_batch(args.steps, every, args.loop, x, y, model=model, optim_w=optim_w, optim_h=optim_h)
             api.jax.block_until_ready((out, api.jax.tree_util.tree_leaves(model)))
 
         t0 = time.perf_counter()
@@ -266,7 +287,13 @@ def benchmark(args, api) -> dict:
         first_s[schedule] = round(first, 3)
         compile_s[schedule] = round(first - med, 3)
     # foreign_cpu: share of all cores' time taken by OTHER processes during the timed calls (0 = a quiet machine)
-    return {"ms_per_batch": ms, "ms_all": ms_all, "compile_s": compile_s, "first_call_s": first_s, "foreign_cpu": foreign}
+    return {
+        "ms_per_batch": ms,
+        "ms_all": ms_all,
+        "compile_s": compile_s,
+        "first_call_s": first_s,
+        "foreign_cpu": foreign,
+    }
 
 
 def check(args, api) -> None:
@@ -276,18 +303,18 @@ def check(args, api) -> None:
     width, depth, batch, steps = 16, 2, 4, 4
     step_size, lr = 0.1, 0.05  # a larger lr so the weight change is well above float32 noise
     make, train_on_batch = build(api)
-    (x, y), = make_batches(api, 1, batch, args.seed)
+    ((x, y),) = make_batches(api, 1, batch, args.seed)
     for schedule, every in (("converged", steps), ("every", 2)):
         model, optim_w, optim_h = make(width, depth, batch, step_size, lr, args.seed)
         before = weights(api, model)
-        e_first, e_update = train_on_batch(steps, every, args.loop, x, y, model=model, optim_w=optim_w,
-                                           optim_h=optim_h)
+        e_first, e_update = train_on_batch(steps, every, args.loop, x, y, model=model, optim_w=optim_w, optim_h=optim_h)
         after = weights(api, model)
         e_first, e_update = float(e_first), float(e_update)
         if not e_update < e_first:
             raise AssertionError(f"{schedule}: energy did not decrease with inference: {e_first} -> {e_update}")
-        change = max(float(jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, before)
-                     for a, b in ((wa, wb), (ba, bb)))
+        change = max(
+            float(jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, before) for a, b in ((wa, wb), (ba, bb))
+        )
         if not change > 0:
             raise AssertionError(f"{schedule}: the weight update left the weights unchanged")
 
@@ -318,12 +345,15 @@ def check(args, api) -> None:
         for name, got, want in (("E at init", e_first, float(ref_first)), ("E at update", e_update, float(ref_update))):
             if abs(got - want) > 1e-4 * max(1.0, abs(want)):
                 raise AssertionError(f"{schedule}: {name}: PCX {got} vs plain JAX {want}")
-        err = max(float(jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, params)
-                  for a, b in ((wa, wb), (ba, bb)))
+        err = max(
+            float(jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, params) for a, b in ((wa, wb), (ba, bb))
+        )
         if err > 1e-5:
             raise AssertionError(f"{schedule}: PCX weights after one batch differ from plain JAX by {err}")
-        print(f"{schedule}: E {e_first:.6g} -> {e_update:.6g}, max |dW| {change:.3g}, "
-              f"max |W_pcx - W_ref| {err:.2g}", file=sys.stderr)
+        print(
+            f"{schedule}: E {e_first:.6g} -> {e_update:.6g}, max |dW| {change:.3g}, max |W_pcx - W_ref| {err:.2g}",
+            file=sys.stderr,
+        )
     print("ok")
 
 
@@ -339,8 +369,14 @@ def main(argv=None) -> None:
         "jax_version": api.jax_version,
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "device": str(api.jax.devices()[0]),
-        "width": args.width, "depth": args.depth, "batch": args.batch, "steps": args.steps, "every": args.every,
-        "repeats": args.repeats, "loop": args.loop, **threads,
+        "width": args.width,
+        "depth": args.depth,
+        "batch": args.batch,
+        "steps": args.steps,
+        "every": args.every,
+        "repeats": args.repeats,
+        "loop": args.loop,
+        **threads,
     }
     result.update(benchmark(args, api))
     print(json.dumps(result))
