@@ -1,7 +1,7 @@
 """``pcsweep [-m] key=value ...`` (or ``python -m pcsweep``): the Hydra entry point.
 
 The configs ship inside the package (``pcsweep/conf``). Your own experiments and site settings go in a folder of
-your own, found first: ``./conf`` where you type the command is searched automatically, any other with
+your own, searched after pcsweep's (new names add options): ``./conf`` where you type the command, any other with
 ``--config-dir DIR`` (or ``hydra.searchpath=[file://DIR]``); ``conf/experiment/mine.yaml`` there is
 ``experiment=mine``.
 """

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,10 @@ def product_kernels(m: int, k: int, n: int, device: torch.device) -> dict[str, C
     either memory layout, and MKL's packed-weight GEMM (packing excluded) where it exists."""
     a, b, out = torch.randn(m, k, device=device), torch.randn(k, n, device=device), torch.empty(m, n, device=device)
     b_t = b.t().contiguous()
-    kernels = {"mm": lambda: torch.mm(a, b, out=out), "mm_t": lambda: torch.mm(a, b_t.t(), out=out)}
+    kernels: dict[str, Callable[[], object]] = {
+        "mm": lambda: torch.mm(a, b, out=out),
+        "mm_t": lambda: torch.mm(a, b_t.t(), out=out),
+    }
     if device.type == "cpu" and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = torch.ops.mkl._mkl_reorder_linear_weight(b_t, m)
         kernels["mkl_packed"] = lambda: torch.ops.mkl._mkl_linear(a, packed, b_t, None, m)
@@ -147,7 +150,7 @@ def product_kernels(m: int, k: int, n: int, device: torch.device) -> dict[str, C
 
 def matmul_floor(shapes: list[tuple[int, int, int]], device: torch.device, repeats: int) -> float:
     """Time exactly these products, nothing else: each shape by the fastest of ``product_kernels``."""
-    distinct = {}
+    distinct: dict[tuple[int, int, int], int] = {}
     for shape in shapes:
         distinct[shape] = distinct.get(shape, 0) + 1
     total = 0.0
@@ -184,6 +187,7 @@ def engine_batch(setup: Setup, twin: str, tricks: Tricks = Tricks(), reference: 
     and the weight updates a batch makes."""
     mlp, log_vars, net, every = make_twin(setup, twin)
     inference = Inference(steps=setup.steps, step_size=0.05, update_every=every)
+    engine: PCEngine | ReferencePC
     if reference is None:
         engine = PCEngine(net, inference, log_variance_min=-2.0, tricks=tricks)
     else:
@@ -329,6 +333,8 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
 
     # alternate which goes first, so that neither side gets all the warm caches or one phase of the machine's
     # drift (+-10% over minutes here): the best of three each
+    raw_seconds: list[Any]  # floats (raw_epoch)
+    lightning_runs: list[Any]  # (lightning seconds, engine seconds) pairs (lightning_epoch)
     raw_seconds, lightning_runs = [], []
     for rounds in range(3):
         for epoch in (raw_epoch, lightning_epoch)[:: 1 if rounds % 2 == 0 else -1]:
@@ -476,7 +482,7 @@ def measure_peers(setup: Setup, entry: dict, repeats: int, loop: str) -> dict:
 def measure_width(width: int, args: argparse.Namespace, device: torch.device, repeats: int) -> dict:
     setup = Setup(width, args.depth, args.batch, args.steps, args.every, args.input, 10, device)
     bp_seconds = time_bp(setup, repeats)
-    entry = {"bp_ms": bp_seconds * 1e3, "bp_gflop": bp_flops(setup) / 1e9, "twins": {}}
+    entry: dict[str, Any] = {"bp_ms": bp_seconds * 1e3, "bp_gflop": bp_flops(setup) / 1e9, "twins": {}}
     print(f"width {width}: bp {bp_seconds * 1e3:.2f} ms/batch")
     print(HEADER)
     for twin in args.twins:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_TESTED = "holds", "does not hold", "inconclusive", "not tested"
 PC_TWINS = ("pc", "pc_rc2", "pc_rc3", "pc_rc23")
@@ -125,7 +125,7 @@ def decide(
     n = len(estimate.values)
     if n < rules.min_seeds or n < 2:
         return INCONCLUSIVE, f"{n} seed{'s' if n != 1 else ''}: no interval (min_seeds {rules.min_seeds})"
-    lo, hi = estimate.ci(rules.confidence)
+    lo, hi = cast(tuple[float, float], estimate.ci(rules.confidence))  # two or more values: an interval
     if holds(lo, hi):
         return HOLDS, ""
     if fails(lo, hi):
@@ -257,7 +257,7 @@ def claim2(by_width: dict[int, dict], rules):
     est = Estimate(paired(narrow["bp"], narrow["pc"], gap))
     m = rules.accuracy_margin
     verdict, reason = decide(est, rules, lambda lo, hi: lo > m, lambda lo, hi: hi < m)
-    details = {"width": widths[0]}
+    details: dict[str, Any] = {"width": widths[0]}
     if len(widths) > 1:
         wide = by_width[widths[-1]]
         if not _need(wide, ("bp", "pc"), condition2=("pc",)):
@@ -504,7 +504,7 @@ def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None) -> list[
     groups = {}
     for dataset, width in settings:
         members = [f for f in facts if f["dataset"] == dataset and f["width"] == width]
-        group = {t: twin_runs(members, t) for t in ("bp",) + PC_TWINS}
+        group: dict[str, Any] = {t: twin_runs(members, t) for t in ("bp",) + PC_TWINS}
         group["pc_rc23+wd"] = twin_runs(members, "pc_rc23", decayed=True)
         group["_all_rc23"] = [f for f in members if f["twin"] == "pc_rc23" and not f.get("weight_decay")]
         groups[(dataset, width)] = group

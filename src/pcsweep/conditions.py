@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 def _weight_updates(engine: PCEngine) -> list[Tensor]:
     engine.write_gradients()
-    return [w.grad.detach().clone() for w in engine.net.weights]
+    return [cast(Tensor, w.grad).detach().clone() for w in engine.net.weights]  # just written
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -24,12 +24,12 @@ from pcsweep.settings import ConfigError, Settings
 ConfigStore.instance().store(name="pcsweep_schema", node=Settings)
 
 
-def is_bp_duplicate(cfg: DictConfig) -> bool:
+def is_bp_duplicate(cfg: DictConfig | Settings) -> bool:
     """BP has no conditions to relax: ``algo=bp relax=2`` trains exactly what ``algo=bp relax=none`` trains."""
     return cfg.algo.name == "bp" and str(cfg.relax.name) != "none"
 
 
-def paper_name(cfg: DictConfig) -> str:
+def paper_name(cfg: DictConfig | Settings) -> str:
     """``algo_width_depth[_rcX]`` as in the paper: bp_1024_8, pc_256_8_rc2."""
     name = f"{cfg.algo.name}_{cfg.width}_{cfg.depth}"
     if cfg.algo.name == "pc" and str(cfg.relax.name) != "none":
@@ -37,7 +37,7 @@ def paper_name(cfg: DictConfig) -> str:
     return name
 
 
-def twin_name(cfg: DictConfig) -> str:
+def twin_name(cfg: DictConfig | Settings) -> str:
     """The twin without its size: bp, pc, pc_rc2, pc_rc3, pc_rc23 (the W&B job type)."""
     if cfg.algo.name == "pc" and str(cfg.relax.name) != "none":
         return f"pc_rc{cfg.relax.name}"
@@ -84,14 +84,14 @@ def settings_from(cfg: DictConfig) -> Settings:
     """The composed config as typed settings, every check run once (``ConfigError``: one line, before any work).
     A key the schema does not declare (``+foo=1``, a typo) is an error: it would change the run's identity."""
     if "hydra" in cfg:
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+        cfg = OmegaConf.masked_copy(cfg, [cast(str, k) for k in cfg.keys() if k != "hydra"])
     unknown = [
         k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)
     ]
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a pcsweep setting (`python -m pcsweep --cfg job` lists them)")
     try:
-        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg))
+        settings = cast(Settings, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg)))
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     for name, node in settings.logger.items():
@@ -195,7 +195,7 @@ def run_dir_name(cfg: DictConfig) -> str:
     return f"{paper_name(cfg)}_{cfg.dataset.name}-{config_hash(cfg)}"
 
 
-def duplicate_target(cfg: DictConfig) -> Optional[str]:
+def duplicate_target(cfg: DictConfig | Settings) -> Optional[str]:
     """For a BP duplicate, the name of the run that it duplicates."""
     if not is_bp_duplicate(cfg):
         return None

@@ -16,9 +16,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -42,7 +43,14 @@ IDX_FILES: dict[str, dict[str, str]] = {
 BUNDLED = ("digits", "digits28")  # made from scikit-learn's digits: no files, no download
 DATASETS = BUNDLED + tuple(IDX_FILES)
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 class DatasetError(UserError, RuntimeError):
@@ -208,7 +216,7 @@ def _distort(images: Tensor, count: int, gen: torch.Generator) -> tuple[Tensor, 
     shift = (torch.rand(count, 2, generator=gen) - 0.5) * (8 / 14)  # +-4 pixels in grid units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin + shear, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, (count, 1, 28, 28), align_corners=False)
+    grid = F.affine_grid(theta, (count, 1, 28, 28), align_corners=False)  # type: ignore[arg-type]  # any int sequence
     out = F.grid_sample(big, grid, align_corners=False, padding_mode="zeros").view(count, 784)
     out = (out + 0.05 * torch.randn(out.shape, generator=gen)).clamp_(0.0, 1.0)
     return out, pick
@@ -238,8 +246,9 @@ def load_idx_dataset(name: str, data_dir: Path | str, download: bool = False, mi
     check_available(name, data_dir, download=False)
 
     def split(prefix: str) -> Split:
-        images = read_idx(_find_idx_file(data_dir, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_idx_file(data_dir, f"{prefix}-labels-idx1-ubyte"))
+        # check_available above: both files are there
+        images = read_idx(cast(Path, _find_idx_file(data_dir, f"{prefix}-images-idx3-ubyte")))
+        labels = read_idx(cast(Path, _find_idx_file(data_dir, f"{prefix}-labels-idx1-ubyte")))
         if images.shape[0] != labels.shape[0]:
             raise DatasetError(f"{name} {prefix}: {images.shape[0]} images but {labels.shape[0]} labels")
         flat = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)

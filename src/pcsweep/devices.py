@@ -44,7 +44,7 @@ def in_slurm() -> bool:
 
 
 @contextlib.contextmanager
-def training_devices(accelerator: str, gpu_slots: bool, lock_dir: Path) -> Iterator[tuple[str, object, list]]:
+def training_devices(accelerator: str, gpu_slots: bool, lock_dir: Path) -> Iterator[tuple[str, int | list[int], list]]:
     """(accelerator, devices, plugins) for the Trainer, holding a GPU slot for the duration if asked to."""
     import torch
     from lightning.pytorch.plugins.environments import SLURMEnvironment

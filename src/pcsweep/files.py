@@ -81,7 +81,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def disk_full(exc: BaseException) -> Optional[OSError]:
+def disk_full(exc: Optional[BaseException]) -> Optional[OSError]:
     """The no-space (or quota) error somewhere in ``exc``'s chain, if that is what it is."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

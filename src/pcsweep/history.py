@@ -7,10 +7,13 @@ time-to-90% as one that was never interrupted.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import lightning as L
 import torch
+
+if TYPE_CHECKING:
+    from pcsweep.models import TwinModule
 
 
 def time_to_fraction(history: list[dict], fraction: float = 0.9) -> Optional[dict]:
@@ -35,10 +38,11 @@ def time_to_fraction(history: list[dict], fraction: float = 0.9) -> Optional[dic
 def last_batch(trainer: L.Trainer, batches_done: int) -> int:
     """The index of the last batch trained, counted over the whole run: W&B's ``trainer/global_step`` axis. Batches,
     not optimizer steps: a relax=2 twin takes 32 optimizer steps per batch, and its curves must overlay BP's."""
-    return trainer.current_epoch * trainer.num_training_batches + batches_done - 1
+    # num_training_batches is inf only for a loader without a length; pcsweep's always have one
+    return trainer.current_epoch * cast(int, trainer.num_training_batches) + batches_done - 1
 
 
-def test_accuracy(pl_module: L.LightningModule, split, chunk: int = 2048) -> float:
+def test_accuracy(pl_module: TwinModule, split, chunk: int = 2048) -> float:
     """Feedforward accuracy on a whole split (the test prediction of both twins)."""
     dtype = pl_module.mlp.layers[0].weight.dtype
     correct = 0
@@ -107,16 +111,16 @@ class History(L.Callback):
         metrics = trainer.callback_metrics
         record = {
             "epoch": trainer.current_epoch,
-            "step": last_batch(trainer, trainer.num_training_batches),
+            "step": last_batch(trainer, cast(int, trainer.num_training_batches)),
             "train_seconds": self.train_seconds,
             "test_acc": float(metrics["test/acc"]) if "test/acc" in metrics else None,
             "test_loss": float(metrics["test/loss"]) if "test/loss" in metrics else None,
         }
         if "val/acc" in metrics:  # dataset.val_fraction > 0
             record.update(val_acc=float(metrics["val/acc"]), val_loss=float(metrics["val/loss"]))
-        record.update(pl_module.epoch_train_metrics())
+        record.update(cast("TwinModule", pl_module).epoch_train_metrics())
         self.records.append(record)
-        self._point(trainer, trainer.num_training_batches, record["test_acc"])
+        self._point(trainer, cast(int, trainer.num_training_batches), record["test_acc"])
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "records": self.records, "curve": self.curve}

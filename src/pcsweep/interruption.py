@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 
@@ -68,6 +68,7 @@ class MidEpochCheckpoints(L.Callback):
             self.previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        assert trainer.train_dataloader is not None  # set while training
         trainer.train_dataloader.trained = (trainer.current_epoch, batch_idx + 1)  # what a checkpoint resumes after
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         if last_batch:
@@ -81,10 +82,11 @@ class MidEpochCheckpoints(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.signum is not None:  # a signal during the epoch's last batch or its end: save the epoch's checkpoint
             trainer.save_checkpoint(self.checkpoint)  # (ModelCheckpoint, which Lightning calls last, would be too late)
-            self._stop(trainer, trainer.num_training_batches)
+            self._stop(trainer, cast(int, trainer.num_training_batches))
 
     def _stop(self, trainer: L.Trainer, batches: int) -> None:
         signum, self.signum = self.signum, None
+        assert signum is not None  # called only once a signal was caught
         previous = self.previous.get(signum)
         self.restore()
         if signum in REQUEUE_SIGNALS and callable(previous):

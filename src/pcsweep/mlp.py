@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,8 @@ class MLP(nn.Module):
     default.
     """
 
+    layers: Sequence[nn.Linear]  # an nn.ModuleList of nn.Linear (ModuleList's stubs only know Module)
+
     def __init__(
         self,
         in_features: int,
@@ -34,9 +36,11 @@ class MLP(nn.Module):
         self.activation = get_activation(activation)
         sizes = [in_features] + [width] * depth + [out_features]
         self.sizes = sizes
-        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        self.layers = cast(
+            Sequence[nn.Linear], nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        )
         if init == "xavier":
-            gain = 1.0 if activation == "linear" else nn.init.calculate_gain(activation)
+            gain = 1.0 if activation == "linear" else nn.init.calculate_gain(activation)  # type: ignore[arg-type]
             for i, layer in enumerate(self.layers):
                 nn.init.xavier_uniform_(layer.weight, gain=gain if i < len(self.layers) - 1 else 1.0)
                 nn.init.zeros_(layer.bias)
@@ -50,7 +54,7 @@ class MLP(nn.Module):
             x = self.activation.fn(layer(x))
         return self.layers[-1](x)
 
-    def as_pc_network(self, log_variances: Optional[Sequence[Tensor]], output_loss: str) -> Network:
+    def as_pc_network(self, log_variances: Optional[Iterable[Tensor]], output_loss: str) -> Network:
         """The same parameters, by reference, seen as a PC network (plus the twin's own log-variances)."""
         variances: list[Optional[Tensor]] = list(log_variances or [])
         variances += [None] * (self.num_layers - len(variances))  # S = 1 where none is trained (and at a CE output)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from pcsweep.conditions import follow_variance_floor
@@ -100,7 +101,8 @@ class TwinModule(L.LightningModule):
         self._unrecorded.append((logits.detach().argmax(dim=1), labels, {"loss": loss.detach(), **means}))
         if len(self._unrecorded) >= self.RECORD_EVERY:
             self._record_pending()
-        if batch_idx % self.trainer.log_every_n_steps == 0:
+        # set by Lightning's logger connector at Trainer.__init__; the stubs do not declare it
+        if batch_idx % self.trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     def _record_pending(self) -> None:
@@ -109,7 +111,9 @@ class TwinModule(L.LightningModule):
         predictions, labels, means = zip(*self._unrecorded)
         self.train_acc.update(torch.cat(predictions), torch.cat(labels))
         for name in means[0]:
-            self.train_means[name].update(torch.stack([m[name].detach() for m in means]).to(self.device))
+            cast(MeanMetric, self.train_means[name]).update(
+                torch.stack([m[name].detach() for m in means]).to(self.device)
+            )
         self._unrecorded.clear()
 
     def _train_metrics(self) -> dict:
@@ -137,7 +141,7 @@ class TwinModule(L.LightningModule):
     def epoch_train_metrics(self) -> dict[str, float]:
         """This epoch's training means so far (``train_loss``, ``train_acc``, ...): what ``on_train_epoch_end`` logs."""
         self._record_pending()
-        metrics = {f"train_{name}": m for name, m in self.train_means.items()}
+        metrics: dict[str, Metric] = {f"train_{name}": cast(MeanMetric, m) for name, m in self.train_means.items()}
         metrics["train_acc"] = self.train_acc
         return {name: float(m.compute()) for name, m in metrics.items() if m.update_count > 0}
 
@@ -145,7 +149,7 @@ class TwinModule(L.LightningModule):
         values = self.epoch_train_metrics()
         self.log_dict({f"train/{name[len('train_') :]}": value for name, value in values.items()}, on_epoch=True)
         for metric in [self.train_acc, *self.train_means.values()]:
-            metric.reset()
+            cast(Metric, metric).reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Dataloader 0 is the test split, 1 the validation split (``dataset.val_fraction``), if any."""
@@ -221,14 +225,15 @@ class PCModule(TwinModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, labels = batch
         target = self.one_hot(labels)
-        optimizer = self.optimizers()
+        optimizer = cast(LightningOptimizer, self.optimizers())  # configure_optimizers returns one optimizer
         align = self.alignment_every > 0 and batch_idx % self.alignment_every == 0
         bp_grads = self.bp_gradients(inputs, target) if align else None
         first_update: list[Tensor] = []
 
         def apply_update() -> None:
             if align and not first_update:  # the first PC update starts from the same weights as BP's gradient
-                first_update.extend(layer.weight.grad.clone() for layer in self.mlp.layers)
+                # the engine wrote every weight's .grad before calling apply_update
+                first_update.extend(cast(Tensor, layer.weight.grad).clone() for layer in self.mlp.layers)
             optimizer.step()
 
         if (
@@ -249,7 +254,8 @@ class PCModule(TwinModule):
                 )
         if self.diverged:
             return
-        extra = {} if self.log_variances is None else {"log_variance_energy": result.log_variance_energy}
+        assert result.energy_rises is not None  # schedule.train_batch always sets it (and log_variance_energy)
+        extra = {} if self.log_variances is None else {"log_variance_energy": cast(Tensor, result.log_variance_energy)}
         self.record_train(
             batch_idx,
             result.loss,

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 
@@ -93,6 +93,9 @@ class Sweep:
 def seeds_only(runs: list[Run]) -> tuple[list[Run], list[dict]]:
     """Make every group of runs a set of seeds of one config: a second run of the same config and seed is listed,
     not counted; runs of different configs under one name are told apart (``[family]`` after the name)."""
+    kept: list[Run]
+    skipped: list[dict]
+    seen: dict[tuple[str, Any], str]  # (family, seed) -> the folder that holds it
     kept, skipped, seen = [], [], {}
     for run in runs:
         key = (run.family, run.config.get("seed"))
@@ -194,10 +197,10 @@ def _order(models) -> list[str]:
 
 def _palette(models) -> dict:
     colors = sns.color_palette("deep", max(len(models), 5))
-    by_twin = {}
+    by_twin: dict[str, list] = {}
     for model in models:
         by_twin.setdefault(twin_of(model), []).append(model)
-    palette = {}
+    palette: dict[Any, Any] = {}  # model -> color
     for twin, members in by_twin.items():
         base = PALETTE.get(twin, colors[len(palette) % len(colors)])
         shades = sns.light_palette(base, n_colors=len(members) + 2, reverse=True)[: len(members)]
@@ -549,7 +552,7 @@ def figure_layers(sweep: Sweep, out: Path) -> list[Path]:
                 }
             )
     frame = pd.DataFrame(rows)
-    paths = []
+    paths: list[Path] = []
     if frame.empty:
         return paths
     for (dataset, width), part in frame.groupby(["dataset", "width"]):
@@ -585,7 +588,7 @@ def figure_layers(sweep: Sweep, out: Path) -> list[Path]:
 
 def variance_frame(sweep: Sweep, labels) -> pd.DataFrame:
     """Mean log S per layer and label (seeds averaged), from each run's last variance statistics."""
-    columns = {}
+    columns: dict[str, list[list[float]]] = {}  # label -> per run, each layer's mean log S
     for run in sweep.finished:
         layers = ((run.summary.get("checks") or {}).get("variance") or {}).get("layers")
         if run.label in labels and layers:

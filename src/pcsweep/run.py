@@ -16,7 +16,7 @@ import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import hydra
 import lightning as L
@@ -134,6 +134,7 @@ def run_checks(
     }
     if conditions is None:
         return checks
+    assert stability is not None  # measured for every PC run, the only runs with conditions
     records = conditions.records
     limits = Condition2Thresholds(settings.tracking.condition2_max_gap, settings.tracking.condition2_min_cosine)
     checks["condition2"] = condition2_verdict(
@@ -231,7 +232,7 @@ def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: boo
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )
-    others = [WeightHistograms(run_dir, tracking.histogram_every)]
+    others: list[L.Callback] = [WeightHistograms(run_dir, tracking.histogram_every)]
     if pc and tracking.energy_trace:
         others.append(EnergyTraces(run_dir, tracking.energy_tolerance))
     conditions = RunConditions(tracking.condition2_every, tracking.condition2_max_multiple) if pc else None
@@ -309,7 +310,7 @@ def fit(
             accelerator=accelerator,
             devices=device_ids,
             plugins=plugins + [AtomicCheckpointIO()],
-            precision=trainer_settings.precision,
+            precision=trainer_settings.precision,  # type: ignore[arg-type]  # Lightning's Literal; settings check it
             logger=loggers,
             callbacks=callbacks,
             enable_progress_bar=trainer_settings.progress_bar,
@@ -411,7 +412,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     for bad input, before any folder is made, and for a full disk."""
     quiet_lightning()
     if "hydra" in cfg:
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+        cfg = OmegaConf.masked_copy(cfg, [cast(str, k) for k in cfg.keys() if k != "hydra"])
     if cfg.dataset.name not in BUNDLED:
         cfg.dataset.data_dir = str(resolve_data_dir(cfg))
     settings = settings_from(cfg)

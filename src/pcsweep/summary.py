@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, cast
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -75,7 +75,7 @@ def read_manifest(sweep_dir: Path) -> Optional[dict]:
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """Rows for the runs of the last sweep launched into ``sweep_dir`` (from the sweeper's manifest)."""
-    manifest = read_manifest(sweep_dir)["runs"]
+    manifest = cast(dict, read_manifest(sweep_dir))["runs"]  # the caller checked that there is one
     rows = []
     for entry in manifest:
         if entry["status"] == "duplicate":
@@ -142,7 +142,9 @@ class SweepSummaryCallback(Callback):
             from pcsweep.report import build_report, claims_overview, log_to_wandb
 
             rules = ClaimRules.from_mapping(
-                OmegaConf.to_container(config.report.claims) if config.report.get("claims") is not None else None
+                cast(dict, OmegaConf.to_container(config.report.claims))
+                if config.report.get("claims") is not None
+                else None
             )
             html_path = build_report(
                 sweep_dir,

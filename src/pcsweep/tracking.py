@@ -11,7 +11,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 from urllib.parse import urlparse
 
 import lightning as L
@@ -20,6 +20,9 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pcsweep.files import read_json, write_atomic
+
+if TYPE_CHECKING:
+    from pcsweep.models import PCModule, TwinModule
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+        return cast(ExperimentWriter, self._experiment)  # only ever an _AppendingWriter
 
 
 def trim_metrics(
@@ -65,7 +68,9 @@ def trim_metrics(
             return False
         epoch = float(row["epoch"])
         return epoch <= last_epoch or (
-            epoch == step_epoch and row.get("step", "") != "" and float(row["step"]) <= last_step
+            epoch == step_epoch
+            and row.get("step", "") != ""
+            and float(row["step"]) <= cast(int, last_step)  # given with step_epoch
         )
 
     kept = [row for row in rows if keep(row)]
@@ -154,14 +159,15 @@ def start_wandb(
         log.info(f"W&B server {wandb_base_url()} unreachable: logging offline")
         mode, _online_failed = "offline", True
     try:
-        run = wandb.init(mode=mode, settings=settings, **kwargs)
+        # wandb's stubs take a Literal; mode is any WANDB_MODE value, which wandb.init checks itself
+        run = wandb.init(mode=mode, settings=settings, **kwargs)  # type: ignore[arg-type]
     except Exception as exc:  # wandb raises several types on network and auth trouble
         if mode != "online":
             raise
         log.info(f"W&B online start failed ({type(exc).__name__}): logging offline")
         wandb.teardown()  # the half-started online run still holds its id in W&B's service process
         mode, _online_failed = "offline", True
-        run = wandb.init(mode=mode, settings=settings, **kwargs)
+        run = wandb.init(mode=mode, settings=settings, **kwargs)  # type: ignore[arg-type]
     if mode == "offline":
         log.info(f"W&B offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
     return run
@@ -259,7 +265,12 @@ def run_labels(cfg, settings) -> dict[str, Any]:
         "group": family,
         "job_type": twin,
         "tags": [f"{k}={v}"[:64] for k, v in tags.items()],  # W&B refuses longer tags
-        "config": {**OmegaConf.to_container(cfg, resolve=True), "twin": twin, "family": family, "sweep": sweep},
+        "config": {
+            **cast(dict, OmegaConf.to_container(cfg, resolve=True)),
+            "twin": twin,
+            "family": family,
+            "sweep": sweep,
+        },
     }
 
 
@@ -302,7 +313,8 @@ def log_final_artifacts(wandb_run, run_dir: Path, summary: dict) -> None:
 def batch_step(trainer: L.Trainer, batch_idx: int) -> int:
     """The x-axis of per-batch logs: training batches seen so far (also across resumes); the step Lightning gives
     its loggers (``_batches_that_stepped``) for the same batch, whatever the number of optimizer steps in it."""
-    return trainer.current_epoch * trainer.num_training_batches + batch_idx
+    # num_training_batches is inf only for a loader without a length; pcsweep's always have one
+    return trainer.current_epoch * cast(int, trainer.num_training_batches) + batch_idx
 
 
 def log_direct(pl_module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
@@ -335,6 +347,7 @@ class WeightHistograms(L.Callback):
         self.path, self.every = Path(run_dir) / "histograms.json", every
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module = cast("TwinModule", pl_module)
         epoch = trainer.current_epoch
         if not self.every or (epoch + 1) % self.every or trainer.sanity_checking or pl_module.diverged:
             return
@@ -352,13 +365,17 @@ class WeightHistograms(L.Callback):
 
             # from our own bins: numpy's refuses a range as narrow as a barely-trained variance's
             data = {
+                # wandb's annotation says ndarrays; it takes lists (it calls .tolist() only where there is one)
                 name: wandb.Histogram(
-                    np_histogram=(h["counts"], torch.linspace(h["min"], h["max"], len(h["counts"]) + 1).tolist())
+                    np_histogram=(  # type: ignore[arg-type]
+                        h["counts"],
+                        torch.linspace(h["min"], h["max"], len(h["counts"]) + 1).tolist(),
+                    )
                 )
                 for name, h in hists.items()
             }
             for run in runs:  # at the epoch's last batch, with the other end-of-epoch rows
-                run.log({**data, **axes(trainer, batch_step(trainer, trainer.num_training_batches - 1))})
+                run.log({**data, **axes(trainer, batch_step(trainer, cast(int, trainer.num_training_batches) - 1))})
 
 
 class EnergyTraces(L.Callback):
@@ -434,11 +451,14 @@ class RunConditions(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from pcsweep.conditions import probe_condition2, stiffness, variance_statistics
 
+        pl_module = cast("PCModule", pl_module)  # RunConditions is given to PC twins only
         epoch = trainer.current_epoch
         if not self.every or (epoch + 1) % self.every or pl_module.diverged:
             return
         engine = pl_module.engine
-        inputs, target = pl_module.probe_batch(trainer.datamodule.train_split, trainer.datamodule.batch_size)
+        # Lightning sets trainer.datamodule when fit is given one; its stubs do not declare it
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        inputs, target = pl_module.probe_batch(datamodule.train_split, datamodule.batch_size)
         schedule = engine.inference
         probe = probe_condition2(
             engine,
@@ -448,7 +468,7 @@ class RunConditions(L.Callback):
             max_steps=self.max_multiple * schedule.steps,
             tolerance=self.tolerance,
         )
-        record = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
+        record: dict[str, Any] = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
         metrics = {
             "cond2/gap": probe["gap"],
             "cond2/min_cosine": min(probe["cosine"]),
@@ -465,7 +485,7 @@ class RunConditions(L.Callback):
             for l, stats in enumerate(record["variance"]):
                 metrics.update({f"variance/logS{l + 1}_{k}": v for k, v in stats.items()})
         self.records = [r for r in self.records if r["epoch"] < epoch] + [record]
-        log_direct(pl_module, metrics, step=batch_step(trainer, trainer.num_training_batches - 1))
+        log_direct(pl_module, metrics, step=batch_step(trainer, cast(int, trainer.num_training_batches) - 1))
 
     def state_dict(self) -> dict:
         return {"records": self.records}
@@ -485,6 +505,7 @@ class LayerLearning(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from pcsweep.layers import layer_statistics
 
+        pl_module = cast("TwinModule", pl_module)
         if pl_module.diverged:
             return
         epoch = trainer.current_epoch
@@ -492,7 +513,7 @@ class LayerLearning(L.Callback):
         self.records = [r for r in self.records if r["epoch"] < epoch] + [{"epoch": epoch, **stats}]
         metrics = {f"layers/W{l + 1}_change": v for l, v in enumerate(stats["change"])}
         metrics.update({f"layers/W{l + 1}_gaussian_distance": v for l, v in enumerate(stats["gaussian_distance"])})
-        log_direct(pl_module, metrics, step=batch_step(trainer, trainer.num_training_batches - 1))
+        log_direct(pl_module, metrics, step=batch_step(trainer, cast(int, trainer.num_training_batches) - 1))
 
     def state_dict(self) -> dict:
         return {"records": self.records}

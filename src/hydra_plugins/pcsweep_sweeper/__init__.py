@@ -16,7 +16,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, cast
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -27,6 +27,9 @@ from omegaconf import DictConfig
 
 from pcsweep.errors import UserError, release_stderr
 from pcsweep.errors import exit_with as fail
+
+if TYPE_CHECKING:
+    from pcsweep.models import PCModule
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,17 @@ class FilteringLauncher(Launcher):
             settings = settings_from(cfg)
             if not self.slurm:  # a login node need not have the compute nodes' GPUs
                 settings.trainer.check_devices()
-            check_available(settings.dataset.name, settings.dataset.data_dir, settings.dataset.download)
+            # data_dir is set above unless the dataset is bundled (then check_available does not read it)
+            check_available(settings.dataset.name, cast(str, settings.dataset.data_dir), settings.dataset.download)
         except ConfigCompositionException as exc:
             fail(f"{label}: {str(exc.__cause__ or exc).splitlines()[0]}")
         except UserError as exc:
             fail(f"{label}: {exc}")
-        entry = {"overrides": list(overrides), "model": paper_name(settings), "dataset": settings.dataset.name}
+        entry: Dict[str, Any] = {
+            "overrides": list(overrides),
+            "model": paper_name(settings),
+            "dataset": settings.dataset.name,
+        }
         self.check(label, settings)
         target, run_dir = duplicate_target(settings), run_dir_name(cfg)
         if target is not None:
@@ -159,7 +167,7 @@ class StabilityPreflight:
             self.datasets[key] = load_dataset(settings.dataset)
         dataset = self.datasets[key]
         model = build_model(settings, dataset.num_features, dataset.num_classes)
-        return measure_stability(settings, model, dataset)
+        return measure_stability(settings, cast("PCModule", model), dataset)  # called for PC jobs only
 
 
 class SweepRecord:
@@ -182,7 +190,8 @@ class SweepRecord:
         write_manifest(Path(self.config.hydra.sweep.dir), self.sweep_id, self.manifest)
 
 
-class PcsweepSweeper(SweepRecord, BasicSweeper):
+# hydra's Sweeper declares config Optional (set in setup()); SweepRecord is used only after setup
+class PcsweepSweeper(SweepRecord, BasicSweeper):  # type: ignore[misc]
     def __init__(
         self,
         max_batch_size: Optional[int] = None,
@@ -200,9 +209,13 @@ class PcsweepSweeper(SweepRecord, BasicSweeper):
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         release_stderr()  # Hydra has composed the config: its own errors are behind us
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        assert self.launcher is not None  # made by BasicSweeper.setup
         self.launcher = FilteringLauncher(self.launcher, self)
 
-    def split_arguments(self, overrides: Any, max_batch_size: Optional[int]) -> List[List[List[str]]]:
+    # BasicSweeper's is a staticmethod, called through self (so this one, which needs self.also, is reached)
+    def split_arguments(  # type: ignore[override]
+        self, overrides: Any, max_batch_size: Optional[int]
+    ) -> List[List[List[str]]]:
         """BasicSweeper's expansion, plus the ``also`` grids (the same overrides with some keys replaced)."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -330,7 +343,7 @@ def register_optuna() -> None:
 register_optuna()
 
 
-class PcsweepOptunaSweeper(SweepRecord, Sweeper):
+class PcsweepOptunaSweeper(SweepRecord, Sweeper):  # type: ignore[misc]  # config: see PcsweepSweeper
     """Hydra's Optuna sweeper (``hydra-optuna-sweeper``) behind pcsweep's checks; the options are Optuna's, plus
     ``objective`` (a key of ``OBJECTIVES``). The best trial is logged and saved as ``best.yaml`` (its overrides,
     value and run folder) and ``best_config.yaml`` (the run's whole config) in the sweep folder."""
@@ -365,10 +378,12 @@ class PcsweepOptunaSweeper(SweepRecord, Sweeper):
         release_stderr()
         self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.config, self.hydra_context = config, hydra_context
+        assert self.impl.launcher is not None  # made by OptunaSweeperImpl.setup
         self.impl.launcher = TrialLauncher(self.impl.launcher, self)
 
     def sweep(self, arguments: List[str]) -> None:
-        self.start_record([f"{k}={v}" for k, v in (self.impl.params or {}).items()] + list(arguments))
+        params = cast(Dict[str, Any], self.impl.params or {})  # a DictConfig: its keys are str
+        self.start_record([f"{k}={v}" for k, v in params.items()] + list(arguments))
         self.fixed = set(arguments)
         self.impl.sweep(arguments)
         self.save_best()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -149,7 +149,8 @@ class PCEngine:
                 self._b_stack = _bind(self.net.biases[1 : L - 1], self._b_stack)
                 self._refresh_transposed_weights()
             if self._hidden_variances:
-                self._s_stack = _bind(self.net.log_variances[: L - 1], self._s_stack)
+                # every hidden layer has a log-variance (checked in __init__)
+                self._s_stack = _bind(cast(Sequence[Tensor], self.net.log_variances[: L - 1]), self._s_stack)
                 if self.log_variance_min > -math.inf:
                     self._s_stack.clamp_(min=self.log_variance_min)
                 base = _reuse(self._precision_base, self._s_stack)
@@ -180,6 +181,7 @@ class PCEngine:
         W against its layout); the copy is redone only when the weights changed. Wide layers go without: the copy
         itself is slow there. ``pcsweep.bench`` measures what it buys on the machine at hand."""
         stack = self._w_stack
+        assert stack is not None  # called only after refresh_parameters bound the stack (L > 2)
         if not self.tricks.transposed_copy or stack.device.type != "cpu" or stack.shape[-1] > NARROW_MAX_WIDTH:
             self._w_t_stack = None
             return
@@ -203,7 +205,7 @@ class PCEngine:
                 w_t=None
                 if stack is None
                 else (stack[lo:].transpose(1, 2) if self._w_t_stack is None else self._w_t_stack[lo:]),
-                b=None if stack is None else self._b_stack[lo:].unsqueeze(1),
+                b=None if stack is None else cast(Tensor, self._b_stack)[lo:].unsqueeze(1),  # bound with the W stack
                 precision=self._hidden_precision[lo:] if self._hidden_variances else None,
             )
             for lo in range(L - 1)
@@ -280,6 +282,7 @@ class PCEngine:
             torch.addmm(b[0], self.x0, self._w_in_t, out=self.A[0])
             self._input_current = True
         if params.w is not None and rows.x_below.shape[0]:
+            assert params.b is not None and params.w_t is not None  # set together with w
             if not params.balanced:
                 torch.baddbmm(params.b, rows.x_below, params.w_t, out=rows.a_above)
             else:
@@ -315,7 +318,7 @@ class PCEngine:
         rows = self._rows[lo]
         torch.sub(rows.x, rows.mu, out=rows.e)
         if self._hidden_variances:
-            torch.mul(rows.e, self._param_rows[lo].precision, out=rows.eps)
+            torch.mul(rows.e, cast(Tensor, self._param_rows[lo].precision), out=rows.eps)
         torch.mul(rows.fp, rows.eps, out=rows.g)
         if self.net.output_loss == "mse":
             torch.sub(self.target, self.aL, out=self.eL)
@@ -335,6 +338,7 @@ class PCEngine:
         )
         # plain descent moves x by -gamma dE/dx; the heavy ball moves its velocity so, then x by the velocity
         if beta:
+            assert rows.v is not None and rows.v_below is not None and self.V is not None  # allocated with momentum
             moved, moved_below, top = rows.v.mul_(beta), rows.v_below, self.V[-1]
         else:
             moved, moved_below, top = rows.x, rows.x_below, self.x_top
@@ -349,7 +353,7 @@ class PCEngine:
                     moved_below[j].addmm_(rows.g_above[j], params.w[j], alpha=gamma)
         top.addmm_(self.epsL, self._w_out, alpha=gamma)
         if beta:
-            rows.x.add_(rows.v)
+            rows.x.add_(cast(Tensor, rows.v))
 
     def _error_energy(self) -> Tensor:
         """Mean error energy per sample, sum_l e_l^2 / (2 S_l), from the current errors: e . eps, so no temporary."""
@@ -427,15 +431,15 @@ class PCEngine:
         torch.addmm(self._grad(W[-1]), self.epsL.t(), below[-1], beta=0.0, alpha=scale, out=W[-1].grad)
         torch.sum(self.epsL, dim=0, out=self._grad(b[-1])).mul_(scale)
         if self._hidden_variances:
-            gs = self._grad_stack(self.net.log_variances[: L - 1], "_s_grad")
+            gs = self._grad_stack(cast(Sequence[Tensor], self.net.log_variances[: L - 1]), "_s_grad")
             # mean_b 0.5 * (1 - e^2 / S), summed over the neurons that share one log S
             per_neuron = 0.5 - 0.5 * self.E.pow(2).mean(dim=1) * self._hidden_precision.squeeze(1)
             gs.copy_(per_neuron if gs.shape[-1] == per_neuron.shape[-1] else per_neuron.sum(-1, keepdim=True))
         out_var = self.net.log_variances[L - 1]
         if out_var is not None:
-            per_neuron = 0.5 - 0.5 * self.eL.pow(2).mean(dim=0) * self._output_precision
+            per_neuron = 0.5 - 0.5 * self.eL.pow(2).mean(dim=0) * cast(Tensor, self._output_precision)
             self._grad(out_var).copy_(per_neuron.sum().reshape(out_var.shape) if out_var.numel() == 1 else per_neuron)
-        return [p.grad for p in self.net.parameters()]
+        return cast(list[Tensor], [p.grad for p in self.net.parameters()])  # every .grad was written above
 
     @torch.no_grad()
     def feedforward_init(self, inputs: Tensor, target: Tensor) -> None:
@@ -506,7 +510,7 @@ def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0, un
     """
     net, L = engine.net, engine.net.num_layers
     W, fp = net.weights, engine.fprime
-    P = [None] * L if unit_variance else engine.precisions
+    P: list[Optional[Tensor]] = [None] * L if unit_variance else engine.precisions
     gen = torch.Generator(device=engine.X.device).manual_seed(seed)
     v = torch.randn(engine.X.shape, generator=gen, device=engine.X.device, dtype=engine.X.dtype)
     softmax = torch.softmax(engine.aL, dim=1) if net.output_loss == "ce" else None
@@ -522,7 +526,7 @@ def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0, un
             if l == L and softmax is not None:  # cross-entropy: the softmax's Hessian instead of a precision
                 r.append(softmax * change - softmax * (softmax * change).sum(dim=1, keepdim=True))
             else:
-                r.append(change if P[l - 1] is None else P[l - 1] * change)
+                r.append(change if P[l - 1] is None else cast(Tensor, P[l - 1]) * change)
         hv = torch.stack([r[l - 1] - ((fp[l + 1] * r[l]) if l + 1 < L else r[l]) @ W[l] for l in range(1, L)])
         lam = (v * hv).sum(dim=(0, 2))
         v = hv

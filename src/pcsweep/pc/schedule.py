@@ -79,7 +79,7 @@ class Stepper(Protocol):
     def step(self) -> None: ...  # one inference step on every hidden activity
     def recompute(self) -> None: ...  # the errors, after the parameters changed
     def error_energy(self) -> Tensor: ...  # mean error energy per sample (0-d)
-    def write_gradients(self) -> None: ...  # dE/dtheta into every parameter's .grad
+    def write_gradients(self) -> object: ...  # dE/dtheta into every parameter's .grad
     def parameters_changed(self) -> None: ...  # after the optimizer stepped
     def log_variance_energy(self) -> Tensor: ...
 

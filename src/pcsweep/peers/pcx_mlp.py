@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 from types import SimpleNamespace
+from typing import Any
 
 IN_DIM, OUT_DIM = 784, 10
 
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def limit_threads(threads: int | None) -> dict:
     """Must run before jax is imported. XLA's CPU thread pool is sized from the cores this process may run on."""
-    info = {"threads": threads, "affinity": None}
+    info: dict[str, Any] = {"threads": threads, "affinity": None}
     if not threads or threads <= 0:
         return info
     try:
@@ -127,7 +128,7 @@ def build(api: SimpleNamespace):
     """The model and the jitted training batch, written with PCX's own API (as in its MLP examples)."""
     jax, px, pxf, pxnn, pxc, pxu = api.jax, api.px, api.pxf, api.pxnn, api.pxc, api.pxu
 
-    class Model(pxc.EnergyModule):
+    class Model(pxc.EnergyModule):  # type: ignore[name-defined]  # PCX, imported at run time (import_pcx)
         def __init__(self, width: int, depth: int) -> None:
             super().__init__()
             self.act_fn = px.static(jax.nn.tanh)
@@ -342,6 +343,7 @@ def check(args, api) -> None:
                 e_ref, gw = jax.value_and_grad(hidden_energy, argnums=1)(xs, params)
                 ref_update = e_ref if ref_update is None else ref_update
                 params = [(w - lr * gw_ / batch, b - lr * gb_ / batch) for (w, b), (gw_, gb_) in zip(params, gw)]
+        assert ref_update is not None  # every <= steps: at least one update
         for name, got, want in (("E at init", e_first, float(ref_first)), ("E at update", e_update, float(ref_update))):
             if abs(got - want) > 1e-4 * max(1.0, abs(want)):
                 raise AssertionError(f"{schedule}: {name}: PCX {got} vs plain JAX {want}")
