@@ -22,6 +22,17 @@ TINY = [
     "report.auto=false",
 ]
 
+# a study of one twin's learning rate, on the validation split
+STUDY = [
+    "-m",
+    "hydra/sweeper=optuna",
+    "algo=pc",
+    "relax=2",
+    "dataset.val_fraction=0.2",
+    *TINY,
+    "optimizer.lr=tag(log, interval(1e-4, 3e-2))",
+]
+
 
 def only_error_line(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -61,6 +72,16 @@ def test_numeric_relax_choices_are_names_wherever_overrides_are_parsed():
         ),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["+callbacks.x._target_=nowhere.Callback"], "callbacks.x._target_=nowhere.Callback cannot be imported"),
+    ],
+)
+def test_a_bad_command_line_is_one_line_before_any_work(tmp_path, args, message):
+    assert only_error_line(pcsweep(tmp_path, *args)) == message
+    assert not list(tmp_path.rglob("metrics.csv"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
         (
             ["+callbacks.x._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.x.monitr=val/acc"],
             "callbacks.x: lightning.pytorch.callbacks.EarlyStopping got an unexpected keyword argument 'monitr'",
@@ -70,12 +91,17 @@ def test_numeric_relax_choices_are_names_wherever_overrides_are_parsed():
             "callbacks.early_stopping.monitor=val/acc is not logged by this run; one of: "
             "test/acc, test/loss, train/loss, train/acc",
         ),
+        (["+logger.tb._target_=lightning.pytorch.loggers.TensorBoardLoger"], "logger.tb._target_="),
         (["dataset.val_fraction=1"], "dataset.val_fraction must be in [0, 1), got 1.0"),
     ],
 )
-def test_a_bad_command_line_is_one_line_before_any_work(tmp_path, args, message):
-    assert only_error_line(pcsweep(tmp_path, *args)) == message
-    assert not list(tmp_path.rglob("metrics.csv"))
+def test_callbacks_and_loggers_that_cannot_be_built_are_rejected_with_the_settings(args, message):
+    """The same check as above (settings_from, which the command line runs first), without a process each."""
+    from pcsweep.settings import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        compose_settings(*args)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 @pytest.mark.slow
@@ -135,16 +161,7 @@ def test_a_log_level_silences_the_terminal_but_not_the_log_file(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing(tmp_path):
-    command = [
-        "-m",
-        "hydra/sweeper=optuna",
-        "algo=pc",
-        "relax=2",
-        "dataset.val_fraction=0.2",
-        *TINY,
-        "optimizer.lr=tag(log, interval(1e-4, 3e-2))",
-        "hydra.sweeper.n_trials=3",
-    ]
+    command = [*STUDY, "hydra.sweeper.n_trials=3"]
     first = pcsweep(tmp_path, *command)
     assert first.returncode == 0, first.stderr
     sweep = tmp_path / "multirun" / "default"
@@ -186,16 +203,6 @@ def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing
     ],
 )
 def test_a_bad_study_is_one_line_before_any_trial_trains(tmp_path, args, message):
-    command = [
-        "-m",
-        "hydra/sweeper=optuna",
-        "algo=pc",
-        "relax=2",
-        "dataset.val_fraction=0.2",
-        *TINY,
-        "optimizer.lr=tag(log, interval(1e-4, 3e-2))",
-        "hydra.sweeper.n_trials=2",
-        *args,
-    ]
+    command = [*STUDY, "hydra.sweeper.n_trials=2", *args]
     assert only_error_line(pcsweep(tmp_path, *command)).endswith(message)
     assert not list(tmp_path.rglob("metrics.csv"))

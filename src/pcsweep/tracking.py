@@ -185,6 +185,8 @@ SUMMARIES = {
     "test/acc": "max,last",
     "train/acc": "max,last",
     "test/loss": "min,last",
+    "val/acc": "max,last",  # with dataset.val_fraction
+    "val/loss": "min,last",
     "train/loss": "last",
     "train/loss_step": "last",
 }

@@ -245,7 +245,7 @@ OBJECTIVES = {"best_val_acc": "maximize", "final_val_acc": "maximize", "final_va
 def objective_value(summary: dict, objective: str) -> float:
     """A trial's value; a run that diverged or never reached an evaluation counts as the worst possible."""
     value = summary.get(objective)
-    if value is None or summary.get("status") == "diverged" and value is None:
+    if value is None:
         return float("inf") if OBJECTIVES[objective] == "minimize" else 0.0
     return float(value)
 
