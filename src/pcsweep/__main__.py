@@ -8,7 +8,6 @@ your own, searched after pcsweep's (new names add options): ``./conf`` where you
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 
@@ -21,7 +20,6 @@ from pcsweep.errors import UserError, exit_with, release_stderr, run_with_one_li
 register_resolvers()
 # ./conf is searched when it exists (conf/config.yaml's hydra.searchpath); Hydra warns when it does not
 warnings.filterwarnings("ignore", "provider=hydra.searchpath in main, path=conf is not available")
-log = logging.getLogger("pcsweep")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -38,16 +38,19 @@ def hold_stderr() -> None:
         sys.stderr = _held[1]
 
 
-def release_stderr() -> str:
-    """Stop holding stderr, writing out what was held; returns it."""
+def _stop_holding() -> str:
+    """The real stderr back; returns what was held."""
     if not _held:
         return ""
     real, buffer = _held
     _held.clear()
     sys.stderr = real
-    text = buffer.getvalue()
-    real.write(text)
-    return text
+    return buffer.getvalue()
+
+
+def release_stderr() -> None:
+    """Stop holding stderr, writing out what was held."""
+    sys.stderr.write(_stop_holding())
 
 
 def one_line(report: str) -> str:
@@ -76,10 +79,7 @@ def run_with_one_line_errors(entry) -> None:
         entry()
     except SystemExit as exc:
         if _held and exc.code not in (0, None):
-            real, buffer = _held
-            _held.clear()
-            sys.stderr = real
-            exit_with(one_line(buffer.getvalue()) or f"exit status {exc.code}")
+            exit_with(one_line(_stop_holding()) or f"exit status {exc.code}")
         raise
     finally:
         release_stderr()
