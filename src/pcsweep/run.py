@@ -278,6 +278,8 @@ def start_logging(cfg: DictConfig, settings: Settings, run_dir: Path) -> tuple[l
     its ``_target_`` and given what it takes of the run's folder (``run_dir``, ``save_dir``) and W&B ``labels``;
     and the W&B run, if there is one."""
     loggers: list = [ResumableCSVLogger(run_dir)]
+    if not settings.logger:  # logger=csv: no labels to compute
+        return loggers, None
     runtime = {"run_dir": run_dir, "save_dir": str(run_dir), "labels": run_labels(cfg, settings)}
     for node in settings.logger.values():
         accepts = inspect.signature(locate(node["_target_"])).parameters
