@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from helpers import SMALL, compose_settings, pcsweep
-from pcsweep.conditions import follow_variance_floor, preflight_stability, probe_condition2, variance_statistics
+from pcsweep.conditions import (
+    AUTO_FLOOR_STIFFNESS,
+    AUTO_STEP_FRACTION,
+    follow_curvature,
+    preflight_stability,
+    probe_condition2,
+    variance_statistics,
+)
 from pcsweep.data import load_digits
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature
@@ -44,7 +51,7 @@ def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor(
     checked = preflight_stability(engine, x, y, "auto", trainable_variance=True)
     lam, floor = checked["lambda_max"], checked["log_variance_min"]
     assert checked["stiffness"] == pytest.approx(0.1 * lam)
-    assert 0.1 * lam * math.exp(-floor) == pytest.approx(1.5)  # the auto floor: 75% of the limit 2
+    assert 0.1 * lam * math.exp(-floor) == pytest.approx(1.8)  # the auto floor: 90% of the limit 2
     with torch.no_grad():  # every variance on the floor: still stable, and the curvature is 1/S_min times larger
         for s in log_vars:
             s.fill_(floor)
@@ -55,6 +62,40 @@ def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor(
         preflight_stability(PCEngine(net, Inference(steps=8, step_size=0.1)), x, y, -3.0, trainable_variance=True)
     with pytest.raises(ValueError, match="inference.step_size=5 is past the stability limit"):
         preflight_stability(PCEngine(net, Inference(steps=8, step_size=5.0)), x, y, "auto", trainable_variance=True)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.95])
+def test_auto_step_size_holds_its_share_of_the_limit_as_the_curvature_grows(momentum):
+    """inference.step_size=auto: gamma * lambda_max is AUTO_STEP_FRACTION of 2 (1 + beta) at the initial weights, and
+    again after the curvature grows (weights scaled up, as training does), where the first step size would not be;
+    with trainable variances the auto floor sits where gamma * lambda_max / S_min is 90% of the limit, and a step
+    that leaves the variance no room below 1 is refused."""
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    mlp = MLP(64, 64, 8, 10)
+    log_vars = make_log_variances(mlp.sizes, "neuron", "mse")
+    engine = PCEngine(mlp.as_pc_network(list(log_vars), "mse"), Inference(steps=8, step_size=0.1, momentum=momentum))
+    limit = 2 * (1 + momentum)
+    checked = preflight_stability(engine, x, y, "auto", True, step_setting="auto")
+    first = engine.inference.step_size
+    assert first == checked["step_size"] == pytest.approx(AUTO_STEP_FRACTION * limit / checked["lambda_max"])
+    assert checked["stiffness"] == pytest.approx(AUTO_STEP_FRACTION * limit)
+    assert math.exp(checked["log_variance_min"]) == pytest.approx(AUTO_STEP_FRACTION / AUTO_FLOOR_STIFFNESS)
+    with torch.no_grad():
+        for layer in mlp.layers:
+            layer.weight.mul_(1.6)
+    engine.refresh_parameters()
+    engine.feedforward_init(x, y)
+    assert first * float(activity_curvature(engine).max()) > 0.75 * limit  # the old step would be near the limit
+    curvature = follow_curvature(engine, x, y, checked["targets"])
+    engine.feedforward_init(x, y)
+    assert curvature == pytest.approx(float(activity_curvature(engine, unit_variance=True).max()), rel=1e-3)
+    assert engine.inference.step_size < first
+    assert engine.inference.step_size * curvature == pytest.approx(AUTO_STEP_FRACTION * limit)
+    fixed = PCEngine(engine.net, Inference(steps=8, step_size=0.1, momentum=momentum))
+    assert preflight_stability(fixed, x, y, "auto", True)["step_size"] == 0.1  # a number stays as given
+    with pytest.raises(ValueError, match="inference.auto_stiffness=0.95 leaves no room for a trainable variance"):
+        preflight_stability(fixed, x, y, "auto", True, step_setting="auto", auto_stiffness=0.95)
 
 
 def test_variance_statistics_count_the_floor():
@@ -90,7 +131,9 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
     net = mlp.as_pc_network(list(log_vars), "mse")
     engine = PCEngine(net, settings.schedule())
     x, y = data.train.inputs, torch.nn.functional.one_hot(data.train.labels, 10).float()
-    checked = preflight_stability(engine, x[:64], y[:64], settings.relax.log_variance_min, True)
+    checked = preflight_stability(
+        engine, x[:64], y[:64], settings.relax.log_variance_min, True, settings.inference.step_size
+    )
     engine.log_variance_min = checked["log_variance_min"]
     assert settings.optimizer["_target_"] == "torch.optim.Adam"
     optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=settings.optimizer["lr"])
@@ -100,8 +143,8 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
         order = torch.randperm(len(x), generator=gen)
         for batch_idx, start in enumerate(range(0, len(x) - 63, 64)):
             idx = order[start : start + 64]
-            if batch_idx % settings.variance_floor_every == 0:  # what PCModule does with the auto floor
-                follow_variance_floor(engine, x[idx], y[idx], checked["floor_stiffness"])
+            if batch_idx % settings.curvature_every == 0:  # what PCModule does with the auto step size and floor
+                follow_curvature(engine, x[idx], y[idx], checked["targets"])
             result = engine.train_batch(x[idx], y[idx], apply_update=optimizer.step)
             updates += result.updates
             assert math.isfinite(float(result.energy_end))
@@ -143,7 +186,7 @@ def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdic
     )
     settings = compose_settings("algo=pc", "relax=3")
     summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
-    stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5}
+    stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5, "step_size": 0.1}
     checks = run_checks(settings, summary, conditions, stability)
     assert checks["variance"]["verdict"] == verdict
     assert checks_text(checks).endswith(

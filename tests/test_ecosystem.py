@@ -133,6 +133,10 @@ def test_callbacks_from_the_command_line_and_a_checkpoint_that_rebuilds_its_modu
     assert model.settings.relax.update_every == 8 and model.settings.dataset.val_fraction == 0.2
     assert weights.keys() <= model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    # ... and the step size inference.step_size=auto had come to (the curvature it follows is not the initial one)
+    step_size = model.engine.inference.step_size
+    assert step_size == summary["checks"]["inference"]["step_size_final"] == summary["conditions"][-1]["step_size"]
+    assert step_size != 0.1
     # the log file holds every line the terminal showed, with time, logger and level
     log_text = (run_dir / "pcsweep.log").read_text()
     assert "[pcsweep.run][INFO] - training pc_16_2_rc2" in log_text and "test accuracy" in log_text

@@ -95,3 +95,27 @@ def test_a_run_folder_of_an_earlier_release_is_found_and_resumed_not_retrained(t
     assert "holds this run under an earlier folder name: renamed to " + new_name in result.stdout
     assert "already complete" in result.stdout and "[pcsweep] training" not in result.stdout
     assert (tmp_path / "multirun" / "s" / new_name / "summary.json").is_file() and not old.exists()
+
+
+@pytest.mark.parametrize("mode", [["-m"], []], ids=["sweep", "single run"])
+def test_a_folder_from_before_a_default_changed_is_set_aside_not_taken_for_this_run(tmp_path, mode):
+    """A finished run at this run's folder name, trained when a default differed (the paper's step size 0.1 before
+    inference.step_size=auto): its name hashed the same difference from the defaults of its day, but it is not this
+    run. It is moved to ``<name>.other-<its hash>`` and this run trains; asking for its settings finds it again."""
+    args = [*SMALL, "algo=pc", "relax=none", "logger=csv", "report.auto=false", "sweep_name=s"]
+    name = config.run_dir_name(compose(*args))
+    settings = container(*args)
+    settings["inference"]["step_size"] = 0.1  # the default of its day
+    old = tmp_path / "multirun" / "s" / name
+    old.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(settings), old / "config.yaml")
+    (old / "summary.json").write_text(json.dumps({"status": "complete", "name": "pc_24_3", "dataset": "digits"}))
+    result = pcsweep(tmp_path, *mode, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    aside = tmp_path / "multirun" / "s" / f"{name}.other-{config.config_hash(settings)}"
+    assert f"moved to {aside.name}" in result.stdout and "[pcsweep] training" in result.stdout
+    assert (aside / "summary.json").is_file() and (aside / "config.yaml").is_file()
+    summary = json.loads((old / "summary.json").read_text())
+    assert summary["config"]["inference"]["step_size"] == "auto" and summary["epochs"] >= 1
+    again = pcsweep(tmp_path, *mode, *args, "inference.step_size=0.1")
+    assert "holds this run under an earlier folder name" in again.stdout and "already complete" in again.stdout

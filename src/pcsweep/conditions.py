@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, cast
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -21,9 +21,14 @@ from pcsweep.errors import UserError
 from pcsweep.pc import PCEngine, activity_curvature
 from pcsweep.pc.schedule import plateaued
 
-# Stiffness (step_size * lambda_max) the automatic variance floor allows: below the limit 2, with room for the
-# curvature to grow as the weights train (1 would be the critically damped step for the stiffest mode).
-AUTO_FLOOR_STIFFNESS = 1.5
+# inference.step_size=auto: step_size * lambda_max is held at ``inference.auto_stiffness`` of the stability limit
+# 2 (1 + momentum). 0.8 (pc, rc3): the slow modes, which decide condition 2, move as fast as stability allows with a
+# 25% margin (lambda_max varies 1.6% across batches and grows about 2% per 100 batches at the paper's sizes; it is
+# re-measured every ``curvature_every`` batches). 0.5 (rc2, rc23, plain descent): 1 / lambda_max, the classic step.
+AUTO_STEP_FRACTION = 0.8
+# relax.log_variance_min=auto: step_size * lambda_max / S_min held at this fraction of the limit; with the automatic
+# step size the floor is S_min = auto_stiffness / 0.9 (0.89 for rc3, 0.56 for rc23)
+AUTO_FLOOR_STIFFNESS = 0.9
 
 
 @dataclass
@@ -119,9 +124,7 @@ def stiffness(engine: PCEngine, inputs: Tensor, target: Tensor, iterations: int 
     return engine.inference.step_size * float(activity_curvature(engine, iterations).max())
 
 
-def variance_floor(
-    step_size: float, curvature_at_unit_variance: float, target_stiffness: float = AUTO_FLOOR_STIFFNESS
-) -> float:
+def variance_floor(step_size: float, curvature_at_unit_variance: float, target_stiffness: float) -> float:
     """The lowest log S at which ``step_size * lambda_max`` stays at ``target_stiffness`` (lambda scales like 1/S)."""
     return math.log(step_size * curvature_at_unit_variance / target_stiffness)
 
@@ -150,44 +153,83 @@ class UnstableSetting(UserError, ValueError):
     """A setting that makes inference provably unstable at the initial weights (one line, before any training)."""
 
 
+@dataclass
+class CurvatureTargets:
+    """What re-measuring the curvature (at S = 1, every ``curvature_every`` batches) keeps: ``step_stiffness`` is
+    ``step_size * lambda_max`` for ``inference.step_size=auto`` (None: the step size is fixed), ``floor_stiffness``
+    is ``step_size * lambda_max / S_min`` for ``relax.log_variance_min=auto`` (None: no floor or a fixed one)."""
+
+    step_stiffness: Optional[float] = None
+    floor_stiffness: Optional[float] = None
+
+    def __bool__(self) -> bool:
+        return self.step_stiffness is not None or self.floor_stiffness is not None
+
+
 @torch.no_grad()
-def follow_variance_floor(engine: PCEngine, inputs: Tensor, target: Tensor, target_stiffness: float) -> float:
-    """Move the engine's floor on log S to where ``step_size * lambda_max / S_min`` is ``target_stiffness`` for the
-    curvature of the current weights (measured at S = 1 on this batch's feedforward state), and clamp the variances
-    to it. The curvature grows as the weights train (about 1.4x over 1,000 updates on digits), so a floor fixed at
-    the initial weights would let inference become unstable. Returns the new floor."""
+def follow_curvature(engine: PCEngine, inputs: Tensor, target: Tensor, targets: CurvatureTargets) -> float:
+    """Re-measure ``lambda_max`` (at S = 1, on this batch's feedforward state) and move what follows it: the step
+    size to ``targets.step_stiffness / lambda_max``, the floor on log S to where ``step_size * lambda_max / S_min`` is
+    ``targets.floor_stiffness`` (the variances are clamped to it). The curvature grows as the weights train (about 2x
+    over one 938-batch epoch at the paper's sizes), so values fixed at the initial weights let inference go unstable
+    (rc2 with gamma = 0.1 did, within its first epoch). Returns lambda_max."""
     engine.feedforward_init(inputs, target)
     curvature = float(activity_curvature(engine, unit_variance=True).max())
-    engine.log_variance_min = variance_floor(engine.inference.step_size, curvature, target_stiffness)
-    engine.refresh_parameters()
-    return engine.log_variance_min
+    if targets.step_stiffness is not None:
+        engine.inference = replace(engine.inference, step_size=targets.step_stiffness / curvature)
+    if targets.floor_stiffness is not None:
+        engine.log_variance_min = variance_floor(engine.inference.step_size, curvature, targets.floor_stiffness)
+        engine.refresh_parameters()
+    return curvature
 
 
 @torch.no_grad()
 def preflight_stability(
-    engine: PCEngine, inputs: Tensor, target: Tensor, floor_setting, trainable_variance: bool
+    engine: PCEngine,
+    inputs: Tensor,
+    target: Tensor,
+    floor_setting,
+    trainable_variance: bool,
+    step_setting: Any = None,
+    auto_stiffness: float = AUTO_STEP_FRACTION,
 ) -> dict:
     """At the initial weights (S = 1) on one batch: is gradient descent on the activities stable, and which floor on
     log S keeps it so? Heavy-ball descent is stable while ``step_size * lambda_max < 2 (1 + momentum)``; the largest
     eigenvalue scales like 1/S, so a floor f allows ``step_size * lambda_max * exp(-f)`` at most.
+    ``step_setting="auto"`` sets the engine's step size to ``auto_stiffness`` of that limit over ``lambda_max``
+    (a number, or None, keeps the engine's).
 
-    Returns ``lambda_max``, ``stiffness``, ``limit`` and ``log_variance_min`` (None without trainable variances);
-    raises ``UnstableSetting`` for a step size or a floor past the limit."""
+    Returns ``lambda_max``, ``step_size``, ``stiffness``, ``limit``, ``log_variance_min`` (None without trainable
+    variances) and the ``CurvatureTargets`` the run follows; raises ``UnstableSetting`` for a step size or a floor
+    past the limit."""
     engine.feedforward_init(inputs, target)
     lam = float(activity_curvature(engine).max())
-    gamma, beta = engine.inference.step_size, engine.inference.momentum
-    limit, stiff = 2 * (1 + beta), gamma * lam
+    beta = engine.inference.momentum
+    limit = 2 * (1 + beta)
+    targets = CurvatureTargets()
+    if step_setting == "auto":
+        targets.step_stiffness = auto_stiffness * limit
+        engine.inference = replace(engine.inference, step_size=targets.step_stiffness / lam)
+    gamma = engine.inference.step_size
+    stiff = gamma * lam
     if stiff >= limit:
         raise UnstableSetting(
             f"inference.step_size={gamma:g} is past the stability limit: step_size * lambda_max = {stiff:.3g} >= "
             f"2 (1 + momentum) = {limit:.3g} at the initial weights (lambda_max = {lam:.3g}); use a step size "
-            f"below {limit / lam:.3g}"
+            f"below {limit / lam:.3g}, or inference.step_size=auto"
         )
     floor = None
     if trainable_variance:
         lowest = math.log(stiff / limit)
+        if floor_setting == "auto" and stiff >= AUTO_FLOOR_STIFFNESS * limit:
+            raise UnstableSetting(
+                f"inference.auto_stiffness={stiff / limit:.3g} leaves no room for a trainable variance: "
+                f"relax.log_variance_min=auto keeps step_size * lambda_max / S_min at {AUTO_FLOOR_STIFFNESS:g} of "
+                f"the limit, so S could not go below 1; use inference.auto_stiffness below {AUTO_FLOOR_STIFFNESS:g}"
+            )
         if floor_setting == "auto":
-            floor = variance_floor(gamma, lam, AUTO_FLOOR_STIFFNESS * (1 + beta))
+            targets.floor_stiffness = AUTO_FLOOR_STIFFNESS * limit
+            floor = variance_floor(gamma, lam, targets.floor_stiffness)
         else:
             floor = float(floor_setting)
             if floor <= lowest:
@@ -201,5 +243,6 @@ def preflight_stability(
         "stiffness": stiff,
         "limit": limit,
         "log_variance_min": floor,
-        "floor_stiffness": AUTO_FLOOR_STIFFNESS * (1 + beta) if floor_setting == "auto" else None,
+        "step_size": gamma,
+        "targets": targets,
     }

@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from pcsweep.conditions import follow_variance_floor
+from pcsweep.conditions import CurvatureTargets, follow_curvature
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
 from pcsweep.settings import Settings
@@ -194,10 +194,10 @@ class PCModule(TwinModule):
         )
         tracking = settings.tracking
         self.divergence_factor = tracking.divergence_factor
-        # relax.log_variance_min=auto: the stiffness the floor keeps (set by the pre-flight), re-measured every
-        # ``variance_floor_every`` batches of each epoch (conditions.follow_variance_floor)
-        self.floor_stiffness: Optional[float] = None
-        self.variance_floor_every = settings.variance_floor_every
+        # inference.step_size=auto and relax.log_variance_min=auto: the stiffness each keeps (set by the pre-flight),
+        # re-measured every ``curvature_every`` batches of each epoch (conditions.follow_curvature)
+        self.curvature_targets = CurvatureTargets()
+        self.curvature_every = settings.curvature_every
         self.train_means["energy"] = batch_mean()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
@@ -210,11 +210,15 @@ class PCModule(TwinModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["log_variance_min"] = self.engine.log_variance_min  # the floor in force (it moves with "auto")
+        checkpoint["inference_step_size"] = self.engine.inference.step_size  # likewise the step size
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "log_variance_min" in checkpoint:
             self.engine.log_variance_min = checkpoint["log_variance_min"]
+        if "inference_step_size" in checkpoint:
+            step_size = checkpoint["inference_step_size"]
+            self.engine.inference = dataclasses.replace(self.engine.inference, step_size=step_size)
 
     def bp_gradients(self, inputs: Tensor, target: Tensor) -> list[Tensor]:
         """BP's gradient of the same loss for every weight matrix, at the current weights (nothing is updated)."""
@@ -236,12 +240,8 @@ class PCModule(TwinModule):
                 first_update.extend(cast(Tensor, layer.weight.grad).clone() for layer in self.mlp.layers)
             optimizer.step()
 
-        if (
-            self.floor_stiffness is not None
-            and self.variance_floor_every
-            and batch_idx % self.variance_floor_every == 0
-        ):
-            follow_variance_floor(self.engine, inputs, target, self.floor_stiffness)
+        if self.curvature_targets and self.curvature_every and batch_idx % self.curvature_every == 0:
+            follow_curvature(self.engine, inputs, target, self.curvature_targets)
         trace = self.trace_energy and batch_idx == 0
         result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
         self.check_finite(result.loss, result.energy_end)

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.conditions import Condition2Thresholds, condition2_verdict, preflight_stability
-from pcsweep.config import duplicate_target, find_previous_folder, locate, paper_name, settings_from
+from pcsweep.config import config_hash, duplicate_target, find_previous_folder, locate, paper_name, settings_from
 from pcsweep.data import BUNDLED, load_dataset
 from pcsweep.datamodule import TensorDataModule
 from pcsweep.devices import training_devices
@@ -99,17 +99,20 @@ def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
         target,
         settings.relax.log_variance_min,
         trainable_variance=model.log_variances is not None,
+        step_setting=settings.inference.step_size,
+        auto_stiffness=settings.inference.auto_stiffness,
     )
 
 
 def check_stability(settings: Settings, model: PCModule, dataset) -> dict:
     """Pre-flight: a step size or variance floor that makes inference diverge is one line (``UnstableSetting``), not
-    a run; ``relax.log_variance_min=auto`` becomes the floor that keeps it stable."""
+    a run; ``inference.step_size=auto`` and ``relax.log_variance_min=auto`` become the step size and the floor that
+    keep it stable (the engine's step size is set by ``measure_stability``)."""
     stability = measure_stability(settings, model, dataset)
     if stability["log_variance_min"] is not None:
         model.engine.log_variance_min = stability["log_variance_min"]
         model.engine.refresh_parameters()
-        model.floor_stiffness = stability["floor_stiffness"]
+    model.curvature_targets = stability["targets"]
     return stability
 
 
@@ -148,6 +151,9 @@ def run_checks(
         "stiffness_worst": worst,
         "limit": stability["limit"],
         "lambda_max_initial": stability["lambda_max"],
+        "step_size": settings.inference.step_size,  # auto: it followed the curvature
+        "step_size_initial": stability["step_size"],
+        "step_size_final": records[-1].get("step_size", stability["step_size"]) if records else stability["step_size"],
         "energy_rises_per_batch": rises,
     }
     if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
@@ -375,9 +381,37 @@ def finish(
     return summary
 
 
+LAUNCH_FILES = (".hydra", "pcsweep.log")  # what Hydra writes into a single run's folder before pcsweep runs
+
+
+def set_aside_if_other_settings(run_dir: Path, cfg: DictConfig) -> None:
+    """A folder at this run's name whose ``config.yaml`` has another identity (a default changed since it ran: its
+    name was hashed from what differed from the defaults of its day) is renamed ``<name>.other-<its hash>``: it is
+    not this run, so it must neither be resumed nor answer as finished. Its settings still find it under that name."""
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        return
+    try:
+        theirs = config_hash(OmegaConf.to_container(OmegaConf.load(stored)))
+    except Exception:  # unreadable: the run's own checks (resume, finished) deal with it
+        return
+    if theirs == config_hash(cfg):
+        return
+    aside, n = run_dir.with_name(f"{run_dir.name}.other-{theirs}"), 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.other-{theirs}.{n}")
+    aside.mkdir()
+    for child in run_dir.iterdir():
+        if child.name not in LAUNCH_FILES:  # this launch's Hydra record and log stay with this run
+            os.replace(child, aside / child.name)
+    log.info(f"{run_dir.name} held a run with other settings (a default has changed since): moved to {aside.name}")
+
+
 def adopt_previous_folder(run_dir: Path, cfg: DictConfig) -> None:
     """Move this run's folder from an earlier release's naming, if there is one, so it resumes or is skipped.
     (A single run's folder may already exist, holding only what Hydra wrote into it: the old files join it.)"""
+    set_aside_if_other_settings(run_dir, cfg)
     previous = None if (run_dir / "config.yaml").exists() else find_previous_folder(run_dir.parent, cfg)
     if previous is None:
         return

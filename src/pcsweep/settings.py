@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, TypeGuard
 
+from pcsweep.conditions import AUTO_STEP_FRACTION
 from pcsweep.data import DATASETS
 from pcsweep.errors import UserError
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES
 from pcsweep.pc.schedule import Inference
 
 INITS = ("xavier", "torch")
+PAPER_STEP_SIZE = 0.1  # the paper's gamma
 VARIANCES = ("fixed", "neuron", "layer")
 
 
@@ -80,7 +82,12 @@ class InferenceSettings:
     """PC's inference (BP ignores it, and it is not part of a BP run's identity)."""
 
     steps: int = 256  # T: the paper's condition 2
-    step_size: float = 0.1  # gamma (rejected before training if gamma * lambda_max >= 2 (1 + momentum))
+    # gamma: auto = auto_stiffness of the stability limit over the measured lambda_max, followed as the weights train
+    # (the paper's literal 0.1 leaves pc short of convergence and rc2 past the limit: see the README); a number is
+    # rejected before training if gamma * lambda_max >= 2 (1 + momentum)
+    step_size: Any = "auto"
+    # step_size=auto: gamma * lambda_max as a fraction of the limit 2 (1 + momentum); 0.5 for rc2 and rc23 (conf/twin/)
+    auto_stiffness: float = AUTO_STEP_FRACTION
     # heavy-ball inference (same fixed points); plain descent (0, the paper's literal reading) is far from converged
     # after T = 256 steps at the paper's sizes (see the README); the relaxed twins use 0 (conf/twin/)
     momentum: float = 0.95
@@ -89,7 +96,14 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "inference.steps", ">= 1", self.steps)
-        check(is_number(self.step_size) and self.step_size > 0, "inference.step_size", "> 0", self.step_size)
+        step = self.step_size
+        check(step == "auto" or (is_number(step) and step > 0), "inference.step_size", "auto or > 0", step)
+        check(
+            is_number(self.auto_stiffness) and 0 < self.auto_stiffness < 1,
+            "inference.auto_stiffness",
+            "in (0, 1)",
+            self.auto_stiffness,
+        )
         check(is_number(self.momentum) and 0 <= self.momentum < 1, "inference.momentum", "in [0, 1)", self.momentum)
         check(self.check_every >= 1, "inference.check_every", ">= 1", self.check_every)
         check(
@@ -241,7 +255,8 @@ class Settings:
     inference: InferenceSettings = setting(identity="pc", factory=InferenceSettings)
     weight_decay: float = 0.0  # on weight matrices (not biases)
     variance_weight_decay: float = 0.0  # on log-variances (relax 3): pulls S toward 1
-    variance_floor_every: int = 100  # relax 3 with log_variance_min=auto: batches between re-measurements
+    # PC: batches between re-measurements of the curvature (inference.step_size=auto, log_variance_min=auto follow it)
+    curvature_every: int = setting(100, identity="pc")
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     # conf/callbacks: more Lightning callbacks, {name: {_target_: class, its arguments}} (part of the identity: one
     # may change the numbers, as early stopping does)
@@ -265,7 +280,7 @@ class Settings:
             ">= 0",
             self.variance_weight_decay,
         )
-        check(self.variance_floor_every >= 0, "variance_floor_every", ">= 0", self.variance_floor_every)
+        check(self.curvature_every >= 0, "curvature_every", ">= 0", self.curvature_every)
         one_of("activation", self.activation, ACTIVATIONS)
         one_of("output_loss", self.output_loss, OUTPUT_LOSSES)
         one_of("init", self.init, INITS)
@@ -275,11 +290,12 @@ class Settings:
             check(1 <= k <= steps, "relax.update_every", f"null or in [1, inference.steps={steps}]", k)
 
     def schedule(self) -> Inference:
-        """What the PC engine runs: the inference settings with the twin's update interval."""
+        """What the PC engine runs: the inference settings with the twin's update interval (with
+        ``step_size=auto``, the paper's 0.1 until the pre-flight measures the curvature: ``run.check_stability``)."""
         i = self.inference
         return Inference(
             steps=i.steps,
-            step_size=i.step_size,
+            step_size=PAPER_STEP_SIZE if i.step_size == "auto" else i.step_size,
             momentum=i.momentum,
             update_every=self.relax.update_every,
             tolerance=i.tolerance,

@@ -41,8 +41,11 @@ def checks_text(checks: Optional[dict]) -> Optional[str]:
         parts.append(f"c2 {c2['verdict']} (gap {c2['worst_gap']:.2f}, cos {c2['worst_cosine']:.2f})")
     inference = checks.get("inference")
     if inference:
+        gamma = inference.get("step_size_final")  # summaries before the automatic step size lack it
         parts.append(
-            f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/{inference['limit']:.2f})"
+            f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/{inference['limit']:.2f}"
+            + (f", step {gamma:.3g}" if gamma is not None else "")
+            + ")"
         )
     variance = checks.get("variance")
     if variance:

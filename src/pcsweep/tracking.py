@@ -470,8 +470,14 @@ class RunConditions(L.Callback):
             max_steps=self.max_multiple * schedule.steps,
             tolerance=self.tolerance,
         )
-        record: dict[str, Any] = {"epoch": epoch, "condition2": probe, "stiffness": stiffness(engine, inputs, target)}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "condition2": probe,
+            "stiffness": stiffness(engine, inputs, target),
+            "step_size": schedule.step_size,  # moves with inference.step_size=auto
+        }
         metrics = {
+            "inference/step_size": schedule.step_size,
             "cond2/gap": probe["gap"],
             "cond2/min_cosine": min(probe["cosine"]),
             "cond2/steps_converged": float(probe["steps_converged"]),
