@@ -222,10 +222,15 @@ def preflight_stability(
     if trainable_variance:
         lowest = math.log(stiff / limit)
         if floor_setting == "auto" and stiff >= AUTO_FLOOR_STIFFNESS * limit:
+            key = (
+                f"inference.auto_stiffness={auto_stiffness:g}"
+                if step_setting == "auto"
+                else f"inference.step_size={gamma:g}"
+            )
             raise UnstableSetting(
-                f"inference.auto_stiffness={stiff / limit:.3g} leaves no room for a trainable variance: "
-                f"relax.log_variance_min=auto keeps step_size * lambda_max / S_min at {AUTO_FLOOR_STIFFNESS:g} of "
-                f"the limit, so S could not go below 1; use inference.auto_stiffness below {AUTO_FLOOR_STIFFNESS:g}"
+                f"{key} leaves no room for a trainable variance: relax.log_variance_min=auto keeps step_size * "
+                f"lambda_max / S_min at {AUTO_FLOOR_STIFFNESS:g} of the limit, and step_size * lambda_max is already "
+                f"{stiff / limit:.3g} of it at S = 1; use a smaller step (auto_stiffness < {AUTO_FLOOR_STIFFNESS:g})"
             )
         if floor_setting == "auto":
             targets.floor_stiffness = AUTO_FLOOR_STIFFNESS * limit
