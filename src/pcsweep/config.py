@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pcsweep.settings import ConfigError, Settings
+from pcsweep.settings import ConfigError, Settings, is_number
 
 ConfigStore.instance().store(name="pcsweep_schema", node=Settings)
 
@@ -94,6 +94,9 @@ def settings_from(cfg: DictConfig) -> Settings:
         settings = cast(Settings, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), cfg)))
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
+    tuned = settings.tune.key
+    if tuned is not None and not is_number(OmegaConf.select(cfg, tuned, default=None)):
+        raise ConfigError(f"tune.key={tuned} is not a numeric setting of this run (`python -m pcsweep --cfg job`)")
     for name, node in settings.logger.items():
         check_target(f"logger.{name}", node)
     for name, node in settings.callbacks.items():

@@ -34,7 +34,6 @@ def time_to_fraction(history: list[dict], fraction: float = 0.9) -> Optional[dic
     return None  # unreachable: the last record always qualifies
 
 
-@torch.no_grad()
 def last_batch(trainer: L.Trainer, batches_done: int) -> int:
     """The index of the last batch trained, counted over the whole run: W&B's ``trainer/global_step`` axis. Batches,
     not optimizer steps: a relax=2 twin takes 32 optimizer steps per batch, and its curves must overlay BP's."""
@@ -42,6 +41,7 @@ def last_batch(trainer: L.Trainer, batches_done: int) -> int:
     return trainer.current_epoch * cast(int, trainer.num_training_batches) + batches_done - 1
 
 
+@torch.no_grad()
 def test_accuracy(pl_module: TwinModule, split, chunk: int = 2048) -> float:
     """Feedforward accuracy on a whole split (the test prediction of both twins)."""
     dtype = pl_module.mlp.layers[0].weight.dtype
@@ -87,18 +87,28 @@ class History(L.Callback):
             and batch_idx + 1 < batches
             and not getattr(pl_module, "diverged", False)
         ):
-            self._point(trainer, batch_idx + 1, test_accuracy(pl_module, trainer.datamodule.test_split))
+            datamodule = trainer.datamodule
+            val = datamodule.val_split
+            self._point(
+                trainer,
+                batch_idx + 1,
+                test_accuracy(pl_module, datamodule.test_split),
+                test_accuracy(pl_module, val) if val is not None else None,
+            )
 
-    def _point(self, trainer: L.Trainer, batches_done: int, test_acc: Optional[float]) -> None:
-        self.curve.append(
-            {
-                "epoch": trainer.current_epoch,
-                "epochs": trainer.current_epoch + batches_done / trainer.num_training_batches,
-                "step": last_batch(trainer, batches_done),
-                "train_seconds": self.train_seconds,
-                "test_acc": test_acc,
-            }
-        )
+    def _point(
+        self, trainer: L.Trainer, batches_done: int, test_acc: Optional[float], val_acc: Optional[float] = None
+    ) -> None:
+        point = {
+            "epoch": trainer.current_epoch,
+            "epochs": trainer.current_epoch + batches_done / trainer.num_training_batches,
+            "step": last_batch(trainer, batches_done),
+            "train_seconds": self.train_seconds,
+            "test_acc": test_acc,
+        }
+        if val_acc is not None:  # dataset.val_fraction > 0: what tuning scores (pcsweep.tuning.trial_score)
+            point["val_acc"] = val_acc
+        self.curve.append(point)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -120,7 +130,7 @@ class History(L.Callback):
             record.update(val_acc=float(metrics["val/acc"]), val_loss=float(metrics["val/loss"]))
         record.update(cast("TwinModule", pl_module).epoch_train_metrics())
         self.records.append(record)
-        self._point(trainer, cast(int, trainer.num_training_batches), record["test_acc"])
+        self._point(trainer, cast(int, trainer.num_training_batches), record["test_acc"], record.get("val_acc"))
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "records": self.records, "curve": self.curve}

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ from pcsweep.files import DiskFull, RunBusy, disk_full, read_json, run_lock, set
 from pcsweep.history import History, time_to_fraction
 from pcsweep.interruption import Interrupted, MidEpochCheckpoints
 from pcsweep.models import BPModule, PCModule, TwinModule
-from pcsweep.settings import Settings
+from pcsweep.pc import output_loss
+from pcsweep.settings import ConfigError, Settings
 from pcsweep.tracking import (
     AxesWandbLogger,
     EnergyTraces,
@@ -48,6 +50,7 @@ from pcsweep.tracking import (
     run_summary,
     trim_metrics,
 )
+from pcsweep.tuning import lr_origin, trial_score
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,27 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
 def build_model(settings: Settings, num_features: int, num_classes: int) -> TwinModule:
     """The twin ``settings.algo.name`` on a fresh MLP drawn from the seed (both twins start from the same weights)."""
     return (BPModule if settings.algo.name == "bp" else PCModule)(settings, num_features, num_classes)
+
+
+def seconds_per_batch(settings: Settings, dataset) -> float:
+    """Wall time of one training batch of ``settings`` on this machine (one warm-up, then one timed; the optimizer's
+    learning rate 0 leaves the weights alone): what the tuning stage projects its cost from."""
+    model = build_model(settings, dataset.num_features, dataset.num_classes)
+    inputs, target = model.probe_batch(dataset.train, settings.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def batch() -> None:
+        if isinstance(model, PCModule):
+            model.engine.train_batch(inputs, target, apply_update=optimizer.step)
+            return
+        optimizer.zero_grad()
+        output_loss(model.mlp(inputs), target, settings.output_loss).backward()
+        optimizer.step()
+
+    batch()
+    start = time.perf_counter()
+    batch()
+    return time.perf_counter() - start
 
 
 def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
@@ -198,10 +222,15 @@ def _summary(
         "epochs": len(records),
         "final_test_acc": last.get("test_acc"),
         "best_test_acc": max(accs) if accs else None,
+        "final_train_acc": last.get("train_acc"),
         "final_train_loss": last.get("train_loss"),
         "final_test_loss": last.get("test_loss"),
         "final_val_acc": last.get("val_acc"),
         "best_val_acc": max(val_accs) if val_accs else None,
+        # what tuning and the report choose by: the last evaluations' mean (one evaluation is noise)
+        "val_score": trial_score({"curve": history.curve, "history": records}, settings.tune.last_evals),
+        "lr": (settings.optimizer or {}).get("lr"),
+        "lr_origin": lr_origin(settings),
         "train_seconds": history.train_seconds,
         "time_to_90": t90["train_seconds"] if t90 else None,
         "epoch_to_90": t90["epoch"] if t90 else None,
@@ -453,6 +482,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         cfg.dataset.data_dir = str(resolve_data_dir(cfg))
     settings = settings_from(cfg)
     settings.trainer.check_devices()
+    if settings.tune.key is not None and settings.tune.origin is None:
+        raise ConfigError(
+            f"tune.key={settings.tune.key}: tuning searches before a sweep's grid trains; run it with -m "
+            "(pcsweep -m ... tune=lr)"
+        )
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
     done = skipped(cfg, settings, run_dir)
     if done is not None:

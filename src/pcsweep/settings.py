@@ -230,6 +230,49 @@ class ReportSettings:
     claims: Dict[str, Any] = field(default_factory=dict)  # verdict thresholds: pcsweep.claims.ClaimRules
 
 
+# tune=lr: a log grid in half-decade steps, wide enough for every twin (bp's best and pc's differ by a decade)
+HALF_DECADES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SEARCHES = ("grid", "optuna")
+
+
+@dataclass
+class TuneSettings:
+    """conf/tune: a stage before a sweep's grid that gives every family (everything but the seed and ``key``) the same
+    search over ``key`` on the validation split, and trains the grid at what it chose (``pcsweep.tuning``). Never part
+    of a run's identity: a trial is an ordinary run of its settings, and a grid run is one at the chosen value."""
+
+    key: Optional[str] = None  # the setting searched (tune=lr: optimizer.lr); null: no tuning (tune=none)
+    search: str = "grid"  # grid: every candidate | optuna: `trials` values drawn by TPE between the candidates' ends
+    candidates: List[float] = field(default_factory=lambda: list(HALF_DECADES))
+    trials: int = 7  # search=optuna: values tried per family (the same for every family)
+    seeds: int = 2  # seeds per candidate: 0 .. seeds-1 (a grid run of one of these seeds at the chosen value is reused)
+    epochs: Optional[int] = None  # epochs per trial; null: the grid's
+    last_evals: int = 5  # the score: mean validation accuracy of each trial's last N evaluations, then over seeds
+    origin: Optional[str] = None  # set by the sweeper on each grid run: where its value came from (summary, W&B)
+
+    def __post_init__(self) -> None:
+        one_of("tune.search", self.search, SEARCHES)
+        if self.key is None:
+            return
+        values = self.candidates
+        check(
+            isinstance(values, list) and all(is_number(v) for v in values),
+            "tune.candidates",
+            "a list of numbers",
+            values,
+        )
+        if self.search == "grid":
+            check(len(set(values)) >= 2, "tune.candidates", "at least 2 different values to choose among", values)
+        else:
+            check(
+                len(set(values)) >= 2, "tune.candidates", "2 values or more (optuna searches between the ends)", values
+            )
+            check(self.trials >= 2, "tune.trials", ">= 2 (a search needs something to compare)", self.trials)
+        check(self.seeds >= 1, "tune.seeds", ">= 1", self.seeds)
+        check(self.epochs is None or self.epochs >= 1, "tune.epochs", "null or >= 1", self.epochs)
+        check(self.last_evals >= 1, "tune.last_evals", ">= 1", self.last_evals)
+
+
 @dataclass
 class Settings:
     """A whole run. Top-level keys are the ones users sweep (``width=256,1024``)."""
@@ -264,6 +307,7 @@ class Settings:
     checkpoint: CheckpointSettings = setting(identity=False, factory=CheckpointSettings)
     tracking: TrackingSettings = setting(identity=False, factory=TrackingSettings)
     report: ReportSettings = setting(identity=False, factory=ReportSettings)
+    tune: TuneSettings = setting(identity=False, factory=TuneSettings)
     sweep_name: str = setting("default", identity=False)  # runs live in multirun/<sweep_name>/
 
     def __post_init__(self) -> None:
@@ -284,6 +328,14 @@ class Settings:
         one_of("activation", self.activation, ACTIVATIONS)
         one_of("output_loss", self.output_loss, OUTPUT_LOSSES)
         one_of("init", self.init, INITS)
+        if self.tune.key is not None:
+            fraction = self.dataset.val_fraction
+            check(
+                0 < fraction < 0.5,
+                "dataset.val_fraction",
+                "in (0, 0.5) while tuning (tuning scores on it, never on the test split)",
+                fraction,
+            )
         k = self.relax.update_every
         if self.algo.name == "pc" and k is not None:
             steps = self.inference.steps

@@ -26,6 +26,8 @@ COLUMNS = [
     ("train_seconds", "train time [s]"),
     ("time_to_90", "time to 90% [s]"),
     ("epochs", "epochs"),
+    ("lr", "lr"),
+    ("lr_origin", "lr from"),
     ("checks", "conditions"),
     ("run_dir", "run folder"),
 ]
@@ -108,7 +110,7 @@ def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.1f}" if key in SECONDS else f"{value:.4f}"
+        return f"{value:.1f}" if key in SECONDS else f"{value:g}" if key == "lr" else f"{value:.4f}"
     return str(value)
 
 

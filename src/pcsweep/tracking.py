@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pcsweep.files import read_json, write_atomic
+from pcsweep.tuning import lr_origin
 
 if TYPE_CHECKING:
     from pcsweep.models import PCModule, TwinModule
@@ -272,6 +273,7 @@ def run_labels(cfg, settings) -> dict[str, Any]:
             "twin": twin,
             "family": family,
             "sweep": sweep,
+            "lr_origin": lr_origin(settings),  # tuned (and how), the twin's default, or given
         },
     }
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, cast
@@ -23,10 +24,23 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.errors import UserError, release_stderr
 from pcsweep.errors import exit_with as fail
+from pcsweep.tuning import (
+    RECORD,
+    TUNING_DIR,
+    Family,
+    batches_per_epoch,
+    candidate_record,
+    choose,
+    cost_line,
+    families_of,
+    override_key,
+    reuse_trial,
+    trial_overrides,
+)
 
 if TYPE_CHECKING:
     from pcsweep.models import PCModule
@@ -53,6 +67,8 @@ class FilteringLauncher(Launcher):
     def __init__(self, inner: Launcher, sweeper: "SweepRecord") -> None:
         self.inner, self.sweeper = inner, sweeper
         self.stability = StabilityPreflight()
+        self.tuning = False  # launching a tuning stage's trials (they are not the sweep's runs)
+        self.entries: List[dict] = []  # the last launch's plan, one entry per job
 
     def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
         self.inner.setup(**kwargs)
@@ -96,11 +112,12 @@ class FilteringLauncher(Launcher):
             return {**entry, "status": "duplicate", "duplicate_of": run_dir}
         seen[run_dir] = label
         entry["run_dir"] = run_dir
-        path = Path(self.sweeper.config.hydra.sweep.dir) / run_dir
+        path = Path(cfg.hydra.sweep.dir) / run_dir  # a tuning trial's is <sweep>/tuning
         adopt_previous_folder(path, cfg)
+        reuse_trial(path, Path(self.sweeper.config.hydra.sweep.dir) / TUNING_DIR / run_dir, settings.tune.origin)
         done = finished_summary(path)
         if done is not None:
-            log.info(f"skipped {label}: already {done['status']} in {run_dir}")
+            (log.debug if self.tuning else log.info)(f"skipped {label}: already {done['status']} in {run_dir}")
             return {**entry, "status": "finished"}
         if settings.algo.name == "pc":
             try:  # a step size or floor past the stability limit stops the sweep before its first job
@@ -108,6 +125,15 @@ class FilteringLauncher(Launcher):
             except UserError as exc:
                 fail(f"{label}: {exc}")
         return {**entry, "status": "launched"}
+
+    def plan_all(self, job_overrides: Sequence[Sequence[str]]) -> List[dict]:
+        """Every job's plan (``plan``), kept as ``self.entries``; a job planned by the last call is not planned
+        again (the tuning stage plans its trials to project their cost, then launches them)."""
+        if self.entries and [e["overrides"] for e in self.entries] == [list(o) for o in job_overrides]:
+            return self.entries
+        seen: Dict[str, str] = {}
+        self.entries = [self.plan(overrides, seen) for overrides in job_overrides]
+        return self.entries
 
     def check(self, label: str, settings: Any) -> None:
         """More checks of one job's settings, before anything is launched (``fail`` in one line)."""
@@ -117,21 +143,23 @@ class FilteringLauncher(Launcher):
         return "SlurmLauncher" in str(self.sweeper.config.hydra.launcher.get("_target_", ""))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Plans every job, records the plan (the sweep's manifest; a tuning stage's trials in ``self.entries``
+        only), and launches what needs training."""
         slurm = self.slurm
         if slurm and shutil.which("sbatch") is None:
             fail(
                 "launcher=slurm needs SLURM, and there is no `sbatch` here: run on a cluster's login node "
                 "(or launcher=local)"
             )
-        seen: Dict[str, str] = {}
-        entries = [self.plan(overrides, seen) for overrides in job_overrides]
+        entries = self.plan_all(job_overrides)
         to_launch = [
             list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"]
             for entry in entries
             if entry["status"] == "launched"
         ]
-        self.sweeper.manifest.extend(entries)
-        self.sweeper.write_manifest()
+        if not self.tuning:
+            self.sweeper.manifest.extend(entries)
+            self.sweeper.write_manifest()
         if not to_launch:
             return []
         if not slurm:
@@ -152,6 +180,161 @@ class FilteringLauncher(Launcher):
             )
 
 
+class TuningStage:
+    """``tune=lr`` (``pcsweep.tuning``): before the grid, every family's trials (the same candidates, seeds and epochs
+    for every twin) are launched like any other jobs into ``<sweep>/tuning/``, scored on the validation split, and
+    each grid job gets its family's choice (``key=value``) and where it came from (``tune.origin``)."""
+
+    def __init__(self, sweeper: "PcsweepSweeper") -> None:
+        self.sweeper = sweeper
+        self.tune = sweeper.config.tune
+        self.folder = Path(sweeper.config.hydra.sweep.dir) / TUNING_DIR
+
+    def describe(self, family: Family) -> bool:
+        """Names the family from its composed settings; False for a BP duplicate (nothing of its own to tune)."""
+        from pcsweep.config import duplicate_target, family_name, paper_name, settings_from, twin_name
+
+        cfg = self.sweeper.hydra_context.config_loader.load_sweep_config(self.sweeper.config, family.overrides)
+        try:
+            settings = settings_from(cfg)
+        except UserError as exc:
+            fail(f"{' '.join(family.overrides)}: {exc}")
+        if duplicate_target(settings) is not None:
+            return False
+        family.name, family.model, family.twin = family_name(cfg), paper_name(settings), twin_name(settings)
+        family.dataset, family.width, family.depth = settings.dataset.name, settings.width, settings.depth
+        family.default = OmegaConf.select(cfg, self.tune.key)
+        family.epochs = self.tune.epochs or settings.epochs
+        family.val_fraction = settings.dataset.val_fraction
+        family.settings = settings
+        return True
+
+    def run(self, jobs: List[List[str]]) -> List[List[str]]:
+        key = self.tune.key
+        given = next((o for job in jobs for o in job if override_key(o) == key), None)
+        if given is not None:
+            fail(f"tune.key={key} is what tuning chooses, and the command sets {given}: drop one of them")
+        families = [family for family in families_of(jobs) if self.describe(family)]
+        start = time.perf_counter()
+        if self.tune.search == "grid":
+            values = {family.name: list(self.tune.candidates) for family in families}
+            self.launch([(family, value) for family in families for value in values[family.name]], announce=True)
+        else:
+            values = self.optuna(families)
+        records = [choose(family, values[family.name], self.tune.seeds, self.tune.last_evals) for family in families]
+        self.save(records, families, time.perf_counter() - start)
+        chosen = {tuple(family.overrides): record for family, record in zip(families, records)}
+        tuned = []
+        for job in jobs:
+            record = chosen.get(tuple(o for o in job if override_key(o) != "seed"))
+            extra = []
+            if record is not None:
+                extra = ([f"{key}={record['chosen']!r}"] if record["chosen"] is not None else []) + [
+                    f"++tune.origin='{record['origin']}'"
+                ]
+            tuned.append(list(job) + extra)
+        return tuned
+
+    def launch(self, trials: List[tuple], announce: bool = False) -> None:
+        """Trains (or finds finished) every ``(family, value)`` at each seed; each summary lands in its family.
+        ``announce``: first one line with the projected cost of the trials that still need training."""
+        launcher = cast(FilteringLauncher, self.sweeper.launcher)
+        seeds = range(self.tune.seeds)
+        jobs = [(family, value, seed) for family, value in trials for seed in seeds]
+        overrides = [
+            trial_overrides(family, self.tune.key, value, seed, family.epochs, family.val_fraction)
+            + [f"hydra.sweep.dir='{self.folder}'"]
+            for family, value, seed in jobs
+        ]
+        launcher.tuning = True
+        try:
+            if announce:
+                entries = launcher.plan_all(overrides)
+                self.announce([family for (family, _, _), e in zip(jobs, entries) if e["status"] == "launched"], jobs)
+            returns = launcher.launch(overrides, initial_job_idx=0)
+        finally:
+            launcher.tuning = False
+        for job in returns:
+            _ = job.return_value  # a trial that raised stops the sweep, as a grid job does
+        from pcsweep.run import finished_summary
+
+        for (family, value, seed), entry in zip(jobs, launcher.entries):
+            run_dir = entry.get("run_dir") or entry.get("duplicate_of")
+            family.trials[(value, seed)] = finished_summary(self.folder / str(run_dir))
+
+    def optuna(self, families: List[Family]) -> Dict[str, List[float]]:
+        """``tune.search=optuna``: ``tune.trials`` rounds; each asks every family's study (TPE, seeded, log scale
+        between the candidates' ends) for one value and trains them all at once. A re-run asks the same values and
+        finds their runs finished."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        low, high = min(self.tune.candidates), max(self.tune.candidates)
+        studies = {
+            f.name: optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+            for f in families
+        }
+        values: Dict[str, List[float]] = {family.name: [] for family in families}
+        every = [(f, None, seed) for f in families for _ in range(self.tune.trials) for seed in range(self.tune.seeds)]
+        self.announce([family for family, _, _ in every], every)  # drawn values are not known yet: all of them
+        for _ in range(self.tune.trials):
+            asked = {name: study.ask() for name, study in studies.items()}
+            drawn = {
+                name: float(f"{trial.suggest_float(self.tune.key, low, high, log=True):.3g}")
+                for name, trial in asked.items()
+            }
+            self.launch([(family, drawn[family.name]) for family in families])
+            for family in families:
+                record = candidate_record(
+                    drawn[family.name],
+                    {s: family.trials.get((drawn[family.name], s)) for s in range(self.tune.seeds)},
+                    self.tune.last_evals,
+                )
+                studies[family.name].tell(asked[family.name], record["mean"] if record["mean"] is not None else 0.0)
+                values[family.name].append(drawn[family.name])
+        return values
+
+    def announce(self, to_train: List[Family], jobs: Sequence[tuple]) -> None:
+        """The projected cost, in one line, before any trial trains: per trial still to train, its family's
+        measured time per batch x its batches."""
+        from pcsweep.run import seconds_per_batch
+
+        launcher = cast(FilteringLauncher, self.sweeper.launcher)
+        measured: Dict[str, float] = {}
+        seconds = 0.0
+        for family in to_train:
+            settings = family.settings
+            if family.name not in measured:
+                measured[family.name] = seconds_per_batch(settings, launcher.stability.dataset(settings))
+            batches = batches_per_epoch(len(launcher.stability.dataset(settings).train), settings.batch_size)
+            seconds += measured[family.name] * batches * family.epochs
+        log.info(cost_line(len(jobs), len({f.name for f, _, _ in jobs}), len(to_train), seconds))
+
+    def save(self, records: List[dict], families: List[Family], seconds: float) -> None:
+        from pcsweep.files import write_atomic
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trained = sum((s or {}).get("train_seconds") or 0.0 for f in families for s in f.trials.values())
+        document = {
+            "key": self.tune.key,
+            "search": self.tune.search,
+            "candidates": list(self.tune.candidates),
+            "seeds": list(range(self.tune.seeds)),
+            "score": f"mean validation accuracy of the last {self.tune.last_evals} evaluations, then over seeds",
+            "wall_seconds": seconds,  # of the last invocation (a re-run finds finished trials)
+            "trials_train_seconds": trained,  # the trials' training time, however many invocations it took
+            "families": records,
+        }
+        write_atomic(self.folder / RECORD, json.dumps(document, indent=1))
+        for record in records:
+            flag = "" if record["chosen"] is None or not record["edge"] else " -- on the edge: widen tune.candidates"
+            log.info(f"{record['model']} {record['dataset']}: {record['origin']}{flag}")
+        log.info(
+            f"tuning took {seconds:.1f} s here ({trained:.1f} s of training in its trials); every candidate's score "
+            f"per seed: {self.folder / RECORD}"
+        )
+
+
 class StabilityPreflight:
     """``pcsweep.run.measure_stability`` for a job's config, loading each dataset once per sweep."""
 
@@ -159,15 +342,22 @@ class StabilityPreflight:
         self.datasets: Dict[str, Any] = {}
 
     def __call__(self, settings: Any) -> dict:
-        from pcsweep.data import load_dataset
         from pcsweep.run import build_model, measure_stability
+
+        dataset = self.dataset(settings)
+        model = build_model(settings, dataset.num_features, dataset.num_classes)
+        return measure_stability(settings, cast("PCModule", model), dataset)  # called for PC jobs only
+
+    def dataset(self, settings: Any) -> Any:
+        """The job's dataset (as its run will load it: the validation split held out), loaded once per sweep."""
+        from dataclasses import replace
+
+        from pcsweep.data import load_dataset
 
         key = repr(settings.dataset)
         if key not in self.datasets:
-            self.datasets[key] = load_dataset(settings.dataset)
-        dataset = self.datasets[key]
-        model = build_model(settings, dataset.num_features, dataset.num_classes)
-        return measure_stability(settings, cast("PCModule", model), dataset)  # called for PC jobs only
+            self.datasets[key] = load_dataset(replace(settings.dataset))
+        return self.datasets[key]
 
 
 class SweepRecord:
@@ -227,6 +417,8 @@ class PcsweepSweeper(SweepRecord, BasicSweeper):  # type: ignore[misc]
             jobs += BasicSweeper.split_arguments(
                 [o for o in overrides if o.get_key_element() not in keys] + extra, None
             )[0]
+        if self.config.tune.key is not None:  # tune=lr: the search first, then the grid at what it chose
+            jobs = TuningStage(self).run(jobs)
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
@@ -267,6 +459,11 @@ class TrialLauncher(FilteringLauncher):
     def check(self, label: str, settings: Any) -> None:
         from pcsweep.config import duplicate_target
 
+        if settings.tune.key is not None:
+            fail(
+                f"{label}: tune={settings.tune.key} is pcsweep's own tuning stage, and hydra/sweeper=optuna tunes by "
+                "itself: use one of them (tune=none here)"
+            )
         if duplicate_target(settings) is not None:
             fail(
                 f"{label}: algo=bp has no conditions to relax, so relax={settings.relax.name} tunes nothing: "

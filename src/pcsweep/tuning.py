@@ -1,0 +1,196 @@
+"""The tuning stage (``tune=lr``): every family of a sweep gets the same search, scored on validation data.
+
+A family is a grid job without its seed: everything that makes a run except the seed and the tuned key. Each family
+is trained at every candidate (or at ``tune.trials`` values Optuna draws) with seeds ``0 .. tune.seeds-1``, each trial
+an ordinary run folder under ``<sweep>/tuning/``. A trial's score is the mean validation accuracy of its last
+``tune.last_evals`` evaluations (one evaluation is noise: PC curves swing by 0.1 between evaluations at large learning
+rates), a candidate's the mean over its seeds. A candidate whose runs failed for a reason the tool detects (diverged,
+failed to learn, inference unstable, condition 2 violated) is excluded, never chosen. The choice, with every
+candidate's score per seed, is written to ``<sweep>/tuning/tuning.json``; the grid then trains at it.
+Plain python over summaries: the sweeper (``hydra_plugins.pcsweep_sweeper``) launches the trials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pcsweep.files import read_json, write_atomic
+
+log = logging.getLogger(__name__)
+
+TUNING_DIR = "tuning"  # under the sweep folder: the trials' run folders and tuning.json
+RECORD = "tuning.json"
+
+
+def override_key(override: str) -> str:
+    """``optimizer.lr=1e-3`` -> ``optimizer.lr`` (``+``/``++``/``~`` prefixes dropped)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+@dataclass
+class Family:
+    """The grid jobs that differ only in their seed: one search serves them all."""
+
+    overrides: list[str]  # a job's overrides without its seed
+    name: str = ""  # <paper name>_<dataset>-<hash of the identity without the seed>
+    model: str = ""
+    twin: str = ""
+    dataset: str = ""
+    width: int = 0
+    depth: int = 0
+    default: Optional[float] = None  # the value the grid would train at without tuning
+    epochs: int = 0  # per trial
+    val_fraction: float = 0.0
+    settings: Any = None  # the family's composed settings (pcsweep.settings.Settings)
+    trials: dict[tuple[float, int], Optional[dict]] = field(default_factory=dict)  # (value, seed) -> its summary
+
+
+def families_of(jobs: Sequence[Sequence[str]]) -> list[Family]:
+    """The grid's jobs grouped by everything but ``seed``, in the grid's order."""
+    found: dict[tuple[str, ...], Family] = {}
+    for job in jobs:
+        rest = [o for o in job if override_key(o) != "seed"]
+        found.setdefault(tuple(rest), Family(rest))
+    return list(found.values())
+
+
+def trial_overrides(family: Family, key: str, value: float, seed: int, epochs: int, val_fraction: float) -> list[str]:
+    """A trial: the family's job at ``key=value`` and ``seed``, without tuning itself, on the same validation split."""
+    fixed = {
+        key: repr(value),
+        "seed": str(seed),
+        "epochs": str(epochs),
+        "dataset.val_fraction": repr(val_fraction),
+        "tune": "none",
+    }
+    return [o for o in family.overrides if override_key(o) not in fixed] + [f"{k}={v}" for k, v in fixed.items()]
+
+
+def trial_score(summary: Optional[dict], last_evals: int) -> Optional[float]:
+    """Mean validation accuracy of the run's last ``last_evals`` evaluations (its curve: several per epoch)."""
+    if not summary:
+        return None
+    points = [p["val_acc"] for p in summary.get("curve") or [] if p.get("val_acc") is not None]
+    if not points:  # a summary written before the curve carried validation points: the per-epoch records
+        points = [r["val_acc"] for r in summary.get("history") or [] if r.get("val_acc") is not None]
+    return sum(points[-last_evals:]) / len(points[-last_evals:]) if points else None
+
+
+def trial_problem(summary: Optional[dict]) -> Optional[str]:
+    """Why a trial cannot count, or None: what the run found out about itself."""
+    if summary is None:
+        return "no summary (failed or unfinished)"
+    if summary.get("status") != "complete":
+        return str(summary.get("status", "unfinished")).replace("_", " ")
+    checks = summary.get("checks") or {}
+    if (checks.get("inference") or {}).get("verdict") == "unstable":
+        return "inference unstable"
+    if (checks.get("condition2") or {}).get("verdict") == "violated":
+        return "condition 2 violated"
+    return None
+
+
+def candidate_record(value: float, summaries: dict[int, Optional[dict]], last_evals: int) -> dict:
+    """One candidate: its score per seed, mean and spread over seeds, and ``ok`` or why it is excluded."""
+    scores = {str(seed): trial_score(s, last_evals) for seed, s in sorted(summaries.items())}
+    problems = sorted({p for p in (trial_problem(s) for s in summaries.values()) if p})
+    valid = [v for v in scores.values() if v is not None]
+    if not problems and len(valid) < len(scores):
+        problems = ["no validation score"]
+    ok = not problems
+    return {
+        "value": value,
+        "scores": scores,
+        "mean": statistics.fmean(valid) if ok else None,
+        "std": (statistics.stdev(valid) if len(valid) > 1 else 0.0) if ok else None,
+        "status": "ok" if ok else "excluded: " + ", ".join(problems),
+    }
+
+
+def choose(family: Family, values: Sequence[float], seeds: int, last_evals: int) -> dict:
+    """The family's record in tuning.json: every candidate, the best valid one and how to say where it came from."""
+    candidates = [
+        candidate_record(v, {s: family.trials.get((v, s)) for s in range(seeds)}, last_evals) for v in sorted(values)
+    ]
+    valid = [c for c in candidates if c["mean"] is not None]
+    record: dict[str, Any] = {
+        "family": family.name,
+        "model": family.model,
+        "twin": family.twin,
+        "dataset": family.dataset,
+        "width": family.width,
+        "depth": family.depth,
+        "default": family.default,
+        "candidates": candidates,
+    }
+    if not valid:
+        reasons = sorted({c["status"].removeprefix("excluded: ") for c in candidates})
+        origin = f"default (tuning found no valid candidate: {'; '.join(reasons)})"
+        return {**record, "chosen": None, "score": None, "spread": None, "edge": False, "origin": origin}
+    best = max(valid, key=lambda c: c["mean"])
+    edge = best["value"] in (candidates[0]["value"], candidates[-1]["value"])
+    origin = f"tuned: {best['value']:g} of {len(candidates)} candidates, val {best['mean']:.3f} ± {best['std']:.3f}"
+    if edge:
+        origin += " (on the edge of the searched range)"
+    return {
+        **record,
+        "chosen": best["value"],
+        "score": best["mean"],
+        "spread": best["std"],
+        "edge": edge,
+        "origin": origin,
+    }
+
+
+def lr_origin(settings: Any) -> str:
+    """Where the run's learning rate came from: the tuning stage (``tune.origin``, set by the sweeper), the twin's
+    default (``learning_rates.<optimizer>`` of conf/twin/), or given (on the command line or by a preset)."""
+    if settings.tune.origin:
+        return settings.tune.origin
+    optimizer = settings.optimizer or {}
+    name = str(optimizer.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    return "default" if settings.learning_rates.get(name) == optimizer.get("lr") else "given"
+
+
+def batches_per_epoch(train_samples: int, batch_size: int) -> int:
+    return math.ceil(train_samples / batch_size)
+
+
+def cost_line(trials: int, families: int, to_train: int, seconds: float) -> str:
+    """One line before any trial trains: what the search will cost (``seconds``: the trials still to train, each
+    at its family's measured time per batch)."""
+    return (
+        f"tuning: {trials} trials ({families} families x the same candidates and seeds), {trials - to_train} "
+        f"already finished; the {to_train} to train are projected at {seconds / 3600:.2f} h ({seconds:.0f} s) of "
+        "training at the time per batch measured here"
+    )
+
+
+def reuse_trial(run_dir: Path, trial_dir: Path, origin: Optional[str]) -> bool:
+    """A grid run that its tuning already trained (the same settings, seed and epochs: the chosen value at a tuning
+    seed) is copied from its trial folder instead of trained again, its ``lr_origin`` set to the tuning's word."""
+    if run_dir.joinpath("summary.json").exists() or not trial_dir.joinpath("summary.json").is_file():
+        return False
+    summary = read_json(trial_dir / "summary.json")
+    if not isinstance(summary, dict) or summary.get("status") not in ("complete", "diverged", "failed_to_learn"):
+        return False
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(trial_dir, partial, ignore=shutil.ignore_patterns(".hydra", "*.lock", "wandb"))
+    if origin:
+        summary["lr_origin"] = origin
+        write_atomic(partial / "summary.json", json.dumps(summary, indent=1))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for child in partial.iterdir():  # a single run's folder may hold Hydra's record of this launch already
+        os.replace(child, run_dir / child.name)
+    partial.rmdir()
+    log.info(f"{run_dir.name}: trained by the tuning stage (seed and value alike): reused from {trial_dir}")
+    return True
