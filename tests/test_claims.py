@@ -137,6 +137,22 @@ def test_claims_5_6_8_read_the_landscape_shape():
     assert claim(no_landscapes, 5)["verdict"] == NOT_TESTED and "landscape" in claim(no_landscapes, 5)["reason"]
 
 
+def test_depths_are_settings_never_configurations_to_choose():
+    """A sweep over depths without a validation split: each depth is judged on its own, nothing is chosen."""
+    facts = [
+        run(twin, s, acc + NOISE[s], depth=depth, family=f"{twin}-{depth}")
+        for depth, pc_acc in ((3, 0.895), (8, 0.80))
+        for twin, acc in (("bp", 0.90), ("pc", pc_acc))
+        for s in range(3)
+    ]
+    rows = {g["depth"]: g for g in claim(evaluate(facts), 1)["groups"]}
+    assert rows[3]["verdict"] == HOLDS and rows[8]["verdict"] == FAILS
+    assert rows[8]["value"] == pytest.approx(0.80 - 0.90)
+    assert claim(evaluate(facts), 1)["reason"] == "holds in some settings, not in digits/64/8"
+    one_depth = evaluate([f for f in facts if f["depth"] == 3])
+    assert "depth" not in claim(one_depth, 1)["groups"][0]  # one depth: the settings read as before
+
+
 def test_rules_are_checked_and_the_interval_is_students():
     with pytest.raises(ValueError, match="accuracy_margn"):
         ClaimRules.from_mapping({"accuracy_margn": 0.1})

@@ -10,6 +10,7 @@ from helpers import SMALL, compose_settings, pcsweep
 from pcsweep.conditions import (
     AUTO_FLOOR_STIFFNESS,
     AUTO_STEP_FRACTION,
+    curvature_due,
     follow_curvature,
     preflight_stability,
     probe_condition2,
@@ -138,15 +139,15 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
     assert settings.optimizer["_target_"] == "torch.optim.Adam"
     optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=settings.optimizer["lr"])
     accuracy = lambda: float((mlp(data.test.inputs).argmax(1) == data.test.labels).float().mean())
-    updates, accuracies, gen = 0, [], torch.Generator().manual_seed(0)
+    updates, accuracies, gen, batch, rose = 0, [], torch.Generator().manual_seed(0), 0, False
     while updates < 1000:
         order = torch.randperm(len(x), generator=gen)
-        for batch_idx, start in enumerate(range(0, len(x) - 63, 64)):
+        for start in range(0, len(x) - 63, 64):
             idx = order[start : start + 64]
-            if batch_idx % settings.curvature_every == 0:  # what PCModule does with the auto step size and floor
+            if curvature_due(batch, settings.curvature_every, rose):  # what PCModule does (auto step and floor)
                 follow_curvature(engine, x[idx], y[idx], checked["targets"])
             result = engine.train_batch(x[idx], y[idx], apply_update=optimizer.step)
-            updates += result.updates
+            updates, batch, rose = updates + result.updates, batch + 1, bool(result.energy_rises > 0)
             assert math.isfinite(float(result.energy_end))
             assert float(result.energy_end) <= float(result.energy_start) * 10
         with torch.no_grad():

@@ -73,6 +73,7 @@ def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path
         "algo=bp,pc",
         "relax=none,2",
         "optimizer.lr=1e-3,100",
+        "dataset.val_fraction=0.1",  # two learning rates per twin: the report chooses on validation, never on test
         "report.resolution=9",
         "report.samples=64",
     )
@@ -85,12 +86,15 @@ def test_a_sweep_with_diverged_and_skipped_runs_still_gets_every_figure(tmp_path
         "weights_digits_24.png",
         "layers_digits_24.png",
         "landscapes_digits_24.png",
+        "generalization_digits_24.png",
+        "energy_digits_24.png",
         "report.html",
         "report.md",
     ):
         assert figure in names, figure
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5  # self-contained (benchmark, curves, weights, layers, landscapes)
+    # self-contained: benchmark, curves, weights, layers, landscapes, train vs test, error energy per layer
+    assert page.count("data:image/png;base64,") == 7
     assert "diverged" in page and "duplicate of bp_24_3_digits" in page
     for twin in ("bp_24_3", "pc_24_3", "pc_24_3_rc2"):
         assert twin in page

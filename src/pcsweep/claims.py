@@ -6,6 +6,8 @@ seed draws the same initial weights for every twin); intervals are Student-t int
 ratios, of the mean log ratio), so the same runs always give the same numbers. A run that diverged, failed to learn,
 or whose assumptions failed (condition 2 violated in ``pc``, unstable inference) makes a claim that needs it
 ``inconclusive``; it is never counted. All thresholds are in ``ClaimRules`` (``report.claims`` in the config).
+Nothing is chosen on the test split the claims are judged on: among several configurations of one twin (learning
+rates), the one with the best validation score is taken, and without a validation split the choice is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Optional, Sequence, cast
+
+from pcsweep.errors import UserError
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_TESTED = "holds", "does not hold", "inconclusive", "not tested"
 PC_TWINS = ("pc", "pc_rc2", "pc_rc3", "pc_rc23")
@@ -134,21 +138,51 @@ def decide(
 
 
 # ------------------------------------------------------------------------------------------------ runs
+class SelectionError(UserError, ValueError):
+    """Configurations of one twin that only the test split could tell apart: one line, no report."""
+
+
+def _setting(f: dict) -> str:
+    parts = [str(f["dataset"]), f"width {f.get('width')}"] + ([f"depth {f['depth']}"] if f.get("depth") else [])
+    return ", ".join(parts)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def validation_score(group: Sequence[dict]) -> tuple[bool, float]:
+    """How one configuration ranks: every seed finished first, then the mean validation score of its finished
+    runs (-inf when none has one)."""
+    scores = [f["val_score"] for f in group if f["status"] == "complete" and _finite(f.get("val_score"))]
+    mean = sum(scores) / len(scores) if scores else -math.inf
+    return all(f["status"] == "complete" for f in group), mean
+
+
+def _has_validation(group: Sequence[dict]) -> bool:
+    return any(f.get("val_score") is not None or (f.get("val_fraction") or 0) > 0 for f in group)
+
+
 def twin_runs(facts: Sequence[dict], twin: str, decayed: bool = False) -> dict[int, dict]:
     """One run per seed of ``twin`` (with or without weight decay). With several configs (learning rates: the paper
-    tuned rc23's), the one with the best mean final accuracy; runs of different configs are never pooled."""
+    tuned rc23's), the one with the best validation score (``validation_score``): the test split, on which the
+    claims are judged, never chooses; runs of different configs are never pooled."""
     runs = [f for f in facts if f["twin"] == twin and bool(f.get("weight_decay")) == decayed]
     by_config: dict[Any, list[dict]] = {}
     for f in runs:
         by_config.setdefault(f.get("family", f.get("lr")), []).append(f)
     if not by_config:
         return {}
-
-    def score(group: list[dict]) -> float:
-        accs = [f["final_acc"] for f in group if f["status"] == "complete" and f["final_acc"] is not None]
-        return sum(accs) / len(accs) if accs else -1.0
-
-    best = max(by_config.values(), key=score)
+    # a configuration none of whose runs finished (all diverged, say) is no candidate: that needs no split to see
+    finished = [g for g in by_config.values() if any(f["status"] == "complete" for f in g)] or list(by_config.values())
+    if len(finished) > 1 and not all(_has_validation(group) for group in finished):
+        name = twin + (" with weight decay" if decayed else "")
+        raise SelectionError(
+            f"{name} has {len(finished)} configurations in this sweep ({_setting(runs[0])}) and no validation "
+            "split to choose among them (the test split never chooses): re-run with dataset.val_fraction=0.1, "
+            "or tune=lr"
+        )
+    best = max(finished, key=validation_score)
     return {f["seed"]: f for f in best}
 
 
@@ -477,6 +511,11 @@ def _mean_layers(rows):
 PER_GROUP = {1: claim1, 3: claim3, 4: claim4, 5: claim5, 6: claim6, 7: claim7, 8: claim8}
 
 
+def _where(group: dict) -> str:
+    """``digits/64`` (``digits/64/8`` when the sweep spans depths): a setting in a verdict's reason."""
+    return "/".join(str(group[k]) for k in ("dataset", "width", "depth") if group.get(k) is not None)
+
+
 def _overall(groups: list[dict]) -> tuple[str, str]:
     verdicts = [g["verdict"] for g in groups]
     tested = [v for v in verdicts if v != NOT_TESTED]
@@ -484,40 +523,69 @@ def _overall(groups: list[dict]) -> tuple[str, str]:
         return NOT_TESTED, groups[0]["reason"] if groups else "no runs"
     if len(set(tested)) == 1 and tested[0] in (HOLDS, FAILS):
         reasons = [
-            (f"{g['dataset']}/{g.get('width')}: " if len(groups) > 1 else "") + g["reason"]
+            (f"{_where(g)}: " if len(groups) > 1 else "") + g["reason"]
             for g in groups
             if g["verdict"] == tested[0] and g["reason"]
         ]
         return tested[0], "; ".join(reasons)
     if HOLDS in tested and FAILS in tested:
-        where = ", ".join(f"{g['dataset']}/{g.get('width')}" for g in groups if g["verdict"] == FAILS)
-        return INCONCLUSIVE, f"holds in some settings, not in {where}"
+        failed = ", ".join(_where(g) for g in groups if g["verdict"] == FAILS)
+        return INCONCLUSIVE, f"holds in some settings, not in {failed}"
     first = next(g for g in groups if g["verdict"] == INCONCLUSIVE)
-    where = f"{first['dataset']}" + (f"/{first['width']}" if first.get("width") else "")
-    return INCONCLUSIVE, f"{where}: {first['reason']}" if len(groups) > 1 else first["reason"]
+    return INCONCLUSIVE, f"{_where(first)}: {first['reason']}" if len(groups) > 1 else first["reason"]
 
 
-def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None) -> list[dict]:
-    """Every claim on every dataset x width (claim 2: every dataset) of ``facts`` (``report.run_facts``)."""
-    rules = rules or ClaimRules()
-    settings = sorted({(f["dataset"], f["width"]) for f in facts})
+Setting = tuple[str, Any, Optional[int]]  # dataset, width, depth (None when the sweep has one depth)
+
+
+def groups_of(facts: Sequence[dict]) -> dict[Setting, dict[str, Any]]:
+    """The runs the claims read, per dataset x width (x depth when the sweep spans depths: depth is architecture,
+    never a configuration to choose): one configuration per twin (``twin_runs``). Raises ``SelectionError`` before
+    any work when only the test split could choose."""
+    several_depths = len({f.get("depth") for f in facts}) > 1
+    settings = sorted(
+        {(f["dataset"], f["width"], f.get("depth") if several_depths else None) for f in facts},
+        key=lambda s: (s[0], s[1], s[2] or 0),
+    )
     groups = {}
-    for dataset, width in settings:
-        members = [f for f in facts if f["dataset"] == dataset and f["width"] == width]
+    for dataset, width, depth in settings:
+        members = [
+            f
+            for f in facts
+            if f["dataset"] == dataset and f["width"] == width and (depth is None or f.get("depth") == depth)
+        ]
         group: dict[str, Any] = {t: twin_runs(members, t) for t in ("bp",) + PC_TWINS}
         group["pc_rc23+wd"] = twin_runs(members, "pc_rc23", decayed=True)
         group["_all_rc23"] = [f for f in members if f["twin"] == "pc_rc23" and not f.get("weight_decay")]
-        groups[(dataset, width)] = group
+        groups[(dataset, width, depth)] = group
+    return groups
+
+
+def _claim_rows(number: int, groups: dict[Setting, dict], rules: ClaimRules) -> list[dict]:
+    """One claim's rows: per setting (claim 2: per dataset and depth, across widths)."""
+    rows = []
+    if number == 2:
+        for dataset, depth in sorted({(d, dep) for d, _, dep in groups}, key=lambda s: (s[0], s[1] or 0)):
+            by_width = {w: g for (d, w, dep), g in groups.items() if d == dataset and dep == depth}
+            rows.append({"dataset": dataset, **_depth(depth), **claim2(by_width, rules)})
+    else:
+        for (dataset, width, depth), group in groups.items():
+            rows.append({"dataset": dataset, "width": width, **_depth(depth), **PER_GROUP[number](group, rules)})
+    return rows
+
+
+def _depth(depth: Optional[int]) -> dict:
+    return {"depth": depth} if depth is not None else {}
+
+
+def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None) -> list[dict]:
+    """Every claim on every dataset x width (x depth, when there are several; claim 2: every dataset, across widths)
+    of ``facts`` (``report.run_facts``)."""
+    rules = rules or ClaimRules()
+    groups = groups_of(facts)
     results = []
     for number, (claim, statistic) in CLAIMS.items():
-        rows = []
-        if number == 2:
-            for dataset in sorted({d for d, _ in settings}):
-                by_width = {w: g for (d, w), g in groups.items() if d == dataset}
-                rows.append({"dataset": dataset, **claim2(by_width, rules)})
-        else:
-            for (dataset, width), group in groups.items():
-                rows.append({"dataset": dataset, "width": width, **PER_GROUP[number](group, rules)})
+        rows = _claim_rows(number, groups, rules)
         verdict, reason = _overall(rows) if rows else (NOT_TESTED, "no runs")
         results.append(
             {"id": number, "claim": claim, "statistic": statistic, "verdict": verdict, "reason": reason, "groups": rows}

@@ -23,8 +23,9 @@ from pcsweep.pc.schedule import plateaued
 
 # inference.step_size=auto: step_size * lambda_max is held at ``inference.auto_stiffness`` of the stability limit
 # 2 (1 + momentum). 0.8 (pc, rc3): the slow modes, which decide condition 2, move as fast as stability allows with a
-# 25% margin (lambda_max varies 1.6% across batches and grows about 2% per 100 batches at the paper's sizes; it is
-# re-measured every ``curvature_every`` batches). 0.5 (rc2, rc23, plain descent): 1 / lambda_max, the classic step.
+# 25% margin (lambda_max varies 1.6% across batches and grows about 2% per 100 batches at the paper's sizes at
+# lr 3e-4, faster at larger learning rates; it is re-measured every ``curvature_every`` batches and after any rise).
+# 0.5 (rc2, rc23, plain descent): 1 / lambda_max, the classic step.
 AUTO_STEP_FRACTION = 0.8
 # relax.log_variance_min=auto: step_size * lambda_max / S_min held at this fraction of the limit; with the automatic
 # step size the floor is S_min = auto_stiffness / 0.9 (0.89 for rc3, 0.56 for rc23)
@@ -164,6 +165,13 @@ class CurvatureTargets:
 
     def __bool__(self) -> bool:
         return self.step_stiffness is not None or self.floor_stiffness is not None
+
+
+def curvature_due(batch: int, every: int, energy_rose: bool) -> bool:
+    """Re-measure the curvature before this batch? Every ``every`` batches counted over the whole run (counted per
+    epoch, a short epoch re-measured once an epoch, and at large learning rates the curvature outgrew the margin in
+    between), and right after a batch whose inference energy rose at a check: the sign that it already has."""
+    return energy_rose or (every > 0 and batch % every == 0)
 
 
 @torch.no_grad()

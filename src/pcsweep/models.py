@@ -15,10 +15,11 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from pcsweep.conditions import CurvatureTargets, follow_curvature
+from pcsweep.conditions import CurvatureTargets, curvature_due, follow_curvature
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
 from pcsweep.settings import Settings
+from pcsweep.tracking import batch_step, log_direct
 
 
 def batch_mean() -> MeanMetric:
@@ -198,6 +199,7 @@ class PCModule(TwinModule):
         # re-measured every ``curvature_every`` batches of each epoch (conditions.follow_curvature)
         self.curvature_targets = CurvatureTargets()
         self.curvature_every = settings.curvature_every
+        self.energy_rose = False  # the last batch's inference energy rose at a check: re-measure before the next
         self.train_means["energy"] = batch_mean()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
@@ -211,11 +213,13 @@ class PCModule(TwinModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["log_variance_min"] = self.engine.log_variance_min  # the floor in force (it moves with "auto")
         checkpoint["inference_step_size"] = self.engine.inference.step_size  # likewise the step size
+        checkpoint["energy_rose"] = self.energy_rose  # a resumed run re-measures where an uninterrupted one would
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "log_variance_min" in checkpoint:
             self.engine.log_variance_min = checkpoint["log_variance_min"]
+        self.energy_rose = bool(checkpoint.get("energy_rose", False))
         if "inference_step_size" in checkpoint:
             step_size = checkpoint["inference_step_size"]
             self.engine.inference = dataclasses.replace(self.engine.inference, step_size=step_size)
@@ -240,7 +244,8 @@ class PCModule(TwinModule):
                 first_update.extend(cast(Tensor, layer.weight.grad).clone() for layer in self.mlp.layers)
             optimizer.step()
 
-        if self.curvature_targets and self.curvature_every and batch_idx % self.curvature_every == 0:
+        seen = batch_step(self.trainer, batch_idx)  # batches over the whole run
+        if self.curvature_targets and curvature_due(seen, self.curvature_every, self.energy_rose):
             follow_curvature(self.engine, inputs, target, self.curvature_targets)
         trace = self.trace_energy and batch_idx == 0
         result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
@@ -255,6 +260,7 @@ class PCModule(TwinModule):
         if self.diverged:
             return
         assert result.energy_rises is not None  # schedule.train_batch always sets it (and log_variance_energy)
+        self.energy_rose = bool(result.energy_rises > 0)  # the curvature is re-measured before the next batch
         extra = {} if self.log_variances is None else {"log_variance_energy": cast(Tensor, result.log_variance_energy)}
         self.record_train(
             batch_idx,
@@ -274,8 +280,6 @@ class PCModule(TwinModule):
 
     def log_alignment(self, bp_grads, pc_grads, logits, target, batch_idx) -> None:
         """Condition 1 and the result, measured: cos(PC gradient, BP gradient) per layer, and the output error."""
-        from pcsweep.tracking import batch_step, log_direct
-
         metrics = {
             f"align/cos_W{l + 1}": float(F.cosine_similarity(pc.flatten(), bp.flatten(), dim=0))
             for l, (pc, bp) in enumerate(zip(pc_grads, bp_grads))

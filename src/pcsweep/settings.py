@@ -298,8 +298,10 @@ class Settings:
     inference: InferenceSettings = setting(identity="pc", factory=InferenceSettings)
     weight_decay: float = 0.0  # on weight matrices (not biases)
     variance_weight_decay: float = 0.0  # on log-variances (relax 3): pulls S toward 1
-    # PC: batches between re-measurements of the curvature (inference.step_size=auto, log_variance_min=auto follow it)
-    curvature_every: int = setting(100, identity="pc")
+    # PC: batches between re-measurements of the curvature, counted over the whole run (inference.step_size=auto and
+    # log_variance_min=auto follow it; also re-measured after any batch whose inference energy rose). 30 power
+    # iterations each: about 1% of a T = 256 batch at 10
+    curvature_every: int = setting(10, identity="pc")
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     # conf/callbacks: more Lightning callbacks, {name: {_target_: class, its arguments}} (part of the identity: one
     # may change the numbers, as early stopping does)

@@ -11,7 +11,9 @@ from typing import Any, Iterable, Optional, cast
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pcsweep.errors import UserError
 from pcsweep.files import read_json, write_atomic
+from pcsweep.tuning import RECORD, TUNING_DIR
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,19 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def tuning_line(sweep_dir: Path) -> str:
+    """What the sweep's tuning stage took (``tuning/tuning.json``), as a line under the table; "" without one."""
+    record = read_json(sweep_dir / TUNING_DIR / RECORD)
+    if not isinstance(record, dict):
+        return ""
+    trials = sum(len(c["scores"]) for family in record["families"] for c in family["candidates"])
+    return (
+        f"\ntuning ({record['key']}, {record['search']}): {trials} trials of {len(record['families'])} families, "
+        f"{record['trials_train_seconds']:.1f} s of training in its trials, {record['wall_seconds']:.1f} s of wall "
+        f"time in its last invocation; every candidate's score: {sweep_dir / TUNING_DIR / RECORD}"
+    )
+
+
 SECONDS = ("train_seconds", "time_to_90")
 
 
@@ -139,7 +154,7 @@ class SweepSummaryCallback(Callback):
             return
         rows = sweep_rows(sweep_dir)
         write_csv(rows, sweep_dir / "summary.csv")
-        log.info(f"the sweep, also in {sweep_dir / 'summary.csv'}:\n{format_table(rows)}")
+        log.info(f"the sweep, also in {sweep_dir / 'summary.csv'}:\n{format_table(rows)}{tuning_line(sweep_dir)}")
         if config.report.auto and any(row.get("status") == "complete" for row in rows):
             from omegaconf import OmegaConf
 
@@ -151,14 +166,18 @@ class SweepSummaryCallback(Callback):
                 if config.report.get("claims") is not None
                 else None
             )
-            html_path = build_report(
-                sweep_dir,
-                tuple(config.report.spans),
-                config.report.resolution,
-                config.report.samples,
-                landscapes=config.report.landscapes,
-                rules=rules,
-            )
+            try:
+                html_path = build_report(
+                    sweep_dir,
+                    tuple(config.report.spans),
+                    config.report.resolution,
+                    config.report.samples,
+                    landscapes=config.report.landscapes,
+                    rules=rules,
+                )
+            except UserError as exc:  # the runs are trained; the report refuses to choose on the test split
+                log.warning(f"no report: {exc}")
+                return
             log.info(f"report: {html_path}\nthe paper's claims:\n{claims_overview(html_path.parent / 'claims.json')}")
             wandb_node = config.logger.get("wandb")  # the runs' W&B project, entity and mode
             if wandb_node is not None:

@@ -1,0 +1,189 @@
+"""The tuning stage (tune=lr): the same search for every twin, scored on validation data, the grid at its choice."""
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from helpers import SMALL, compose, compose_settings, pcsweep
+from pcsweep.conditions import curvature_due
+from pcsweep.tuning import Family, candidate_record, choose, families_of, trial_overrides, trial_score
+
+
+def only_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("pcsweep: error: ")
+    return lines[0]
+
+
+def trained(stdout):
+    """The runs a command trained (or resumed), from its ``training <run folder> (...)`` lines."""
+    return [line.split()[2] for line in stdout.splitlines() if line.startswith("[pcsweep] training ")]
+
+
+def summary(scores, status="complete", inference="stable", condition2="held"):
+    """A finished run's summary with a validation curve ending in ``scores``."""
+    return {
+        "status": status,
+        "curve": [{"step": i, "test_acc": 0.5, "val_acc": v} for i, v in enumerate(scores)],
+        "checks": {"inference": {"verdict": inference}, "condition2": {"verdict": condition2}},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the rules
+def test_a_trial_is_scored_by_its_last_evaluations_not_one_lucky_point():
+    assert trial_score(summary([0.1, 0.9, 0.5, 0.6, 0.7]), 3) == pytest.approx(0.6)
+    assert trial_score(summary([0.2, 0.4]), 5) == pytest.approx(0.3)  # fewer points than asked: all of them
+    assert trial_score({"curve": [{"test_acc": 0.9}]}, 5) is None  # no validation split: no score
+
+
+def test_the_best_mean_over_seeds_is_chosen_and_failed_candidates_never_are():
+    family = Family(["algo=pc"], name="pc_24_3_digits-x", model="pc_24_3", twin="pc")
+    family.trials = {
+        (1e-4, 0): summary([0.70]),
+        (1e-4, 1): summary([0.72]),
+        (1e-3, 0): summary([0.95]),  # the best single run, but its other seed is poor: mean 0.80
+        (1e-3, 1): summary([0.65]),
+        (3e-3, 0): summary([0.99], inference="unstable"),  # best of all, excluded: inference unstable
+        (3e-3, 1): summary([0.99]),
+        (1e-2, 0): summary([0.90], condition2="violated"),
+        (1e-2, 1): summary([0.90], status="diverged"),
+    }
+    record = choose(family, [1e-4, 1e-3, 3e-3, 1e-2], seeds=2, last_evals=1)
+    assert record["chosen"] == 1e-3 and record["score"] == pytest.approx(0.80) and not record["edge"]
+    assert record["spread"] == pytest.approx(statistics.stdev([0.95, 0.65]))
+    statuses = {c["value"]: c["status"] for c in record["candidates"]}
+    assert statuses[3e-3] == "excluded: inference unstable"
+    assert statuses[1e-2] == "excluded: condition 2 violated, diverged"
+    assert record["candidates"][0]["scores"] == {"0": 0.70, "1": 0.72}
+    assert record["origin"] == "tuned: 0.001 of 4 candidates, val 0.800 ± 0.212"
+
+
+def test_a_choice_on_the_edge_is_flagged_and_no_valid_candidate_means_the_default_said_plainly():
+    family = Family(["algo=bp"], name="bp", model="bp_24_3", twin="bp")
+    family.trials = {(1e-4, 0): summary([0.5]), (1e-3, 0): summary([0.9])}
+    record = choose(family, [1e-4, 1e-3], seeds=1, last_evals=1)
+    assert record["chosen"] == 1e-3 and record["edge"] and "on the edge of the searched range" in record["origin"]
+    family.trials = {(1e-4, 0): summary([0.5], status="diverged"), (1e-3, 0): None}
+    record = choose(family, [1e-4, 1e-3], seeds=1, last_evals=1)
+    assert record["chosen"] is None
+    assert record["origin"] == "default (tuning found no valid candidate: diverged; no summary (failed or unfinished))"
+    assert candidate_record(1e-3, {0: {**summary([]), "curve": []}}, 5)["status"] == "excluded: no validation score"
+
+
+def test_families_are_the_grid_without_its_seed_and_a_trial_sets_what_tuning_owns():
+    jobs = [["algo=pc", "width=24", f"seed={s}"] for s in (0, 1, 2)] + [["algo=bp", "width=24", "seed=0"]]
+    families = families_of(jobs)
+    assert [f.overrides for f in families] == [["algo=pc", "width=24"], ["algo=bp", "width=24"]]
+    trial = trial_overrides(
+        Family(["algo=pc", "epochs=9", "dataset.val_fraction=0.2"]), "optimizer.lr", 3e-3, 1, 4, 0.2
+    )
+    assert trial == ["algo=pc", "optimizer.lr=0.003", "seed=1", "epochs=4", "dataset.val_fraction=0.2", "tune=none"]
+
+
+def test_the_curvature_is_followed_over_the_whole_run_and_after_a_rise():
+    assert [b for b in range(25) if curvature_due(b, 10, False)] == [0, 10, 20]  # batches of the run, not the epoch
+    assert curvature_due(7, 10, True) and not curvature_due(7, 0, False) and curvature_due(7, 0, True)
+    assert compose_settings().curvature_every == 10
+
+
+def test_tune_lr_composes_a_validation_split_and_presets_tune():
+    settings = compose_settings("tune=lr")
+    assert settings.tune.key == "optimizer.lr" and settings.dataset.val_fraction == 0.1
+    assert settings.tune.candidates == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2] and settings.tune.seeds == 2
+    assert compose_settings().tune.key is None  # the quick embedded job does not tune
+    for preset in ("paper", "depth"):
+        assert compose(f"experiment={preset}").tune.key == "optimizer.lr"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["tune.candidates=[1e-3]"], "tune.candidates must be at least 2 different values"),
+        (["tune.seeds=0"], "tune.seeds must be >= 1, got 0"),
+        (["tune.key=optimizer.lrr"], "tune.key=optimizer.lrr is not a numeric setting of this run"),
+        (["dataset.val_fraction=0"], "dataset.val_fraction must be in (0, 0.5) while tuning"),
+        (["dataset.val_fraction=0.5"], "dataset.val_fraction must be in (0, 0.5) while tuning"),
+    ],
+)
+def test_a_bad_search_is_refused_by_the_settings(args, message):
+    from pcsweep.settings import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        compose_settings("tune=lr", *args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-m", "tune=lr", "optimizer.lr=1e-3"], "tune.key=optimizer.lr is what tuning chooses, and the command sets"),
+        (["-m", "tune=lr", "tune.seeds=0"], "tune.seeds must be >= 1, got 0"),
+        (["-m", "tune=lr", "tune.candidates=[1e-3]"], "tune.candidates must be at least 2 different values"),
+        (["-m", "tune=lr", "dataset.val_fraction=0"], "dataset.val_fraction must be in (0, 0.5) while tuning"),
+        (["tune=lr"], "tuning searches before a sweep's grid trains; run it with -m"),
+    ],
+)
+def test_a_bad_search_is_one_line_before_any_training(tmp_path, args, message):
+    assert message in only_error_line(pcsweep(tmp_path, *args, *SMALL, "logger=csv"))
+    assert not list(tmp_path.rglob("metrics.csv"))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+TUNED = [
+    "-m",
+    "algo=bp,pc",
+    "relax=none,2",
+    *SMALL,
+    "inference.steps=32",
+    "tracking.condition2_max_gap=1",  # seconds of training at T = 32: condition 2 is not the point here
+    "tracking.condition2_min_cosine=0",
+    "tune=lr",
+    "tune.candidates=[1e-3,1e-2]",
+    "report.auto=false",
+    "logger=csv",
+]
+
+
+@pytest.mark.slow
+def test_a_tuned_sweep_trains_the_grid_at_the_validation_choice_and_a_rerun_trains_nothing(tmp_path):
+    result = pcsweep(tmp_path, *TUNED, "seed=0,1,2")
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "multirun" / "default"
+    cost = [line for line in result.stdout.splitlines() if line.startswith("[pcsweep] tuning: 12 trials")]
+    assert cost and "projected" in cost[0]  # one line, before the first trial trains
+    assert result.stdout.index(cost[0]) < result.stdout.index("[pcsweep] training ")
+    record = json.loads((sweep / "tuning" / "tuning.json").read_text())
+    assert record["seeds"] == [0, 1] and record["candidates"] == [1e-3, 1e-2]
+    assert [f["model"] for f in record["families"]] == ["bp_24_3", "pc_24_3", "pc_24_3_rc2"]  # bp relax=2: none
+    trials = [p for p in (sweep / "tuning").iterdir() if (p / "summary.json").is_file()]
+    assert len(trials) == 12  # the same 2 candidates x 2 seeds for each of the 3 families
+    for family in record["families"]:
+        # recomputed from the trial folders themselves: the mean over seeds of the last evaluations' validation mean
+        means = {}
+        for trial in trials:
+            s = json.loads((trial / "summary.json").read_text())
+            if s["name"] == family["model"]:
+                assert s["config"]["dataset"]["val_fraction"] == 0.1 and s["config"]["tune"]["key"] is None
+                means.setdefault(s["lr"], []).append(trial_score(s, 5))
+        assert family["chosen"] == max(means, key=lambda v: statistics.fmean(means[v]))
+        assert family["score"] == pytest.approx(statistics.fmean(means[family["chosen"]]))
+        grid = [json.loads(p.read_text()) for p in sweep.glob(f"{family['model']}_digits-*/summary.json")]
+        assert sorted(s["config"]["seed"] for s in grid) == [0, 1, 2]
+        for s in grid:
+            assert s["lr"] == family["chosen"] and s["lr_origin"] == family["origin"]
+            assert s["lr_origin"].startswith("tuned: ") and s["config"]["dataset"]["val_fraction"] == 0.1
+    assert result.stdout.count("trained by the tuning stage") == 6  # seeds 0 and 1 of each family: not again
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert {r["lr_origin"][:6] for r in rows if r["status"] == "complete"} == {"tuned:"}
+    assert "tuning (optimizer.lr, grid): 12 trials of 3 families" in result.stdout
+    # a re-run trains nothing; an interrupted tuning (a trial without its summary) resumes that trial only
+    again = pcsweep(tmp_path, *TUNED, "seed=0,1,2")
+    assert again.returncode == 0 and trained(again.stdout) == []
+    assert "12 already finished; the 0 to train" in again.stdout
+    lost = sorted(trials)[0]
+    (lost / "summary.json").unlink()
+    resumed = pcsweep(tmp_path, *TUNED, "seed=0,1,2")
+    assert resumed.returncode == 0 and trained(resumed.stdout) == [lost.name]
