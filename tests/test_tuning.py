@@ -187,3 +187,18 @@ def test_a_tuned_sweep_trains_the_grid_at_the_validation_choice_and_a_rerun_trai
     (lost / "summary.json").unlink()
     resumed = pcsweep(tmp_path, *TUNED, "seed=0,1,2")
     assert resumed.returncode == 0 and trained(resumed.stdout) == [lost.name]
+
+
+@pytest.mark.slow
+def test_optuna_gives_every_family_the_same_number_of_drawn_values_and_a_rerun_asks_the_same(tmp_path):
+    command = [*TUNED, "algo=bp,pc", "relax=none", "tune.search=optuna", "tune.trials=3", "tune.seeds=1"]
+    result = pcsweep(tmp_path, *command)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "multirun" / "default" / "tuning" / "tuning.json").read_text())
+    assert record["search"] == "optuna" and len(record["families"]) == 2
+    for family in record["families"]:
+        values = [c["value"] for c in family["candidates"]]
+        assert len(family["candidates"]) <= 3 and all(1e-3 <= v <= 1e-2 for v in values)  # distinct draws of 3
+        assert family["chosen"] in values
+    again = pcsweep(tmp_path, *command)
+    assert again.returncode == 0 and trained(again.stdout) == []  # the seeded sampler asks the same values

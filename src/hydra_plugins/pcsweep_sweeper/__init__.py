@@ -417,7 +417,8 @@ class PcsweepSweeper(SweepRecord, BasicSweeper):  # type: ignore[misc]
             jobs += BasicSweeper.split_arguments(
                 [o for o in overrides if o.get_key_element() not in keys] + extra, None
             )[0]
-        if self.config.tune.key is not None:  # tune=lr: the search first, then the grid at what it chose
+        config = getattr(self, "config", None)  # None: expanding a grid without a sweep (setup not called)
+        if config is not None and config.tune.key is not None:  # tune=lr: the search first, then the grid at it
             jobs = TuningStage(self).run(jobs)
         if max_batch_size is None:
             return [jobs]
