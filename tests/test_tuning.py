@@ -202,3 +202,40 @@ def test_optuna_gives_every_family_the_same_number_of_drawn_values_and_a_rerun_a
         assert family["chosen"] in values
     again = pcsweep(tmp_path, *command)
     assert again.returncode == 0 and trained(again.stdout) == []  # the seeded sampler asks the same values
+
+
+def test_the_learning_rate_says_where_it_came_from():
+    from pcsweep.tuning import lr_origin
+
+    assert lr_origin(compose_settings("algo=pc", "relax=2")) == "default"  # the twin's file
+    assert lr_origin(compose_settings("algo=pc", "optimizer.lr=1e-3")) == "given"
+    assert lr_origin(compose_settings("tune=lr", "tune.origin='tuned: 0.003 of 7'")) == "tuned: 0.003 of 7"
+
+
+def test_evaluations_inside_an_epoch_build_no_autograd_graph():
+    """The in-epoch evaluations (10 an epoch, test and validation splits) run without autograd."""
+    import torch
+
+    from pcsweep.history import test_accuracy
+
+    grad_enabled = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 3)])
+
+        def forward(self, x):
+            grad_enabled.append(torch.is_grad_enabled())
+            return self.layers[0](x)
+
+    class Split:
+        inputs, labels = torch.rand(10, 4), torch.zeros(10, dtype=torch.long)
+
+        def __len__(self):
+            return 10
+
+    module = torch.nn.Module()
+    module.mlp = Recording()
+    assert 0 <= test_accuracy(module, Split(), chunk=4) <= 1
+    assert grad_enabled == [False, False, False]

@@ -151,12 +151,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def validation_score(group: Sequence[dict]) -> tuple[bool, float]:
-    """How one configuration ranks: every seed finished first, then the mean validation score of its finished
-    runs (-inf when none has one)."""
+def validation_score(group: Sequence[dict]) -> tuple[bool, bool, float]:
+    """How one configuration ranks: every seed finished first, then every run's conditions held (inference stable,
+    condition 2 not violated: what tuning excludes too), then the mean validation score of its finished runs (-inf
+    when none has one)."""
     scores = [f["val_score"] for f in group if f["status"] == "complete" and _finite(f.get("val_score"))]
     mean = sum(scores) / len(scores) if scores else -math.inf
-    return all(f["status"] == "complete" for f in group), mean
+    held = all(f.get("inference") != "unstable" and f.get("condition2") != "violated" for f in group)
+    return all(f["status"] == "complete" for f in group), held, mean
 
 
 def _has_validation(group: Sequence[dict]) -> bool:

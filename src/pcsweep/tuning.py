@@ -118,7 +118,8 @@ def candidate_record(value: float, summaries: dict[int, Optional[dict]], last_ev
 def choose(family: Family, values: Sequence[float], seeds: int, last_evals: int) -> dict:
     """The family's record in tuning.json: every candidate, the best valid one and how to say where it came from."""
     candidates = [
-        candidate_record(v, {s: family.trials.get((v, s)) for s in range(seeds)}, last_evals) for v in sorted(set(values))
+        candidate_record(v, {s: family.trials.get((v, s)) for s in range(seeds)}, last_evals)
+        for v in sorted(set(values))
     ]
     valid = [c for c in candidates if c["mean"] is not None]
     record: dict[str, Any] = {
