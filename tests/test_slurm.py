@@ -112,6 +112,19 @@ def test_a_sweep_through_slurm_completes_every_run(tmp_path, slurm):
     assert len(logs) == 4  # one SLURM array task per run, none for the duplicates
 
 
+def test_tuning_trials_run_as_slurm_jobs_like_any_other(tmp_path, slurm):
+    tuned = ["algo=bp", "tune=lr", "tune.candidates=[1e-3,1e-2]", "tune.seeds=1"]
+    result = pcsweep(tmp_path, "-m", *SMALL, *JOB, *tuned, env=slurm)
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "multirun" / "default"
+    trials = [p for p in (sweep / "tuning").iterdir() if (p / "summary.json").is_file()]
+    assert len(trials) == 2 and all(summary(p)["config"]["tune"]["key"] is None for p in trials)
+    chosen = json.loads((sweep / "tuning" / "tuning.json").read_text())["families"][0]["chosen"]
+    (grid,) = [p for p in sweep.iterdir() if (p / "summary.json").is_file()]
+    assert summary(grid)["lr"] == chosen and summary(grid)["lr_origin"].startswith("tuned: ")
+    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2  # the trials; the grid run is the chosen trial
+
+
 def test_a_requeued_job_resumes_from_its_checkpoint_with_the_same_result(tmp_path, slurm, uninterrupted):
     sweep = start_sweep(tmp_path, slurm, *LONG, *JOB)
     run_dir = wait_for_checkpoint(tmp_path / "multirun" / "default")
