@@ -26,6 +26,26 @@ def digits_batch(size=64):
     return data.train.inputs[:size], torch.nn.functional.one_hot(data.train.labels[:size], 10).float()
 
 
+def test_converged_twins_stop_at_convergence_and_the_probe_measures_where_they_stopped():
+    """pc and rc3 end inference once the error energy settles (inference.tolerance), the relaxed twins keep their
+    schedule; the condition-2 probe compares the state where training inference stopped with the converged one."""
+    assert compose_settings("algo=pc").schedule().tolerance == 1e-3
+    assert compose_settings("algo=pc", "relax=3").schedule().tolerance == 1e-3
+    assert compose_settings("algo=pc", "relax=2").schedule().tolerance is None
+    assert compose_settings("algo=pc", "relax=23").schedule().tolerance is None
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    net = MLP(64, 64, 8, 10).as_pc_network(None, "mse")
+    engine = PCEngine(net, Inference(steps=256, step_size=0.3, momentum=0.95, tolerance=1e-3))
+    trained = engine.train_batch(x, y, apply_update=lambda: None)
+    assert trained.steps_used < 256
+    probe = probe_condition2(engine, x, y, at_step=256, max_steps=4096)
+    assert probe["steps_at_update"] == trained.steps_used and probe["energy_at_T"] == float(trained.energy_end)
+    assert probe["gap"] < 0.05 and min(probe["cosine"]) > 0.95  # stopped short of T, still converged
+    full = probe_condition2(PCEngine(net, Inference(steps=256, step_size=0.3, momentum=0.95)), x, y, 256, 4096)
+    assert full["steps_at_update"] == 256 and full["gap"] <= probe["gap"]
+
+
 def test_condition2_probe_sees_plain_descent_short_of_convergence_and_the_heavy_ball_closer():
     x, y = digits_batch()
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from pcsweep.errors import UserError
 from pcsweep.pc import PCEngine, activity_curvature
-from pcsweep.pc.schedule import plateaued
+from pcsweep.pc.schedule import plateaued, train_batch
 
 # inference.step_size=auto: step_size * lambda_max is held at ``inference.auto_stiffness`` of the stability limit
 # 2 (1 + momentum). 0.8 (pc, rc3): the slow modes, which decide condition 2, move as fast as stability allows with a
@@ -61,19 +61,19 @@ def probe_condition2(
     tolerance: float = 1e-6,
     check_every: int = 8,
 ) -> dict:
-    """Inference without weight updates on (inputs, target): the state at ``at_step`` against the state where the
-    error energy's relative change over ``check_every`` steps fell below ``tolerance`` (or ``max_steps``).
+    """Inference without weight updates on (inputs, target): the state at the twin's update point (``at_step``, or
+    earlier where the engine's own ``inference.tolerance`` ends training inference: the same loop, ``train_batch``)
+    against the state where the error energy's relative change over ``check_every`` steps fell below ``tolerance``
+    (or ``max_steps``).
 
     Writes ``.grad`` of the weights (the next training batch overwrites it) and leaves the engine's buffers to the
     next ``feedforward_init``."""
-    engine.start(inputs, target)
-    start = float(engine.error_energy())
-    for _ in range(at_step):
-        engine.step()
-    at_t = float(engine.error_energy())
+    until_update = replace(engine.inference, steps=at_step, update_every=None)
+    reached = train_batch(engine, until_update, inputs, target, apply_update=lambda: None)
+    start, at_t = float(reached.energy_start), float(reached.energy_end)
     layers_at_t = engine.layer_error_energies().tolist()
     updates_at_t = _weight_updates(engine)
-    steps, previous, current = at_step, at_t, at_t
+    steps, previous, current = reached.steps_used, at_t, at_t
     while steps < max_steps:
         for _ in range(check_every):
             engine.step()
@@ -85,6 +85,7 @@ def probe_condition2(
     updates_at_end = _weight_updates(engine)
     return {
         "at_step": at_step,
+        "steps_at_update": reached.steps_used,  # fewer than at_step when the tolerance ended inference
         "energy_start": start,
         "energy_at_T": at_t,
         "energy_converged": current,

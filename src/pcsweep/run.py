@@ -169,6 +169,7 @@ def run_checks(
     )
     worst = max((r["stiffness"] for r in records), default=stability["stiffness"])
     rises = [r.get("train_energy_rises") for r in summary["history"] if r.get("train_energy_rises") is not None]
+    used = [r["train_inference_steps"] for r in summary["history"] if r.get("train_inference_steps") is not None]
     checks["inference"] = {
         "verdict": "stable" if worst < stability["limit"] else "unstable",
         "stiffness_initial": stability["stiffness"],
@@ -179,6 +180,10 @@ def run_checks(
         "step_size_initial": stability["step_size"],
         "step_size_final": records[-1].get("step_size", stability["step_size"]) if records else stability["step_size"],
         "energy_rises_per_batch": rises,
+        # per epoch, the mean inference steps a batch ran: T, or fewer where inference.tolerance saw it converge
+        "steps": settings.inference.steps,
+        "tolerance": settings.inference.tolerance,
+        "steps_used_per_epoch": used,
     }
     if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
         layers = records[-1]["variance"]

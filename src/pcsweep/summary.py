@@ -46,9 +46,11 @@ def checks_text(checks: Optional[dict]) -> Optional[str]:
     inference = checks.get("inference")
     if inference:
         gamma = inference.get("step_size_final")  # summaries before the automatic step size lack it
+        used = inference.get("steps_used_per_epoch") or []  # summaries before the convergence stop lack it
         parts.append(
             f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/{inference['limit']:.2f}"
             + (f", step {gamma:.3g}" if gamma is not None else "")
+            + (f", T used {used[-1]:.0f}/{inference['steps']}" if inference.get("tolerance") and used else "")
             + ")"
         )
     variance = checks.get("variance")
