@@ -37,7 +37,7 @@ class MidEpochCheckpoints(L.Callback):
     """See the module docstring. The signal handlers are installed when training starts, after Lightning's own
     SIGTERM handler (which would end the run with exit status 0 and lose the epoch), and removed when it ends."""
 
-    def __init__(self, checkpoint: Path, every_minutes: float = 10.0) -> None:
+    def __init__(self, checkpoint: Path, every_minutes: float) -> None:  # checkpoint.every_minutes: its default
         self.checkpoint, self.every_seconds = Path(checkpoint), 60.0 * every_minutes
         self.signum: Optional[int] = None
         self.previous: dict[int, Any] = {}

@@ -689,7 +689,7 @@ def claims_frame(results: list[dict]) -> pd.DataFrame:
 def write_claims(sweep: Sweep, out: Path, rules: ClaimRules, shapes: dict[Path, dict]) -> tuple[list[dict], Path]:
     results = evaluate(run_facts(sweep, shapes), rules)
     path = out / "claims.json"
-    path.write_text(json.dumps(claims_document(results, rules), indent=1, sort_keys=True))
+    write_atomic(path, json.dumps(claims_document(results, rules), indent=1, sort_keys=True))
     return results, path
 
 

@@ -187,7 +187,9 @@ def run_checks(
     }
     if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
         layers = records[-1]["variance"]
-        at_floor = sum(layer["at_floor"] for layer in layers[:-1]) / max(len(layers) - 1, 1)
+        # the output layer's variance is not a hidden one; with a cross-entropy output there is none (mlp.py)
+        hidden = layers if settings.output_loss == "ce" else layers[:-1]
+        at_floor = sum(layer["at_floor"] for layer in hidden) / max(len(hidden), 1)
         spread = max(layer["std"] for layer in layers)  # across the neurons of a layer
         # ∂E/∂log S is about +1/2 for every inferred neuron: Adam moves them all alike unless the data tell them apart
         verdict = (

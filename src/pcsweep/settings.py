@@ -66,7 +66,7 @@ class RelaxSettings:
     name: str = "none"  # none | 2 | 3 | 23 (the twin's name; the fields below are what it means)
     update_every: Optional[int] = None  # null: one weight update after the T steps (condition 2); k: every k steps
     variance: str = "fixed"  # fixed (S = 1, condition 3) | neuron | layer (trainable log S)
-    # floor on log S: auto = where step_size * lambda_max / S_min is 1.5 (1 + momentum), measured at the initial
+    # floor on log S: auto = where step_size * lambda_max / S_min is 1.8 (1 + momentum), measured at the initial
     # weights and followed as they train; a number below the stable range is rejected
     log_variance_min: Any = "auto"
 
@@ -153,7 +153,9 @@ PRECISIONS = ("32-true", "32", "64-true", "64")
 
 @dataclass
 class TrainerSettings:
-    accelerator: str = "auto"  # auto | cpu | gpu (checked against this machine before any folder is made)
+    # auto | cpu | gpu (checked against this machine before any folder is made); where a run trains is not what it
+    # is: `auto` and `cpu` runs of the same settings share a folder
+    accelerator: str = setting("auto", identity=False)
     precision: str = "32-true"  # 32-true | 64-true (mixed precisions are refused: see PRECISIONS)
     progress_bar: bool = setting(False, identity=False)
     log_every_n_steps: int = setting(10, identity=False)

@@ -5,9 +5,13 @@ BP duplicates (``algo=bp relax=2`` trains what ``relax=none`` trains) and runs a
 dropped with one line each, and the list of this sweep's runs is written for the summary callback. It wraps
 whatever launcher is configured, so the same filtering happens locally and on SLURM.
 
-``hydra/sweeper=optuna`` (pcsweep's ``conf/hydra/sweeper/optuna.yaml``) tunes one twin with Hydra's Optuna sweeper
-behind the same checks: every trial is a normal run folder, a trial whose run already finished is answered from its
-``summary.json``, and the objective is read from the run's summary (a validation metric: never the test set).
+``hydra/sweeper=optuna`` (registered here by ``register_optuna``: Optuna's options plus ``objective``) tunes one
+twin with Hydra's Optuna sweeper behind the same checks: every trial is a normal run folder, a trial whose run
+already finished is answered from its ``summary.json``, and the objective is read from the run's summary (a
+validation metric: never the test set).
+
+``tune=lr`` (``TuningStage``, ``pcsweep.tuning``) is pcsweep's own stage before a grid: every family of the grid gets
+the same search on the validation split, and the grid trains at each family's choice.
 """
 
 import hashlib

@@ -1,0 +1,53 @@
+"""Latent bugs found by reading the code (the house, step 2): each test fails on the code before its fix."""
+
+import inspect
+from types import SimpleNamespace
+
+from helpers import compose, compose_settings
+
+
+def test_where_a_run_trains_is_not_part_of_what_it_is():
+    from pcsweep.config import config_hash
+
+    assert config_hash(compose("trainer.accelerator=cpu")) == config_hash(compose())  # one folder for auto and cpu
+    assert config_hash(compose("trainer.precision=64-true")) != config_hash(compose())  # the numbers differ
+
+
+def test_with_a_cross_entropy_output_every_variance_is_a_hidden_one():
+    """make_log_variances gives a ce network no output variance: the last entry is the last hidden layer."""
+    from pcsweep.run import run_checks
+
+    layers = [{"mean": -0.1, "std": 0.1, "min": -0.2, "max": 0.0, "at_floor": f} for f in (1.0, 0.0)]
+    conditions = SimpleNamespace(
+        records=[
+            {
+                "epoch": 0,
+                "condition2": {"gap": 0.01, "cosine": [0.99]},
+                "stiffness": 1.0,
+                "variance": layers,
+                "log_variance_min": -0.5,
+            }
+        ]
+    )
+    stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5, "step_size": 0.1}
+    summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
+    ce = run_checks(compose_settings("algo=pc", "relax=3", "output_loss=ce"), summary, conditions, stability)
+    mse = run_checks(compose_settings("algo=pc", "relax=3"), summary, conditions, stability)
+    assert ce["variance"]["hidden_at_floor"] == 0.5  # both entries are hidden layers
+    assert mse["variance"]["hidden_at_floor"] == 1.0  # the last entry is the output's
+
+
+def test_claims_json_is_written_atomically(tmp_path, monkeypatch):
+    from pcsweep import report
+
+    written = []
+    monkeypatch.setattr(report, "write_atomic", lambda path, text: written.append(path.name) or path.write_text(text))
+    report.write_claims(report.Sweep(tmp_path, []), tmp_path, report.ClaimRules(), {})
+    assert written == ["claims.json"] and (tmp_path / "claims.json").is_file()
+
+
+def test_the_mid_epoch_checkpoint_interval_has_one_default():
+    from pcsweep.interruption import MidEpochCheckpoints
+
+    assert inspect.signature(MidEpochCheckpoints).parameters["every_minutes"].default is inspect.Parameter.empty
+    assert compose_settings().checkpoint.every_minutes == 5.0  # the setting states it
