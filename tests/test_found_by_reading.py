@@ -51,3 +51,16 @@ def test_the_mid_epoch_checkpoint_interval_has_one_default():
 
     assert inspect.signature(MidEpochCheckpoints).parameters["every_minutes"].default is inspect.Parameter.empty
     assert compose_settings().checkpoint.every_minutes == 5.0  # the setting states it
+
+
+def test_a_preset_overrides_the_twin_defaults(tmp_path):
+    """conf/config.yaml listed the twin files after the presets, so a twin file silently replaced a preset's values."""
+    from helpers import pcsweep
+
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ninference:\n  momentum: 0.5\nlearning_rates:\n  adam: 0.002\n"
+    )
+    result = pcsweep(tmp_path, "--cfg", "job", "experiment=mine", "algo=pc", "relax=2")
+    assert result.returncode == 0, result.stderr
+    assert "momentum: 0.5" in result.stdout and "adam: 0.002" in result.stdout  # pc_2.yaml says 0.0 and 1e-4
