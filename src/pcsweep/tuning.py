@@ -52,6 +52,11 @@ class Family:
     settings: Any = None  # the family's composed settings (pcsweep.settings.Settings)
     trials: dict[tuple[float, int], Optional[dict]] = field(default_factory=dict)  # (value, seed) -> its summary
 
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What tells families apart (two may share a name when they differ in a setting outside the identity)."""
+        return tuple(self.overrides)
+
 
 def families_of(jobs: Sequence[Sequence[str]]) -> list[Family]:
     """The grid's jobs grouped by everything but ``seed``, in the grid's order."""
@@ -130,6 +135,7 @@ def choose(family: Family, values: Sequence[float], seeds: int, last_evals: int)
         "width": family.width,
         "depth": family.depth,
         "default": family.default,
+        "epochs": family.epochs,
         "candidates": candidates,
     }
     if not valid:

@@ -221,13 +221,13 @@ class TuningStage:
         families = [family for family in families_of(jobs) if self.describe(family)]
         start = time.perf_counter()
         if self.tune.search == "grid":
-            values = {family.name: list(self.tune.candidates) for family in families}
-            self.launch([(family, value) for family in families for value in values[family.name]], announce=True)
+            values = {family.key: list(self.tune.candidates) for family in families}
+            self.launch([(family, value) for family in families for value in values[family.key]], announce=True)
         else:
             values = self.optuna(families)
-        records = [choose(family, values[family.name], self.tune.seeds, self.tune.last_evals) for family in families]
+        records = [choose(family, values[family.key], self.tune.seeds, self.tune.last_evals) for family in families]
         self.save(records, families, time.perf_counter() - start)
-        chosen = {tuple(family.overrides): record for family, record in zip(families, records)}
+        chosen = {family.key: record for family, record in zip(families, records)}
         tuned = []
         for job in jobs:
             record = chosen.get(tuple(o for o in job if override_key(o) != "seed"))
@@ -266,7 +266,7 @@ class TuningStage:
             run_dir = entry.get("run_dir") or entry.get("duplicate_of")
             family.trials[(value, seed)] = finished_summary(self.folder / str(run_dir))
 
-    def optuna(self, families: List[Family]) -> Dict[str, List[float]]:
+    def optuna(self, families: List[Family]) -> Dict[tuple, List[float]]:
         """``tune.search=optuna``: ``tune.trials`` rounds; each asks every family's study (TPE, seeded, log scale
         between the candidates' ends) for one value and trains them all at once. A re-run asks the same values and
         finds their runs finished."""
@@ -275,10 +275,10 @@ class TuningStage:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         low, high = min(self.tune.candidates), max(self.tune.candidates)
         studies = {
-            f.name: optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+            f.key: optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
             for f in families
         }
-        values: Dict[str, List[float]] = {family.name: [] for family in families}
+        values: Dict[tuple, List[float]] = {family.key: [] for family in families}
         every = [(f, None, seed) for f in families for _ in range(self.tune.trials) for seed in range(self.tune.seeds)]
         self.announce([family for family, _, _ in every], every)  # drawn values are not known yet: all of them
         for _ in range(self.tune.trials):
@@ -287,15 +287,15 @@ class TuningStage:
                 name: float(f"{trial.suggest_float(self.tune.key, low, high, log=True):.3g}")
                 for name, trial in asked.items()
             }
-            self.launch([(family, drawn[family.name]) for family in families])
+            self.launch([(family, drawn[family.key]) for family in families])
             for family in families:
                 record = candidate_record(
-                    drawn[family.name],
-                    {s: family.trials.get((drawn[family.name], s)) for s in range(self.tune.seeds)},
+                    drawn[family.key],
+                    {s: family.trials.get((drawn[family.key], s)) for s in range(self.tune.seeds)},
                     self.tune.last_evals,
                 )
-                studies[family.name].tell(asked[family.name], record["mean"] if record["mean"] is not None else 0.0)
-                values[family.name].append(drawn[family.name])
+                studies[family.key].tell(asked[family.key], record["mean"] if record["mean"] is not None else 0.0)
+                values[family.key].append(drawn[family.key])
         return values
 
     def announce(self, to_train: List[Family], jobs: Sequence[tuple]) -> None:
@@ -324,6 +324,7 @@ class TuningStage:
             "search": self.tune.search,
             "candidates": list(self.tune.candidates),
             "seeds": list(range(self.tune.seeds)),
+            "epochs": self.tune.epochs,  # null: each family's grid epochs (its record says how many)
             "score": f"mean validation accuracy of the last {self.tune.last_evals} evaluations, then over seeds",
             "wall_seconds": seconds,  # of the last invocation (a re-run finds finished trials)
             "trials_train_seconds": trained,  # the trials' training time, however many invocations it took
