@@ -39,9 +39,12 @@ def test_with_a_cross_entropy_output_every_variance_is_a_hidden_one():
 
 def test_claims_json_is_written_atomically(tmp_path, monkeypatch):
     from pcsweep import report
+    from pcsweep.report import claims_facts
 
     written = []
-    monkeypatch.setattr(report, "write_atomic", lambda path, text: written.append(path.name) or path.write_text(text))
+    monkeypatch.setattr(
+        claims_facts, "write_atomic", lambda path, text: written.append(path.name) or path.write_text(text)
+    )
     report.write_claims(report.Sweep(tmp_path, []), tmp_path, report.ClaimRules(), {})
     assert written == ["claims.json"] and (tmp_path / "claims.json").is_file()
 
