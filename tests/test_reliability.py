@@ -178,8 +178,8 @@ def test_an_accelerator_this_machine_lacks_is_one_line_before_any_folder(tmp_pat
 
 
 def test_the_report_counts_seeds_never_copies_or_other_configs(tmp_path):
-    """Two copies of one seed-0 config, the same config under another accelerator string, and seed 1: the copy is
-    listed (not counted), the other config is shown apart, and n is the number of seeds."""
+    """Two copies of one seed-0 config, the same run trained under another accelerator string, another config, and
+    seed 1: the copies are listed (not counted), the other config is shown apart, and n is the number of seeds."""
     from pcsweep.report import load_sweep
 
     def fake_run(folder, *overrides):
@@ -193,9 +193,10 @@ def test_the_report_counts_seeds_never_copies_or_other_configs(tmp_path):
     fake_run("a", "seed=0")
     fake_run("a_copy", "seed=0")
     fake_run("b", "seed=1")
-    fake_run("c", "seed=0", "trainer.accelerator=cpu")
+    fake_run("a_on_cpu", "seed=0", "trainer.accelerator=cpu")  # where a run trains is not what it is
+    fake_run("c", "seed=0", "weight_decay=1e-4")
     sweep = load_sweep(tmp_path / "sweep")
-    assert [s["model"] for s in sweep.skipped] == ["a_copy"]
+    assert [s["model"] for s in sweep.skipped] == ["a_copy", "a_on_cpu"]
     assert "same config and seed as a" in sweep.skipped[0]["reason"]
     labels = {run.path.name: run.label for run in sweep.runs}
     assert labels["a"] == labels["b"] != labels["c"] and labels["a"].startswith("bp_24_3 [")
