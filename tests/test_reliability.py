@@ -194,7 +194,7 @@ def test_the_report_counts_seeds_never_copies_or_other_configs(tmp_path):
     fake_run("a_copy", "seed=0")
     fake_run("b", "seed=1")
     fake_run("a_on_cpu", "seed=0", "trainer.accelerator=cpu")  # where a run trains is not what it is
-    fake_run("c", "seed=0", "weight_decay=1e-4")
+    fake_run("c", "seed=0", "init=torch")
     sweep = load_sweep(tmp_path / "sweep")
     assert [s["model"] for s in sweep.skipped] == ["a_copy", "a_on_cpu"]
     assert "same config and seed as a" in sweep.skipped[0]["reason"]
