@@ -364,9 +364,9 @@ def curve(model, values):
 def test_coinciding_curves_are_named_and_distinct_ones_are_not():
     base = [0.1, 0.5, 0.8, 0.9]
     same = pd.concat([curve("pc_16_3", base), curve("pc_16_3_rc3", base), curve("bp_16_3", [v + 0.05 for v in base])])
-    assert coinciding(same) == ["pc_16_3_rc3 coincides with pc_16_3 (max |Δ| 0.000)"]
+    assert coinciding(same) == ["pc_16_3_rc3 coincides with pc_16_3 (mean |Δ| 0.000, max 0.000)"]
     near = pd.concat([curve("pc_16_3", base), curve("pc_16_3_rc3", [v + 0.001 for v in base])])
-    assert coinciding(near) == ["pc_16_3_rc3 coincides with pc_16_3 (max |Δ| 0.001)"]
+    assert coinciding(near) == ["pc_16_3_rc3 coincides with pc_16_3 (mean |Δ| 0.001, max 0.001)"]
     apart = pd.concat([curve("pc_16_3", base), curve("pc_16_3_rc3", base[:3] + [0.95])])
     assert coinciding(apart) == []
 
@@ -376,5 +376,5 @@ def test_the_curves_use_every_evaluation_and_say_which_lines_coincide(tuned_swee
     assert points.groupby(["model", "seed"]).size().unique().tolist() == [EPOCHS * EVALS]
     markdown = (tuned_sweep / "report" / "report.md").read_text()
     curves = markdown.split("## Curves (Fig 3)")[1].split("\n## ")[0]
-    assert "pc_16_10_rc3 coincides with pc_16_10 (max |Δ| 0.000)" in curves
+    assert "pc_16_10_rc3 coincides with pc_16_10 (mean |Δ| 0.000, max 0.000)" in curves
     assert "pc_16_10_rc2 coincides" not in curves and "bp_16_10 coincides" not in curves

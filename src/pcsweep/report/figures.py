@@ -4,7 +4,6 @@ coincide, one line hides the other, so the figure (and the report's text) says s
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,7 +26,7 @@ from pcsweep.report.sweep import (
     twin_of,
 )
 
-COINCIDE = 0.01  # max |difference| of two mean curves (accuracy) under which one line hides the other
+COINCIDE = 0.01  # mean |difference| of two mean curves (accuracy) under which one line hides the other
 LAYER_COLUMNS = ("relative change", "distance from Gaussian", "error energy at T")
 
 
@@ -120,8 +119,9 @@ def _curve_panel(ax, data: pd.DataFrame, column: str, order: list[str]) -> None:
 def coinciding(
     frame: pd.DataFrame, column: str = "test accuracy", x: str = BATCHES, tolerance: float = COINCIDE
 ) -> list[str]:
-    """Models whose mean curve lies on an earlier model's (max |difference| below ``tolerance`` over at least two
-    shared ``x``): one line hides the other, so the figure says so."""
+    """Models whose mean curve lies on an earlier model's (mean |difference| below ``tolerance`` over at least two
+    shared ``x``: a noisy curve can touch another's at one point and still hide it everywhere else): one line hides
+    the other, so the figure says so."""
     means = frame.dropna(subset=[column]).groupby(["model", x])[column].mean()
     curves = {model: curve.droplevel(0) for model, curve in means.groupby(level=0)}
     order = model_order(curves)
@@ -129,9 +129,13 @@ def coinciding(
     for i, later in enumerate(order):
         for earlier in order[:i]:
             shared = curves[earlier].index.intersection(curves[later].index)
-            gap = float((curves[earlier][shared] - curves[later][shared]).abs().max()) if len(shared) > 1 else math.inf
-            if gap < tolerance:
-                notes.append(f"{later} coincides with {earlier} (max |Δ| {gap:.3f})")
+            if len(shared) < 2:
+                continue
+            gaps = (curves[earlier][shared] - curves[later][shared]).abs()
+            if float(gaps.mean()) < tolerance:
+                notes.append(
+                    f"{later} coincides with {earlier} (mean |Δ| {float(gaps.mean()):.3f}, max {float(gaps.max()):.3f})"
+                )
                 break
     return notes
 
