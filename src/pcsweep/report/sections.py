@@ -99,8 +99,9 @@ def gap_sections(sweep: Sweep, out: Path, groups: dict[Setting, dict]) -> list[S
         Section(
             "Why a gap remains: error energy per layer",
             "Each layer's share of the error energy at the weight update (last probe batch), per PC model. Deep PC "
-            "networks concentrate it near the output, leaving the input side with little error to learn from "
-            "(the imbalance the PCX benchmark and μPC describe).",
+            "networks can concentrate it near the output and leave the input side little error to learn from (the "
+            "imbalance the PCX benchmark and μPC describe); the table says whether these runs do (output / input "
+            "above 1: toward the output).",
             figure_energy(energy, out),
             [("", energy_table(energy))],
         ),
