@@ -196,7 +196,7 @@ class PCModule(TwinModule):
         tracking = settings.tracking
         self.divergence_factor = tracking.divergence_factor
         # inference.step_size=auto and relax.log_variance_min=auto: the stiffness each keeps (set by the pre-flight),
-        # re-measured every ``curvature_every`` batches of each epoch (conditions.follow_curvature)
+        # re-measured every ``curvature_every`` batches of the run and after a rise (conditions.curvature_due)
         self.curvature_targets = CurvatureTargets()
         self.curvature_every = settings.curvature_every
         self.energy_rose = False  # the last batch's inference energy rose at a check: re-measure before the next
