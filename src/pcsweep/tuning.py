@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pcsweep.files import read_json, write_atomic
+from pcsweep.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,13 @@ def cost_line(trials: int, families: int, to_train: int, seconds: float) -> str:
     )
 
 
-def reuse_trial(run_dir: Path, trial_dir: Path, origin: Optional[str]) -> bool:
+def reuse_trial(run_dir: Path, trial_dir: Path, trial: Optional[dict], origin: Optional[str]) -> bool:
     """A grid run that its tuning already trained (the same settings, seed and epochs: the chosen value at a tuning
-    seed) is copied from its trial folder instead of trained again, its ``lr_origin`` set to the tuning's word."""
-    if run_dir.joinpath("summary.json").exists() or not trial_dir.joinpath("summary.json").is_file():
+    seed) is copied from its trial folder instead of trained again, its ``lr_origin`` set to the tuning's word.
+    ``trial``: the trial's finished summary (``pcsweep.run.finished_summary``), or None: nothing to reuse."""
+    if trial is None:
         return False
-    summary = read_json(trial_dir / "summary.json")
-    if not isinstance(summary, dict) or summary.get("status") not in ("complete", "diverged", "failed_to_learn"):
-        return False
+    summary = dict(trial)
     partial = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(trial_dir, partial, ignore=shutil.ignore_patterns(".hydra", "*.lock", "wandb"))

@@ -118,7 +118,9 @@ class FilteringLauncher(Launcher):
         entry["run_dir"] = run_dir
         path = Path(cfg.hydra.sweep.dir) / run_dir  # a tuning trial's is <sweep>/tuning
         adopt_previous_folder(path, cfg)
-        reuse_trial(path, Path(self.sweeper.config.hydra.sweep.dir) / TUNING_DIR / run_dir, settings.tune.origin)
+        if not (path / "summary.json").exists():  # a grid run its tuning trained already is copied, not retrained
+            trial_dir = Path(self.sweeper.config.hydra.sweep.dir) / TUNING_DIR / run_dir
+            reuse_trial(path, trial_dir, finished_summary(trial_dir), settings.tune.origin)
         done = finished_summary(path)
         if done is not None:
             (log.debug if self.tuning else log.info)(f"skipped {label}: already {done['status']} in {run_dir}")
@@ -308,9 +310,10 @@ class TuningStage:
         seconds = 0.0
         for family in to_train:
             settings = family.settings
+            dataset = launcher.stability.dataset(settings)
             if family.name not in measured:
-                measured[family.name] = seconds_per_batch(settings, launcher.stability.dataset(settings))
-            batches = batches_per_epoch(len(launcher.stability.dataset(settings).train), settings.batch_size)
+                measured[family.name] = seconds_per_batch(settings, dataset)
+            batches = batches_per_epoch(len(dataset.train), settings.batch_size)
             seconds += measured[family.name] * batches * family.epochs
         log.info(cost_line(len(jobs), len({f.name for f, _, _ in jobs}), len(to_train), seconds))
 
@@ -355,13 +358,11 @@ class StabilityPreflight:
 
     def dataset(self, settings: Any) -> Any:
         """The job's dataset (as its run will load it: the validation split held out), loaded once per sweep."""
-        from dataclasses import replace
-
         from pcsweep.data import load_dataset
 
         key = repr(settings.dataset)
         if key not in self.datasets:
-            self.datasets[key] = load_dataset(replace(settings.dataset))
+            self.datasets[key] = load_dataset(settings.dataset)
         return self.datasets[key]
 
 
