@@ -79,7 +79,7 @@ def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor(
     engine.refresh_parameters()
     engine.feedforward_init(x, y)
     assert float(activity_curvature(engine).max()) == pytest.approx(lam * math.exp(-floor), rel=1e-3)
-    with pytest.raises(ValueError, match="relax.log_variance_min=-3 is below the stable range"):
+    with pytest.raises(ValueError, match="log_variance_min=-3 is below the stable range"):
         preflight_stability(PCEngine(net, Inference(steps=8, step_size=0.1)), x, y, -3.0, trainable_variance=True)
     with pytest.raises(ValueError, match="inference.step_size=5 is past the stability limit"):
         preflight_stability(PCEngine(net, Inference(steps=8, step_size=5.0)), x, y, "auto", trainable_variance=True)
@@ -128,7 +128,7 @@ def test_variance_statistics_count_the_floor():
     "args,message",
     [
         (["inference.step_size=5"], "inference.step_size=5 is past the stability limit"),
-        (["relax=3", "relax.log_variance_min=-4"], "relax.log_variance_min=-4 is below the stable range"),
+        (["relax=3", "log_variance_min=-4"], "log_variance_min=-4 is below the stable range"),
     ],
 )
 def test_unstable_settings_are_one_line_before_training(tmp_path, args, message):
@@ -148,13 +148,11 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
     torch.manual_seed(0)
     data = load_digits()
     mlp = MLP(64, 64, 8, 10)
-    log_vars = make_log_variances(mlp.sizes, settings.relax.variance, "mse")
+    log_vars = make_log_variances(mlp.sizes, settings.variance, "mse")
     net = mlp.as_pc_network(list(log_vars), "mse")
     engine = PCEngine(net, settings.schedule())
     x, y = data.train.inputs, torch.nn.functional.one_hot(data.train.labels, 10).float()
-    checked = preflight_stability(
-        engine, x[:64], y[:64], settings.relax.log_variance_min, True, settings.inference.step_size
-    )
+    checked = preflight_stability(engine, x[:64], y[:64], settings.log_variance_min, True, settings.inference.step_size)
     engine.log_variance_min = checked["log_variance_min"]
     assert settings.optimizer["_target_"] == "torch.optim.Adam"
     optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=settings.optimizer["lr"])

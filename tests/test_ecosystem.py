@@ -40,28 +40,32 @@ def only_error_line(result) -> str:
     return lines[0][len("pcsweep: error: ") :]
 
 
-def test_numeric_relax_choices_are_names_wherever_overrides_are_parsed():
+def test_relax_is_a_string_setting_wherever_overrides_are_parsed():
+    """relax=2 is the setting relax given "2" (no config group is chosen by a number, so Hydra's parser is as
+    shipped): from the compose API, the sweeper's grid and Optuna's fixed parameters alike."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     from hydra_plugins.pcsweep_sweeper import PcsweepSweeper
 
-    assert compose_settings("relax=2").relax.name == "2" and compose_settings("relax=23").relax.update_every == 8
-    relax, seed = OverridesParser.create().parse_overrides(["relax=none,2,23", "seed=2"])
-    assert relax.value().list == ["none", "2", "23"] and seed.value() == 2  # other keys keep their numbers
-    # the basic sweeper's jobs and Optuna's fixed parameters are strings again: they re-parse as choices
+    assert compose_settings("relax=2").relax == "2" and compose_settings("relax=23").inference.update_every == 8
+    assert compose_settings("relax=none").relax == "none" and compose_settings("relax='3'").twin == "pc_rc3"
     sweeper = PcsweepSweeper.__new__(PcsweepSweeper)
     sweeper.also = [{"algo": "pc", "relax": 23}]
     (jobs,) = sweeper.split_arguments(OverridesParser.create().parse_overrides(["relax=none,2"]), None)
     assert jobs == [["relax=none"], ["relax=2"], ["algo=pc", "relax=23"]]
     _, fixed = create_params_from_overrides(["relax=23"])
-    assert compose(*[f"{k}={v}" for k, v in fixed.items()]).relax.name == "23"
+    assert compose(*[f"{k}={v}" for k, v in fixed.items()]).relax == "23"
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["algo=xyz"], "In 'config': Could not find 'algo/xyz'; Available options in 'algo': bp, pc"),
+        (["algo=xyz"], "algo must be one of ['bp', 'pc'], got 'xyz'"),
+        (
+            ["dataset=xyz"],
+            "In 'config': Could not find 'dataset/xyz'; Available options in 'dataset': digits, digits28, fashion_mnist, mnist",
+        ),
         (
             ["width=1.5"],
             "Error merging override width=1.5; Value '1.5' of type 'float' could not be converted to Integer",
@@ -130,7 +134,7 @@ def test_callbacks_from_the_command_line_and_a_checkpoint_that_rebuilds_its_modu
     # the checkpoint rebuilds the module: same class, settings, weights and predictions as the finished run
     model = PCModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     weights = torch.load(run_dir / "weights.pt")
-    assert model.settings.relax.update_every == 8 and model.settings.dataset.val_fraction == 0.2
+    assert model.settings.inference.update_every == 8 and model.settings.dataset.val_fraction == 0.2
     assert weights.keys() <= model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     # ... and the step size inference.step_size=auto had come to (the curvature it follows is not the initial one)

@@ -3,14 +3,18 @@
 import inspect
 from types import SimpleNamespace
 
-from helpers import compose, compose_settings
+from helpers import compose_settings
 
 
 def test_where_a_run_trains_is_not_part_of_what_it_is():
     from pcsweep.config import config_hash
 
-    assert config_hash(compose("trainer.accelerator=cpu")) == config_hash(compose())  # one folder for auto and cpu
-    assert config_hash(compose("trainer.precision=64-true")) != config_hash(compose())  # the numbers differ
+    assert config_hash(compose_settings("trainer.accelerator=cpu")) == config_hash(
+        compose_settings()
+    )  # one folder for auto and cpu
+    assert config_hash(compose_settings("trainer.precision=64-true")) != config_hash(
+        compose_settings()
+    )  # the numbers differ
 
 
 def test_with_a_cross_entropy_output_every_variance_is_a_hidden_one():
@@ -66,4 +70,4 @@ def test_a_preset_overrides_the_twin_defaults(tmp_path):
     )
     result = pcsweep(tmp_path, "--cfg", "job", "experiment=mine", "algo=pc", "relax=2")
     assert result.returncode == 0, result.stderr
-    assert "momentum: 0.5" in result.stdout and "adam: 0.002" in result.stdout  # pc_2.yaml says 0.0 and 1e-4
+    assert "momentum: 0.5" in result.stdout and "adam: 0.002" in result.stdout  # pc_rc2.yaml says 0.0 and 1e-4

@@ -16,8 +16,8 @@ def container(*overrides):
 
 
 def test_identity_is_the_difference_from_the_defaults():
-    ident = config.identity(compose("algo=pc", "relax=2", "width=64"))
-    assert ident["width"] == 64 and ident["relax.update_every"] == 8 and ident["optimizer.lr"] == 1e-4
+    ident = config.identity(compose_settings("algo=pc", "relax=2", "width=64"))
+    assert ident["width"] == 64 and ident["inference.update_every"] == 8 and ident["optimizer.lr"] == 1e-4
     assert "depth" not in ident and "seed" not in ident  # at their defaults
     assert not any(k.startswith(("tracking.", "logger.", "report.", "learning_rates", "sweep_name")) for k in ident)
 
@@ -52,12 +52,14 @@ def test_a_setting_added_later_with_a_default_keeps_every_old_run_where_it_is(mo
     ],
 )
 def test_only_settings_that_change_the_numbers_change_the_folder(change, same):
-    base = config.config_hash(compose("algo=pc"))
-    assert (config.config_hash(compose("algo=pc", change)) == base) is same
+    base = config.config_hash(compose_settings("algo=pc"))
+    assert (config.config_hash(compose_settings("algo=pc", change)) == base) is same
 
 
 def test_pc_settings_are_not_part_of_a_bp_run():
-    assert config.config_hash(compose("algo=bp", "inference.steps=8")) == config.config_hash(compose("algo=bp"))
+    assert config.config_hash(compose_settings("algo=bp", "inference.steps=8")) == config.config_hash(
+        compose_settings("algo=bp")
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,8 +67,8 @@ def test_pc_settings_are_not_part_of_a_bp_run():
     [
         ("width=0", "width must be >= 1, got 0"),
         ("inference.momentum=1.5", "inference.momentum must be in [0, 1), got 1.5"),
-        ("relax.variance=diagonal", "relax.variance must be one of"),
-        ("relax.update_every=999", "relax.update_every must be null or in [1, inference.steps=256], got 999"),
+        ("variance=diagonal", "variance must be one of"),
+        ("inference.update_every=999", "inference.update_every must be null or in [1, inference.steps=256], got 999"),
         ("+foo=1", "foo is not a pcsweep setting"),
         ("+inference.stepsize=0.2", "inference.stepsize is not a pcsweep setting"),
     ],
@@ -79,19 +81,22 @@ def test_each_setting_is_checked_once_when_it_becomes_typed(override, message):
 @pytest.mark.parametrize("mode", [["-m"], []], ids=["sweep", "single run"])
 def test_a_run_folder_of_an_earlier_release_is_found_and_resumed_not_retrained(tmp_path, mode):
     """A finished run whose folder carries an earlier release's hash (its config.yaml written before the typed
-    schema added keys): the sweep (or the single run, whose folder Hydra has already made) adopts the folder and
-    skips the run as finished."""
+    schema added keys, and in the layout where algo and relax were config groups): the sweep (or the single run,
+    whose folder Hydra has already made) adopts the folder and skips the run as finished."""
     args = [*SMALL, "algo=pc", "relax=none", "logger=csv", "report.auto=false", "sweep_name=s"]
     settings = container(*args)
     for key in ("data_dir", "download", "mirrors", "train_size", "test_size", "seed"):
-        settings["dataset"].pop(key)  # the digits config as the previous release wrote it
+        settings["dataset"].pop(key)  # the digits config as an earlier release wrote it ...
+    settings["algo"] = {"name": settings["algo"]}  # ... when algo and relax were config groups
+    settings["relax"] = {"name": "none", "update_every": settings["inference"].pop("update_every")}
+    settings["relax"].update(variance=settings.pop("variance"), log_variance_min=settings.pop("log_variance_min"))
     old = tmp_path / "multirun" / "s" / "pc_24_3_digits-0123abcd"
     old.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(settings), old / "config.yaml")
     (old / "summary.json").write_text(json.dumps({"status": "complete", "name": "pc_24_3", "dataset": "digits"}))
     result = pcsweep(tmp_path, *mode, *args)
     assert result.returncode == 0, result.stderr[-2000:]
-    new_name = config.run_dir_name(compose(*args))
+    new_name = config.run_dir_name(compose_settings(*args))
     assert "holds this run under an earlier folder name: renamed to " + new_name in result.stdout
     assert "already complete" in result.stdout and "[pcsweep] training" not in result.stdout
     assert (tmp_path / "multirun" / "s" / new_name / "summary.json").is_file() and not old.exists()
@@ -103,7 +108,7 @@ def test_a_folder_from_before_a_default_changed_is_set_aside_not_taken_for_this_
     inference.step_size=auto): its name hashed the same difference from the defaults of its day, but it is not this
     run. It is moved to ``<name>.other-<its hash>`` and this run trains; asking for its settings finds it again."""
     args = [*SMALL, "algo=pc", "relax=none", "logger=csv", "report.auto=false", "sweep_name=s"]
-    name = config.run_dir_name(compose(*args))
+    name = config.run_dir_name(compose_settings(*args))
     settings = container(*args)
     settings["inference"]["step_size"] = 0.1  # the default of its day
     old = tmp_path / "multirun" / "s" / name

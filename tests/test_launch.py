@@ -39,7 +39,7 @@ def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=paper"], return_hydra_config=True)
     sweeper_cfg = cfg.hydra.sweeper
-    sweeper = PcsweepSweeper.__new__(PcsweepSweeper)  # Hydra's plugin scan re-imports BasicSweeper's module: no init
+    sweeper = PcsweepSweeper.__new__(PcsweepSweeper)  # no setup: only the grid's expansion
     sweeper.also = [dict(entry) for entry in sweeper_cfg.also]
     grid = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper_cfg.params.items()] + ["width=256"])
     (jobs,) = sweeper.split_arguments(grid, None)

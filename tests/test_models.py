@@ -35,7 +35,7 @@ def test_relax_settings_reach_the_engine():
     rc3 = build_model(twin_cfg("pc", "3"), 64, 10)
     assert pc.engine.inference.update_every is None and pc.log_variances is None and pc.engine.inference.steps == 256
     assert rc2.engine.inference.update_every == 8 and rc2.log_variances is None
-    assert rc2.engine.inference.momentum == 0.0 and pc.engine.inference.momentum == 0.95  # conf/twin/pc_2.yaml
+    assert rc2.engine.inference.momentum == 0.0 and pc.engine.inference.momentum == 0.95  # conf/twin/pc_rc2.yaml
     assert rc3.engine.inference.update_every is None and [p.shape[0] for p in rc3.log_variances] == [32, 32, 32, 10]
     assert not pc.automatic_optimization and build_model(twin_cfg("bp"), 64, 10).automatic_optimization
 

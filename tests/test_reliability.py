@@ -10,15 +10,15 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import SMALL, compose, pcsweep
+from helpers import SMALL, compose, compose_settings, pcsweep
 from pcsweep import files
-from pcsweep.config import run_dir_name
+from pcsweep.config import run_dir_name, settings_from
 
 RUN = [*SMALL, "algo=bp", "logger=csv", "report.auto=false", "sweep_name=s"]
 
 
 def run_folder(tmp_path, *args):
-    return tmp_path / "multirun" / "s" / run_dir_name(compose(*args))
+    return tmp_path / "multirun" / "s" / run_dir_name(compose_settings(*args))
 
 
 def epochs_logged(run_dir):
@@ -130,7 +130,7 @@ def test_a_full_disk_is_one_line_naming_the_run_and_the_file_and_a_rerun_finishe
     from pcsweep.errors import UserError
 
     cfg = compose(*RUN)
-    run_dir = tmp_path / run_dir_name(cfg)
+    run_dir = tmp_path / run_dir_name(settings_from(cfg))
     real = files.write_atomic
 
     def full(path, text):

@@ -1,6 +1,7 @@
 """Tracking: time to 90%, W&B runs read back from their offline files, sweep summaries, no hang without a server."""
 
 import csv
+import dataclasses
 import json
 import socket
 import threading
@@ -8,10 +9,9 @@ import time
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
 from helpers import SMALL, compose, pcsweep
-from pcsweep.config import family_name, paper_name, run_dir_name, settings_from
+from pcsweep.config import family_name, paper_name, run_dir_name, settings_from, settings_from_container
 from pcsweep.history import History, time_to_fraction
 from pcsweep.tracking import EPOCH, SECONDS, STEP, run_labels, steps_to_tolerance, trim_metrics
 from wandb_records import read_run
@@ -80,20 +80,23 @@ def offline_runs(run_dir):
 
 def test_a_run_is_grouped_with_its_other_seeds_and_tagged_to_be_filtered():
     def labels(*overrides):
-        cfg = compose(*overrides)
-        return cfg, run_labels(cfg, settings_from(cfg))
+        settings = settings_from(compose(*overrides))
+        return settings, run_labels(settings)
 
     cfg, seed1 = labels("seed=1", "relax=2")
     _, seed2 = labels("seed=2", "relax=2")
     _, wider = labels("seed=1", "relax=2", "width=32")
     _, in_a_sweep = labels("seed=1", "relax=2", "tracking.group=default-0123abcd")
     assert seed1["group"] == seed2["group"] == in_a_sweep["group"] != wider["group"]  # W&B aggregates the seeds
-    assert run_dir_name(cfg) != run_dir_name(compose("seed=2", "relax=2"))  # each seed still has its own folder
+    assert run_dir_name(cfg) != run_dir_name(
+        settings_from(compose("seed=2", "relax=2"))
+    )  # each seed still has its own folder
     assert seed1["group"] == family_name(cfg) and seed1["group"].startswith(f"{paper_name(cfg)}_digits-")
-    assert family_name(cfg) == family_name(OmegaConf.to_container(cfg, resolve=True))  # as read back from a run
+    stored = dataclasses.asdict(cfg)  # as a run's config.yaml holds it
+    assert family_name(cfg) == family_name(settings_from_container(stored))  # as read back from a run
     from pcsweep.report import Run  # the report's notion of a family: the same hash
 
-    assert Run(None, {}, OmegaConf.to_container(cfg, resolve=True)).family == seed1["group"].rsplit("-", 1)[1]
+    assert Run(None, {}, stored).family == seed1["group"].rsplit("-", 1)[1]
     assert seed1["job_type"] == "pc_rc2"
     assert sorted(seed1["tags"]) == sorted(
         [f"width={cfg.width}", f"depth={cfg.depth}", "twin=pc_rc2", "dataset=digits", "sweep=default", "seed=1"]
@@ -118,7 +121,7 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     run = data["run"]
     assert run.display_name == "pc_24_3_rc3_digits" and run.job_type == "pc_rc3" and run.project == "pcsweep"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert run.run_group == family_name(resolved)  # the run's identity without its seed
+    assert run.run_group == family_name(settings_from_container(resolved))  # the run's identity without its seed
     assert sorted(run.tags) == sorted(
         ["twin=pc_rc3", "width=24", "depth=3", "dataset=digits", "sweep=default", "seed=0"]
     )
@@ -127,7 +130,7 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
         run.run_group,
         "default",
     )
-    assert data["config"]["width"] == 24 and data["config"]["relax"]["variance"] == "neuron"
+    assert data["config"]["width"] == 24 and data["config"]["variance"] == "neuron"
     assert "${" not in json.dumps(resolved) and resolved["optimizer"]["lr"] == 3e-4  # the twin's own lr
     for key, value in resolved.items():  # the whole resolved config, nothing left to interpolate
         assert data["config"][key] == value, key
@@ -217,7 +220,9 @@ def test_three_jobs_make_three_wandb_runs_of_one_sweep_on_one_axis_and_one_summa
     runs = [run["run"] for run in data.values()]
     assert len(runs) == 3 and len({r.run_id for r in runs}) == 3
     for d in folders:  # one group per family (a seed of it would join it), one sweep tag for all
-        assert data[d.name]["run"].run_group == family_name(yaml.safe_load((d / "config.yaml").read_text()))
+        assert data[d.name]["run"].run_group == family_name(
+            settings_from_container(yaml.safe_load((d / "config.yaml").read_text()))
+        )
     assert len({r.run_group for r in runs}) == 3
     (sweep_tag,) = {t for r in runs for t in r.tags if t.startswith("sweep=")}
     assert sweep_tag.startswith("sweep=default-")

@@ -14,7 +14,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from pcsweep.config import register_resolvers  # also lets Hydra read relax=2 as the choice "2"
+from pcsweep.config import register_resolvers  # also registers the typed schema and the twins' defaults
 from pcsweep.errors import UserError, exit_with, release_stderr, run_with_one_line_errors
 
 register_resolvers()

@@ -245,7 +245,7 @@ def time_bp(setup: Setup, repeats: int) -> float:
 def pipeline_module(setup: Setup, twin: str):
     """The Lightning PC module on the bench's workload (SGD 1e-3, plain descent, fixed floor, no tracking)."""
     from pcsweep.models import PCModule
-    from pcsweep.settings import InferenceSettings, RelaxSettings, Settings, TrackingSettings
+    from pcsweep.settings import InferenceSettings, Settings, TrackingSettings
 
     every, variance = TWINS[twin]
     settings = Settings(
@@ -253,12 +253,11 @@ def pipeline_module(setup: Setup, twin: str):
         depth=setup.depth,
         seed=0,
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
-        inference=InferenceSettings(steps=setup.steps, step_size=0.05, momentum=0.0),
-        relax=RelaxSettings(
-            update_every=setup.every if every else None,
-            variance="neuron" if variance else "fixed",
-            log_variance_min=-2.0,
+        inference=InferenceSettings(
+            steps=setup.steps, step_size=0.05, momentum=0.0, update_every=setup.every if every else None
         ),
+        variance="neuron" if variance else "fixed",
+        log_variance_min=-2.0,
         tracking=TrackingSettings(energy_trace=False, alignment_every=0),
     )
     return PCModule(settings, setup.n_in, setup.n_out)

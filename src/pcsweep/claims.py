@@ -16,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Optional, Sequence, cast
 
+from scipy import stats
+
 from pcsweep.errors import UserError
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_TESTED = "holds", "does not hold", "inconclusive", "not tested"
@@ -97,11 +99,9 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> Optional[tupl
     n = len(values)
     if n < 2:
         return None
-    from scipy.stats import t
-
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -374,15 +374,26 @@ def claim4(group, rules):
     return _result(est, verdict, reason, rules, bp_over_rc2=bp.mean() if bp.values else None)
 
 
-def claim5(group, rules):
-    need = _need(group, ("pc", "pc_rc2")) or _landscape_missing(
-        list(group["pc"].values()) + list(group["pc_rc2"].values())
-    )
+def _shape_over_pc(
+    group, twin: str, measure: tuple[str, str], rules: ClaimRules, no_pairs: str
+) -> tuple[Optional[Estimate], Optional[dict]]:
+    """Claims 5 and 6: ``twin``'s landscape ``measure`` (view, key) over pc's, per seed, as an estimate; or, when
+    there is none to judge, the result that says why (runs missing or unsound, no landscapes, or no positive pair:
+    ``no_pairs``)."""
+    need = _need(group, ("pc", twin)) or _landscape_missing(list(group["pc"].values()) + list(group[twin].values()))
     if need:
-        return _result(None, *need, rules)
-    est = Estimate(shape_ratios(group["pc_rc2"], group["pc"], "sharpness", "increase"), log=True)
+        return None, _result(None, *need, rules)
+    est = Estimate(shape_ratios(group[twin], group["pc"], *measure), log=True)
     if not est.values:
-        return _result(None, INCONCLUSIVE, "the loss does not rise at the sharpness radius (not at a minimum)", rules)
+        return None, _result(None, INCONCLUSIVE, no_pairs, rules)
+    return est, None
+
+
+def claim5(group, rules):
+    not_at_a_minimum = "the loss does not rise at the sharpness radius (not at a minimum)"
+    est, unjudged = _shape_over_pc(group, "pc_rc2", ("sharpness", "increase"), rules, not_at_a_minimum)
+    if est is None:
+        return unjudged
     kept_mean = _mean(shape_ratios(group["pc_rc2"], group["pc"], "wide", "convex_fraction"))
     verdict, reason = decide(
         est, rules, lambda lo, hi: lo >= rules.sharper_factor, lambda lo, hi: hi < rules.sharper_factor
@@ -393,14 +404,10 @@ def claim5(group, rules):
 
 
 def claim6(group, rules):
-    need = _need(group, ("pc", "pc_rc23")) or _landscape_missing(
-        list(group["pc"].values()) + list(group["pc_rc23"].values())
-    )
-    if need:
-        return _result(None, *need, rules)
-    est = Estimate(shape_ratios(group["pc_rc23"], group["pc"], "wide", "convex_fraction"), log=True)
-    if not est.values:
-        return _result(None, INCONCLUSIVE, "pc's wide plane has no convex point to compare with", rules)
+    no_convex_point = "pc's wide plane has no convex point to compare with"
+    est, unjudged = _shape_over_pc(group, "pc_rc23", ("wide", "convex_fraction"), rules, no_convex_point)
+    if est is None:
+        return unjudged
     zoomed = _mean([_shape(f, "zoomed", "convex_fraction") for f in group["pc_rc23"].values()])
     verdict, reason = decide(est, rules, lambda lo, hi: hi < rules.convex_kept, lambda lo, hi: lo >= rules.convex_kept)
     if verdict == HOLDS and zoomed is not None and zoomed < rules.convex_fraction:

@@ -27,7 +27,7 @@ from pcsweep.pc.schedule import plateaued, train_batch
 # lr 3e-4, faster at larger learning rates; it is re-measured every ``curvature_every`` batches and after any rise).
 # 0.5 (rc2, rc23, plain descent): 1 / lambda_max, the classic step.
 AUTO_STEP_FRACTION = 0.8
-# relax.log_variance_min=auto: step_size * lambda_max / S_min held at this fraction of the limit; with the automatic
+# log_variance_min=auto: step_size * lambda_max / S_min held at this fraction of the limit; with the automatic
 # step size the floor is S_min = auto_stiffness / 0.9 (0.89 for rc3, 0.56 for rc23)
 AUTO_FLOOR_STIFFNESS = 0.9
 
@@ -159,7 +159,7 @@ class UnstableSetting(UserError, ValueError):
 class CurvatureTargets:
     """What re-measuring the curvature (at S = 1, every ``curvature_every`` batches) keeps: ``step_stiffness`` is
     ``step_size * lambda_max`` for ``inference.step_size=auto`` (None: the step size is fixed), ``floor_stiffness``
-    is ``step_size * lambda_max / S_min`` for ``relax.log_variance_min=auto`` (None: no floor or a fixed one)."""
+    is ``step_size * lambda_max / S_min`` for ``log_variance_min=auto`` (None: no floor or a fixed one)."""
 
     step_stiffness: Optional[float] = None
     floor_stiffness: Optional[float] = None
@@ -237,7 +237,7 @@ def preflight_stability(
                 else f"inference.step_size={gamma:g}"
             )
             raise UnstableSetting(
-                f"{key} leaves no room for a trainable variance: relax.log_variance_min=auto keeps step_size * "
+                f"{key} leaves no room for a trainable variance: log_variance_min=auto keeps step_size * "
                 f"lambda_max / S_min at {AUTO_FLOOR_STIFFNESS:g} of the limit, and step_size * lambda_max is already "
                 f"{stiff / limit:.3g} of it at S = 1; use a smaller step (auto_stiffness < {AUTO_FLOOR_STIFFNESS:g})"
             )
@@ -248,9 +248,9 @@ def preflight_stability(
             floor = float(floor_setting)
             if floor <= lowest:
                 raise UnstableSetting(
-                    f"relax.log_variance_min={floor:g} is below the stable range: with inference.step_size={gamma:g}, "
+                    f"log_variance_min={floor:g} is below the stable range: with inference.step_size={gamma:g}, "
                     f"momentum {beta:g} and lambda_max = {lam:.3g} at the initial weights, inference diverges once "
-                    f"log S < {lowest:.3g}; use relax.log_variance_min=auto or a value above {lowest:.3g}"
+                    f"log S < {lowest:.3g}; use log_variance_min=auto or a value above {lowest:.3g}"
                 )
     return {
         "lambda_max": lam,

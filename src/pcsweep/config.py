@@ -19,29 +19,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pcsweep.errors import UserError, exit_with
 from pcsweep.settings import ConfigError, Settings, is_number
-
-ConfigStore.instance().store(name="pcsweep_schema", node=Settings)
-
-
-def is_bp_duplicate(cfg: DictConfig | Settings) -> bool:
-    """BP has no conditions to relax: ``algo=bp relax=2`` trains exactly what ``algo=bp relax=none`` trains."""
-    return cfg.algo.name == "bp" and str(cfg.relax.name) != "none"
+from pcsweep.twins import TWINS, is_bp_duplicate, twin_defaults, twin_keys, twin_name
 
 
-def paper_name(cfg: DictConfig | Settings) -> str:
+def paper_name(settings: Settings) -> str:
     """``algo_width_depth[_rcX]`` as in the paper: bp_1024_8, pc_256_8_rc2."""
-    name = f"{cfg.algo.name}_{cfg.width}_{cfg.depth}"
-    if cfg.algo.name == "pc" and str(cfg.relax.name) != "none":
-        name += f"_rc{cfg.relax.name}"
-    return name
+    return _paper_name(settings.algo, settings.relax, settings.width, settings.depth)
 
 
-def twin_name(cfg: DictConfig | Settings) -> str:
-    """The twin without its size: bp, pc, pc_rc2, pc_rc3, pc_rc23 (the W&B job type)."""
-    if cfg.algo.name == "pc" and str(cfg.relax.name) != "none":
-        return f"pc_rc{cfg.relax.name}"
-    return str(cfg.algo.name)
+def _paper_name(algo: str, relax: Any, width: int, depth: int) -> str:
+    name = f"{algo}_{width}_{depth}"
+    return name + (f"_rc{relax}" if algo == "pc" and str(relax) != "none" else "")
 
 
 def _identity_roles(schema: type, prefix: str = "") -> dict[str, Any]:
@@ -76,6 +66,26 @@ def _role(key: str) -> Any:
 DEFAULTS = _flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resolve=True))
 
 
+def _twin_default(key: str, *, _root_: DictConfig) -> Any:
+    """``${pcsweep.twin:KEY}``: the chosen twin's default for KEY (conf/twin/), else the schema's."""
+    twin = twin_name(_root_.algo, _root_.relax)  # an unknown one is refused by the settings' check, in one line
+    return (twin_defaults(twin) if twin in TWINS else {}).get(key, DEFAULTS[key])
+
+
+def _schema() -> DictConfig:
+    """The typed settings Hydra composes ``conf/`` onto, each key a twin sets being ``${pcsweep.twin:KEY}``: a preset
+    or the command line replaces the interpolation with a value, else it resolves to the twin's default."""
+    schema = OmegaConf.structured(Settings)
+    for key in twin_keys():
+        OmegaConf.update(schema, key, f"${{pcsweep.twin:{key}}}", merge=False)
+    return schema
+
+
+if not OmegaConf.has_resolver("pcsweep.twin"):
+    OmegaConf.register_new_resolver("pcsweep.twin", _twin_default)
+ConfigStore.instance().store(name="pcsweep_schema", node=_schema())
+
+
 # free-form: a torch optimizer's options, the twins' learning rates, claim thresholds, callbacks' arguments
 OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.", "callbacks.", "logger.")
 
@@ -88,6 +98,8 @@ def settings_from(cfg: DictConfig) -> Settings:
     unknown = [
         k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)
     ]
+    if "twin" in cfg:
+        raise ConfigError("the twin is chosen by algo and relax (algo=pc relax=2); conf/twin/ holds their defaults")
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a pcsweep setting (`python -m pcsweep --cfg job` lists them)")
     try:
@@ -95,7 +107,7 @@ def settings_from(cfg: DictConfig) -> Settings:
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     tuned = settings.tune.key
-    if tuned is not None and not is_number(OmegaConf.select(cfg, tuned, default=None)):
+    if tuned is not None and not is_number(setting_value(settings, tuned)):
         raise ConfigError(f"tune.key={tuned} is not a numeric setting of this run (`python -m pcsweep --cfg job`)")
     for name, node in settings.logger.items():
         check_target(f"logger.{name}", node)
@@ -108,6 +120,11 @@ def settings_from(cfg: DictConfig) -> Settings:
                 f"{', '.join(monitorable(settings))}"
             )
     return settings
+
+
+def setting_value(settings: Settings, key: str) -> Any:
+    """The value of the dotted ``key`` (``optimizer.lr``), or None when the settings have no such key."""
+    return _flatten(dataclasses.asdict(settings)).get(key)
 
 
 def monitorable(settings: Settings) -> list[str]:
@@ -155,19 +172,43 @@ def check_target(key: str, node: Any) -> None:
 
 
 def settings_from_container(container: dict) -> Settings:
-    """Settings from a plain mapping (a checkpoint's hyperparameters, a stored config), checked as ``settings_from``."""
-    return settings_from(OmegaConf.create(container))
+    """Settings from a plain mapping (a checkpoint's hyperparameters, a stored config of this or the previous
+    layout), checked as ``settings_from``."""
+    return settings_from(OmegaConf.create(upgrade_layout(container)))
 
 
-def identity(config: Any) -> dict[str, Any]:
-    """The settings that determine a run's numbers and differ from the defaults, as ``{dotted key: value}``.
-    ``config``: a composed config or a resolved one read back from a run's ``config.yaml``."""
-    if OmegaConf.is_config(config):  # without hydra's node: its run dir is named from this identity
+def _plain(config: Any) -> dict:
+    """A stored or composed config as a plain resolved mapping without Hydra's node, in the current layout."""
+    if isinstance(config, Settings):
+        return dataclasses.asdict(config)
+    if OmegaConf.is_config(config):
         config = OmegaConf.to_container(
             OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True
         )
-    flat = _flatten({k: v for k, v in config.items() if k != "hydra"})
-    pc = flat.get("algo.name") == "pc"
+    return upgrade_layout({k: v for k, v in config.items() if k != "hydra"})
+
+
+def upgrade_layout(config: dict) -> dict:
+    """A config of the layout before ``algo`` and ``relax`` were plain settings (``algo.name``, ``relax.name``,
+    ``relax.update_every``, ``relax.variance``, ``relax.log_variance_min``) in today's: old run folders keep their
+    identity, so a re-run adopts them (``find_previous_folder``)."""
+    config = dict(config)
+    if isinstance(config.get("algo"), dict):
+        config["algo"] = config["algo"].get("name", "pc")
+    if isinstance(config.get("relax"), dict):
+        relax = dict(config["relax"])
+        config["relax"] = str(relax.pop("name", "none"))
+        config["inference"] = {**config.get("inference", {}), "update_every": relax.get("update_every")}
+        config["variance"] = relax.get("variance", "fixed")
+        config["log_variance_min"] = relax.get("log_variance_min", "auto")
+    return config
+
+
+def identity(config: Settings | dict) -> dict[str, Any]:
+    """The settings that determine a run's numbers and differ from the defaults, as ``{dotted key: value}``.
+    ``config``: a run's settings, or a stored config (a run's ``config.yaml``, a checkpoint's) as a mapping."""
+    flat = _flatten(_plain(config))
+    pc = flat.get("algo") == "pc"
     return {
         k: v
         for k, v in sorted(flat.items())
@@ -175,80 +216,50 @@ def identity(config: Any) -> dict[str, Any]:
     }
 
 
-def config_hash(config: Any, length: int = 8) -> str:
+def config_hash(config: Settings | dict, length: int = 8) -> str:
     blob = json.dumps(identity(config), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:length]
 
 
-def find_previous_folder(sweep_dir: Path, cfg: DictConfig) -> Optional[Path]:
+def find_previous_folder(sweep_dir: Path, settings: Settings) -> Optional[Path]:
     """A folder of this run under an earlier naming (same paper name and dataset, same identity read from its
     ``config.yaml``), or None: the caller renames it, so a re-run of an old sweep resumes instead of retraining."""
-    wanted, name = config_hash(cfg), run_dir_name(cfg)
-    for folder in sorted(Path(sweep_dir).glob(f"{paper_name(cfg)}_{cfg.dataset.name}-*")):
+    wanted, name = config_hash(settings), run_dir_name(settings)
+    for folder in sorted(Path(sweep_dir).glob(f"{paper_name(settings)}_{settings.dataset.name}-*")):
         if folder.name != name and (folder / "config.yaml").is_file():
             try:
-                if config_hash(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))) == wanted:
+                if config_hash(cast(dict, OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))) == wanted:
                     return folder
             except Exception:  # an unreadable old config is not this run
                 continue
     return None
 
 
-def run_dir_name(cfg: DictConfig) -> str:
-    return f"{paper_name(cfg)}_{cfg.dataset.name}-{config_hash(cfg)}"
+def run_dir_name(settings: Settings) -> str:
+    return f"{paper_name(settings)}_{settings.dataset.name}-{config_hash(settings)}"
 
 
-def duplicate_target(cfg: DictConfig | Settings) -> Optional[str]:
+def _run_dir_of(*, _root_: DictConfig) -> str:
+    """``${pcsweep.run_dir:}``: ``run_dir_name`` of the composed config (checked: a bad setting stops a single run
+    here, in one line, before Hydra makes its folder: a resolver's exception would be a traceback)."""
+    try:
+        return run_dir_name(settings_from(_root_))
+    except UserError as exc:
+        exit_with(str(exc))
+
+
+def duplicate_target(settings: Settings) -> Optional[str]:
     """For a BP duplicate, the name of the run that it duplicates."""
-    if not is_bp_duplicate(cfg):
+    if not is_bp_duplicate(settings.algo, settings.relax):
         return None
-    return f"{paper_name(cfg)}_{cfg.dataset.name}"
-
-
-# Config groups whose option names are numbers (relax=2 means conf/relax/2.yaml).
-NUMERIC_CHOICE_GROUPS = ("relax",)
-
-
-def _choice_name(value: Any) -> Any:
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-def accept_numeric_choices() -> None:
-    """Hydra's override grammar reads ``relax=2`` as the integer 2 and refuses an integer as a config group's choice
-    (Hydra has no option for this). A choice is a name: this makes Hydra's parser read a number given to a group of
-    ``NUMERIC_CHOICE_GROUPS`` as the name it is, wherever overrides are parsed (the command line, every sweeper and
-    launcher, the compose API), so ``relax=2`` and ``relax=none,2,3,23`` need no quoting from any entry point.
-    Installed when this module is imported (every pcsweep entry point imports it); idempotent."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
-
-    parse = OverridesParser.parse_overrides
-    if getattr(parse, "accepts_numeric_choices", False):
-        return
-
-    def parse_overrides(self: OverridesParser, overrides: list) -> list:
-        parsed = parse(self, overrides)
-        for override in parsed:
-            if override.key_or_group not in NUMERIC_CHOICE_GROUPS:
-                continue
-            if isinstance(override._value, ChoiceSweep):
-                override._value.list = [_choice_name(v) for v in override._value.list]
-            else:
-                override._value = _choice_name(override._value)
-        return parsed
-
-    parse_overrides.accepts_numeric_choices = True  # type: ignore[attr-defined]
-    OverridesParser.parse_overrides = parse_overrides  # type: ignore[method-assign]
-
-
-accept_numeric_choices()
+    return f"{paper_name(settings)}_{settings.dataset.name}"
 
 
 def register_resolvers() -> None:
     """``${pcsweep.run_dir:}`` names a run's folder from the whole config (used by hydra.run/sweep dirs);
     ``${pcsweep.gpu_count:}`` counts the local GPUs (launcher=gpus)."""
     if not OmegaConf.has_resolver("pcsweep.run_dir"):
-        OmegaConf.register_new_resolver("pcsweep.run_dir", lambda *, _root_: run_dir_name(_root_))
+        OmegaConf.register_new_resolver("pcsweep.run_dir", _run_dir_of)
     if not OmegaConf.has_resolver("pcsweep.gpu_count"):
         OmegaConf.register_new_resolver("pcsweep.gpu_count", gpu_count)
 
@@ -260,12 +271,12 @@ def gpu_count() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def family_name(config: Any) -> str:
+def family_name(settings: Settings) -> str:
     """The run's identity without its seed, ``<paper name>_<dataset>-<hash>``: the runs of one family are seeds of
-    one experiment (their W&B group; ``report.Run.family`` is the same hash). ``config``: as for ``identity``."""
-    if OmegaConf.is_config(config):
-        config = OmegaConf.to_container(
-            OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True
-        )
-    unseeded = {k: v for k, v in config.items() if k != "seed"}
-    return f"{paper_name(OmegaConf.create(unseeded))}_{unseeded['dataset']['name']}-{config_hash(unseeded)}"
+    one experiment (their W&B group; ``report.Run.family`` is the same hash)."""
+    return f"{paper_name(settings)}_{settings.dataset.name}-{config_hash(unseeded(settings))}"
+
+
+def unseeded(config: Settings | dict) -> dict:
+    """The config as a mapping, without its seed: what the runs of one family share."""
+    return {k: v for k, v in _plain(config).items() if k != "seed"}

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from pcsweep.pc import energy
 from pcsweep.pc.energy import get_activation
 
 
@@ -68,10 +69,8 @@ def batched_losses(
         h = torch.baddbmm(bias.view(1, 1, -1), h, w_g.transpose(1, 2))
         if l < L - 1:
             h = act(h)
-    target_g = target.unsqueeze(0).expand(G, *target.shape)
-    if loss == "mse":
-        return 0.5 * (target_g - h).pow(2).sum(dim=2).mean(dim=1)
-    return -(target_g * torch.log_softmax(h, dim=2)).sum(dim=2).mean(dim=1)
+    # the loss the twins train on (its batch mean), per grid point: vmap maps it over the G points in one pass
+    return torch.vmap(energy.output_loss, in_dims=(0, None, None))(h, target, loss)
 
 
 def landscape(
@@ -131,9 +130,7 @@ def output_loss(
         h = torch.addmm(b, h, w.t())
         if l < len(weights) - 1:
             h = act(h)
-    if loss == "mse":
-        return 0.5 * (target - h).pow(2).sum(dim=1).mean()
-    return -(target * torch.log_softmax(h, dim=1)).sum(dim=1).mean()
+    return energy.output_loss(h, target, loss)
 
 
 def hessian_extremes(

@@ -184,10 +184,10 @@ class PCModule(TwinModule):
         super().__init__(settings, num_features, num_classes)
         settings, mlp = self.settings, self.mlp
         self.automatic_optimization = False
-        if settings.relax.variance != "fixed":
-            self.log_variances = make_log_variances(mlp.sizes, settings.relax.variance, settings.output_loss)
-        # relax.log_variance_min=auto: no floor until the pre-flight measures one (run.check_stability)
-        floor = settings.relax.log_variance_min
+        if settings.variance != "fixed":
+            self.log_variances = make_log_variances(mlp.sizes, settings.variance, settings.output_loss)
+        # log_variance_min=auto: no floor until the pre-flight measures one (run.check_stability)
+        floor = settings.log_variance_min
         self.engine = PCEngine(
             mlp.as_pc_network(self.log_variances, settings.output_loss),
             settings.schedule(),
@@ -195,7 +195,7 @@ class PCModule(TwinModule):
         )
         tracking = settings.tracking
         self.divergence_factor = tracking.divergence_factor
-        # inference.step_size=auto and relax.log_variance_min=auto: the stiffness each keeps (set by the pre-flight),
+        # inference.step_size=auto and log_variance_min=auto: the stiffness each keeps (set by the pre-flight),
         # re-measured every ``curvature_every`` batches of the run and after a rise (conditions.curvature_due)
         self.curvature_targets = CurvatureTargets()
         self.curvature_every = settings.curvature_every

@@ -7,6 +7,7 @@ also gets a ``DIVERGED`` marker.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -88,8 +89,8 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
 
 
 def build_model(settings: Settings, num_features: int, num_classes: int) -> TwinModule:
-    """The twin ``settings.algo.name`` on a fresh MLP drawn from the seed (both twins start from the same weights)."""
-    return (BPModule if settings.algo.name == "bp" else PCModule)(settings, num_features, num_classes)
+    """The twin ``settings.algo`` on a fresh MLP drawn from the seed (both twins start from the same weights)."""
+    return (BPModule if settings.algo == "bp" else PCModule)(settings, num_features, num_classes)
 
 
 def seconds_per_batch(settings: Settings, dataset) -> float:
@@ -121,7 +122,7 @@ def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
         model.engine,
         inputs,
         target,
-        settings.relax.log_variance_min,
+        settings.log_variance_min,
         trainable_variance=model.log_variances is not None,
         step_setting=settings.inference.step_size,
         auto_stiffness=settings.inference.auto_stiffness,
@@ -130,7 +131,7 @@ def measure_stability(settings: Settings, model: PCModule, dataset) -> dict:
 
 def check_stability(settings: Settings, model: PCModule, dataset) -> dict:
     """Pre-flight: a step size or variance floor that makes inference diverge is one line (``UnstableSetting``), not
-    a run; ``inference.step_size=auto`` and ``relax.log_variance_min=auto`` become the step size and the floor that
+    a run; ``inference.step_size=auto`` and ``log_variance_min=auto`` become the step size and the floor that
     keep it stable (the engine's step size is set by ``measure_stability``)."""
     stability = measure_stability(settings, model, dataset)
     if stability["log_variance_min"] is not None:
@@ -165,7 +166,7 @@ def run_checks(
     records = conditions.records
     limits = Condition2Thresholds(settings.tracking.condition2_max_gap, settings.tracking.condition2_min_cosine)
     checks["condition2"] = condition2_verdict(
-        [r["condition2"] for r in records], settings.relax.update_every is not None, limits
+        [r["condition2"] for r in records], settings.inference.update_every is not None, limits
     )
     worst = max((r["stiffness"] for r in records), default=stability["stiffness"])
     rises = [r.get("train_energy_rises") for r in summary["history"] if r.get("train_energy_rises") is not None]
@@ -210,9 +211,7 @@ def run_checks(
     return checks
 
 
-def _summary(
-    cfg: DictConfig, settings: Settings, run_dir: Path, history: History, status: str, num_classes: int
-) -> dict[str, Any]:
+def _summary(settings: Settings, run_dir: Path, history: History, status: str, num_classes: int) -> dict[str, Any]:
     records = history.records
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
@@ -246,7 +245,7 @@ def _summary(
         "num_classes": num_classes,
         "history": records,
         "curve": history.curve,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": dataclasses.asdict(settings),
     }
 
 
@@ -315,14 +314,14 @@ def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
     )
 
 
-def start_logging(cfg: DictConfig, settings: Settings, run_dir: Path) -> tuple[list, Any]:
+def start_logging(settings: Settings, run_dir: Path) -> tuple[list, Any]:
     """Lightning loggers: the CSV log (always: resume and the summary read it), then conf/logger's, each built from
     its ``_target_`` and given what it takes of the run's folder (``run_dir``, ``save_dir``) and W&B ``labels``;
     and the W&B run, if there is one."""
     loggers: list = [ResumableCSVLogger(run_dir)]
     if not settings.logger:  # logger=csv: no labels to compute
         return loggers, None
-    runtime = {"run_dir": run_dir, "save_dir": str(run_dir), "labels": run_labels(cfg, settings)}
+    runtime = {"run_dir": run_dir, "save_dir": str(run_dir), "labels": run_labels(settings)}
     for node in settings.logger.values():
         accepts = inspect.signature(locate(node["_target_"])).parameters
         build = hydra.utils.instantiate(node, _partial_=True)
@@ -390,7 +389,6 @@ def announce(summary: dict, run_dir: Path, num_classes: int) -> None:
 
 
 def finish(
-    cfg: DictConfig,
     settings: Settings,
     run_dir: Path,
     model: TwinModule,
@@ -406,7 +404,7 @@ def finish(
         weights,
     )
     os.replace(weights, run_dir / "weights.pt")
-    summary = _summary(cfg, settings, run_dir, callbacks.history, status, num_classes)
+    summary = _summary(settings, run_dir, callbacks.history, status, num_classes)
     summary["diverged_reason"] = model.diverged_reason
     summary["checks"] = run_checks(settings, summary, callbacks.conditions, stability)
     summary["conditions"] = callbacks.conditions.records if callbacks.conditions is not None else []
@@ -420,7 +418,7 @@ def finish(
 LAUNCH_FILES = (".hydra", "pcsweep.log")  # what Hydra writes into a single run's folder before pcsweep runs
 
 
-def set_aside_if_other_settings(run_dir: Path, cfg: DictConfig) -> None:
+def set_aside_if_other_settings(run_dir: Path, settings: Settings) -> None:
     """A folder at this run's name whose ``config.yaml`` has another identity (a default changed since it ran: its
     name was hashed from what differed from the defaults of its day) is renamed ``<name>.other-<its hash>``: it is
     not this run, so it must neither be resumed nor answer as finished. Its settings still find it under that name."""
@@ -428,10 +426,10 @@ def set_aside_if_other_settings(run_dir: Path, cfg: DictConfig) -> None:
     if not stored.is_file():
         return
     try:
-        theirs = config_hash(OmegaConf.to_container(OmegaConf.load(stored)))
+        theirs = config_hash(cast(dict, OmegaConf.to_container(OmegaConf.load(stored))))
     except Exception:  # unreadable: the run's own checks (resume, finished) deal with it
         return
-    if theirs == config_hash(cfg):
+    if theirs == config_hash(settings):
         return
     aside, n = run_dir.with_name(f"{run_dir.name}.other-{theirs}"), 1
     while aside.exists():
@@ -444,11 +442,11 @@ def set_aside_if_other_settings(run_dir: Path, cfg: DictConfig) -> None:
     log.info(f"{run_dir.name} held a run with other settings (a default has changed since): moved to {aside.name}")
 
 
-def adopt_previous_folder(run_dir: Path, cfg: DictConfig) -> None:
+def adopt_previous_folder(run_dir: Path, settings: Settings) -> None:
     """Move this run's folder from an earlier release's naming, if there is one, so it resumes or is skipped.
     (A single run's folder may already exist, holding only what Hydra wrote into it: the old files join it.)"""
-    set_aside_if_other_settings(run_dir, cfg)
-    previous = None if (run_dir / "config.yaml").exists() else find_previous_folder(run_dir.parent, cfg)
+    set_aside_if_other_settings(run_dir, settings)
+    previous = None if (run_dir / "config.yaml").exists() else find_previous_folder(run_dir.parent, settings)
     if previous is None:
         return
     if not run_dir.exists():
@@ -461,18 +459,18 @@ def adopt_previous_folder(run_dir: Path, cfg: DictConfig) -> None:
     log.info(f"{previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}")
 
 
-def skipped(cfg: DictConfig, settings: Settings, run_dir: Path) -> Optional[dict]:
+def skipped(settings: Settings, run_dir: Path) -> Optional[dict]:
     """The summary of a run that needs no training (a BP duplicate, or finished in its folder), or None."""
     target = duplicate_target(settings)
     if target is not None:
-        log.info(f"skipped {paper_name(settings)} relax={settings.relax.name}: duplicate of {target}")
+        log.info(f"skipped {paper_name(settings)} relax={settings.relax}: duplicate of {target}")
         return {
             "name": paper_name(settings),
             "dataset": settings.dataset.name,
             "status": "duplicate",
             "duplicate_of": target,
         }
-    adopt_previous_folder(run_dir, cfg)
+    adopt_previous_folder(run_dir, settings)
     done = finished_summary(run_dir)
     if done is not None:
         log.info(f"{run_dir.name}: already {done['status']}, nothing to train")
@@ -495,7 +493,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             "(pcsweep -m ... tune=lr)"
         )
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
-    done = skipped(cfg, settings, run_dir)
+    done = skipped(settings, run_dir)
     if done is not None:
         return done
     dataset = load_dataset(settings.dataset)  # a missing dataset is one line (DatasetError), not a traceback
@@ -505,7 +503,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     try:
         with run_lock(run_dir):
             done = finished_summary(run_dir)  # finished by another process since the check above
-            return done if done is not None else train_owned(cfg, settings, run_dir, dataset, model, stability)
+            return done if done is not None else train_owned(settings, run_dir, dataset, model, stability)
     except RunBusy as exc:
         log.info(f"{run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up its result)")
         return {
@@ -525,13 +523,13 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
 
 
 def train_owned(
-    cfg: DictConfig, settings: Settings, run_dir: Path, dataset, model: TwinModule, stability: Optional[dict]
+    settings: Settings, run_dir: Path, dataset, model: TwinModule, stability: Optional[dict]
 ) -> dict[str, Any]:
     """The training itself, in a run folder this process owns."""
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(dataclasses.asdict(settings)))
     callbacks = make_callbacks(settings, run_dir, model, stability is not None)
     last, resume = resume_point(run_dir)
-    loggers, wandb_run = start_logging(cfg, settings, run_dir)
+    loggers, wandb_run = start_logging(settings, run_dir)
     succeeded = False
     try:
         fit(
@@ -544,7 +542,7 @@ def train_owned(
             last,
             resume,
         )
-        summary = finish(cfg, settings, run_dir, model, callbacks, stability, dataset.num_classes)
+        summary = finish(settings, run_dir, model, callbacks, stability, dataset.num_classes)
         if wandb_run is not None:
             wandb_run.summary.update(run_summary(summary))
             log_final_artifacts(wandb_run, run_dir, summary)

@@ -18,6 +18,7 @@ from pcsweep.data import DATASETS
 from pcsweep.errors import UserError
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES
 from pcsweep.pc.schedule import Inference
+from pcsweep.twins import ALGOS, RELAXATIONS, twin_name
 
 INITS = ("xavier", "torch")
 PAPER_STEP_SIZE = 0.1  # the paper's gamma
@@ -50,38 +51,11 @@ def one_of(key: str, value: Any, choices) -> None:
 
 
 @dataclass
-class AlgoSettings:
-    """conf/algo: the learning rule."""
-
-    name: str = "pc"  # bp | pc
-
-    def __post_init__(self) -> None:
-        one_of("algo.name", self.name, ("bp", "pc"))
-
-
-@dataclass
-class RelaxSettings:
-    """conf/relax: which of the paper's conditions 2 and 3 PC relaxes."""
-
-    name: str = "none"  # none | 2 | 3 | 23 (the twin's name; the fields below are what it means)
-    update_every: Optional[int] = None  # null: one weight update after the T steps (condition 2); k: every k steps
-    variance: str = "fixed"  # fixed (S = 1, condition 3) | neuron | layer (trainable log S)
-    # floor on log S: auto = where step_size * lambda_max / S_min is 1.8 (1 + momentum), measured at the initial
-    # weights and followed as they train; a number below the stable range is rejected
-    log_variance_min: Any = "auto"
-
-    def __post_init__(self) -> None:
-        one_of("relax.name", str(self.name), ("none", "2", "3", "23"))
-        one_of("relax.variance", self.variance, VARIANCES)
-        floor = self.log_variance_min
-        check(floor == "auto" or is_number(floor), "relax.log_variance_min", "auto or a number", floor)
-
-
-@dataclass
 class InferenceSettings:
     """PC's inference (BP ignores it, and it is not part of a BP run's identity)."""
 
     steps: int = 256  # T: the paper's condition 2
+    update_every: Optional[int] = None  # null: one weight update after the T steps (condition 2); k: every k steps
     # gamma: auto = auto_stiffness of the stability limit over the measured lambda_max, followed as the weights train
     # (the paper's literal 0.1 leaves pc short of convergence and rc2 past the limit: see the README); a number is
     # rejected before training if gamma * lambda_max >= 2 (1 + momentum)
@@ -279,8 +253,14 @@ class TuneSettings:
 class Settings:
     """A whole run. Top-level keys are the ones users sweep (``width=256,1024``)."""
 
-    algo: AlgoSettings = field(default_factory=AlgoSettings)
-    relax: RelaxSettings = setting(identity="pc", factory=RelaxSettings)
+    algo: str = "pc"  # bp | pc: the learning rule
+    # none | 2 | 3 | 23: which of the paper's conditions 2 and 3 PC relaxes; with algo, it names the twin
+    # (pcsweep.twins), whose own defaults (conf/twin/<twin>.yaml) sit under what a preset or the command line sets
+    relax: str = setting("none", identity="pc")
+    variance: str = setting("fixed", identity="pc")  # fixed (S = 1, condition 3) | neuron | layer (trainable log S)
+    # floor on log S: auto = where step_size * lambda_max / S_min is 1.8 (1 + momentum), measured at the initial
+    # weights and followed as they train; a number below the stable range is rejected
+    log_variance_min: Any = setting("auto", identity="pc")
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     optimizer: Any = None  # conf/optimizer: a torch.optim class for hydra.utils.instantiate (_partial_)
     # conf/logger: Lightning loggers beside metrics.csv (always written), {name: {_target_: class, its arguments}}
@@ -315,6 +295,12 @@ class Settings:
     sweep_name: str = setting("default", identity=False)  # runs live in multirun/<sweep_name>/
 
     def __post_init__(self) -> None:
+        self.relax = str(self.relax)  # relax=2 on the command line is the number 2
+        one_of("algo", self.algo, ALGOS)
+        one_of("relax", self.relax, RELAXATIONS)
+        one_of("variance", self.variance, VARIANCES)
+        floor = self.log_variance_min
+        check(floor == "auto" or is_number(floor), "log_variance_min", "auto or a number", floor)
         check(self.width >= 1, "width", ">= 1", self.width)
         check(self.depth >= 1, "depth", ">= 1", self.depth)
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -340,10 +326,15 @@ class Settings:
                 "in (0, 0.5) while tuning (tuning scores on it, never on the test split)",
                 fraction,
             )
-        k = self.relax.update_every
-        if self.algo.name == "pc" and k is not None:
+        k = self.inference.update_every
+        if self.algo == "pc" and k is not None:
             steps = self.inference.steps
-            check(1 <= k <= steps, "relax.update_every", f"null or in [1, inference.steps={steps}]", k)
+            check(1 <= k <= steps, "inference.update_every", f"null or in [1, inference.steps={steps}]", k)
+
+    @property
+    def twin(self) -> str:
+        """bp, pc, pc_rc2, pc_rc3 or pc_rc23."""
+        return twin_name(self.algo, self.relax)
 
     def schedule(self) -> Inference:
         """What the PC engine runs: the inference settings with the twin's update interval (with
@@ -353,7 +344,7 @@ class Settings:
             steps=i.steps,
             step_size=PAPER_STEP_SIZE if i.step_size == "auto" else i.step_size,
             momentum=i.momentum,
-            update_every=self.relax.update_every,
+            update_every=i.update_every,
             tolerance=i.tolerance,
             check_every=i.check_every,
         )

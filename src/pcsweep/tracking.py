@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pcsweep.files import read_json, write_atomic
+from pcsweep.settings import Settings
 from pcsweep.tuning import lr_origin
 
 if TYPE_CHECKING:
@@ -246,15 +248,13 @@ def wandb_logger(run_dir: Path, labels: dict[str, Any], **options: Any) -> AxesW
     return AxesWandbLogger(start_wandb(run_dir, **options, **labels))
 
 
-def run_labels(cfg, settings) -> dict[str, Any]:
+def run_labels(settings: Settings) -> dict[str, Any]:
     """How W&B files a run (``wandb.init`` arguments): grouped by its family (the identity without the seed: W&B
     aggregates the seeds), job type its twin, tags and flat config keys to filter by twin, size, dataset, sweep and
     seed."""
-    from omegaconf import OmegaConf
+    from pcsweep.config import family_name, paper_name
 
-    from pcsweep.config import family_name, paper_name, twin_name
-
-    twin, sweep, family = twin_name(settings), settings.tracking.group or settings.sweep_name, family_name(cfg)
+    twin, sweep, family = settings.twin, settings.tracking.group or settings.sweep_name, family_name(settings)
     tags = {
         "twin": twin,
         "width": settings.width,
@@ -269,7 +269,7 @@ def run_labels(cfg, settings) -> dict[str, Any]:
         "job_type": twin,
         "tags": [f"{k}={v}"[:64] for k, v in tags.items()],  # W&B refuses longer tags
         "config": {
-            **cast(dict, OmegaConf.to_container(cfg, resolve=True)),
+            **dataclasses.asdict(settings),
             "twin": twin,
             "family": family,
             "sweep": sweep,

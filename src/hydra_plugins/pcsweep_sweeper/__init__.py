@@ -12,9 +12,13 @@ validation metric: never the test set).
 
 ``tune=lr`` (``TuningStage``, ``pcsweep.tuning``) is pcsweep's own stage before a grid: every family of the grid gets
 the same search on the validation split, and the grid trains at each family's choice.
+
+Hydra imports this module whenever any Hydra application starts (plugin discovery): pcsweep's heavy modules (torch,
+Lightning, the run) are imported inside the methods that run a pcsweep sweep, never at the top.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -23,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, cast
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
@@ -106,9 +112,9 @@ class FilteringLauncher(Launcher):
             "dataset": settings.dataset.name,
         }
         self.check(label, settings)
-        target, run_dir = duplicate_target(settings), run_dir_name(cfg)
+        target, run_dir = duplicate_target(settings), run_dir_name(settings)
         if target is not None:
-            entry["model"] += f" relax={settings.relax.name}"
+            entry["model"] += f" relax={settings.relax}"
             log.info(f"skipped {entry['model']}: duplicate of {target} (BP has no conditions to relax)")
             return {**entry, "status": "duplicate", "duplicate_of": target}
         if run_dir in seen:
@@ -117,7 +123,7 @@ class FilteringLauncher(Launcher):
         seen[run_dir] = label
         entry["run_dir"] = run_dir
         path = Path(cfg.hydra.sweep.dir) / run_dir  # a tuning trial's is <sweep>/tuning
-        adopt_previous_folder(path, cfg)
+        adopt_previous_folder(path, settings)
         if not (path / "summary.json").exists():  # a grid run its tuning trained already is copied, not retrained
             trial_dir = Path(self.sweeper.config.hydra.sweep.dir) / TUNING_DIR / run_dir
             reuse_trial(path, trial_dir, finished_summary(trial_dir), settings.tune.origin)
@@ -125,7 +131,7 @@ class FilteringLauncher(Launcher):
         if done is not None:
             (log.debug if self.tuning else log.info)(f"skipped {label}: already {done['status']} in {run_dir}")
             return {**entry, "status": "finished"}
-        if settings.algo.name == "pc":
+        if settings.algo == "pc":
             try:  # a step size or floor past the stability limit stops the sweep before its first job
                 self.stability(settings)
             except UserError as exc:
@@ -198,7 +204,7 @@ class TuningStage:
 
     def describe(self, family: Family) -> bool:
         """Names the family from its composed settings; False for a BP duplicate (nothing of its own to tune)."""
-        from pcsweep.config import duplicate_target, family_name, paper_name, settings_from, twin_name
+        from pcsweep.config import duplicate_target, family_name, paper_name, setting_value, settings_from
 
         cfg = self.sweeper.hydra_context.config_loader.load_sweep_config(self.sweeper.config, family.overrides)
         try:
@@ -207,9 +213,9 @@ class TuningStage:
             fail(f"{' '.join(family.overrides)}: {exc}")
         if duplicate_target(settings) is not None:
             return False
-        family.name, family.model, family.twin = family_name(cfg), paper_name(settings), twin_name(settings)
+        family.name, family.model, family.twin = family_name(settings), paper_name(settings), settings.twin
         family.dataset, family.width, family.depth = settings.dataset.name, settings.width, settings.depth
-        family.default = OmegaConf.select(cfg, self.tune.key)
+        family.default = setting_value(settings, self.tune.key)
         family.epochs = self.tune.epochs or settings.epochs
         family.val_fraction = settings.dataset.val_fraction
         family.settings = settings
@@ -244,7 +250,7 @@ class TuningStage:
     def launch(self, trials: List[tuple], announce: bool = False) -> None:
         """Trains (or finds finished) every ``(family, value)`` at each seed; each summary lands in its family.
         ``announce``: first one line with the projected cost of the trials that still need training."""
-        launcher = cast(FilteringLauncher, self.sweeper.launcher)
+        launcher = self.sweeper.launcher
         seeds = range(self.tune.seeds)
         jobs = [(family, value, seed) for family, value in trials for seed in seeds]
         overrides = [
@@ -305,7 +311,7 @@ class TuningStage:
         measured time per batch x its batches."""
         from pcsweep.run import seconds_per_batch
 
-        launcher = cast(FilteringLauncher, self.sweeper.launcher)
+        launcher = self.sweeper.launcher
         measured: Dict[str, float] = {}
         seconds = 0.0
         for family in to_train:
@@ -386,52 +392,77 @@ class SweepRecord:
         write_manifest(Path(self.config.hydra.sweep.dir), self.sweep_id, self.manifest)
 
 
+def expand(overrides: Sequence[Override]) -> List[List[str]]:
+    """The grid of ``overrides``: every combination of the swept values (``a=1,2 b=x,y``: 4 jobs), in order."""
+    choices: Dict[str, List[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise UserError(f"{key}: pcsweep sweeps lists of values (a=1,2,3), not {override.get_value_string()}")
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
 # hydra's Sweeper declares config Optional (set in setup()); SweepRecord is used only after setup
-class PcsweepSweeper(SweepRecord, BasicSweeper):  # type: ignore[misc]
+class PcsweepSweeper(SweepRecord, Sweeper):  # type: ignore[misc]
+    """A grid sweeper: the product of the swept values (``params`` and the command line), plus the ``also``
+    grids, then (``tune=lr``) the tuning stage; launched through ``FilteringLauncher``."""
+
     def __init__(
         self,
         max_batch_size: Optional[int] = None,
         params: Optional[Dict[str, str]] = None,
         also: Optional[List[Dict[str, Any]]] = None,
     ) -> None:
-        BasicSweeper.__init__(self, max_batch_size=max_batch_size, params=params)
+        super().__init__()
+        self.max_batch_size, self.params = max_batch_size, dict(params or {})
         self.also = [dict(entry) for entry in (also or [])]
         self.manifest = []
 
-    def sweep(self, arguments: List[str]) -> Any:
-        self.start_record(self._parse_config() + list(arguments))
-        return super().sweep(arguments)
-
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         release_stderr()  # Hydra has composed the config: its own errors are behind us
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        assert self.launcher is not None  # made by BasicSweeper.setup
-        self.launcher = FilteringLauncher(self.launcher, self)
+        self.hydra_context, self.config = hydra_context, config
+        inner = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.launcher: FilteringLauncher = FilteringLauncher(inner, self)
 
-    # BasicSweeper's is a staticmethod, called through self (so this one, which needs self.also, is reached)
-    def split_arguments(  # type: ignore[override]
-        self, overrides: Any, max_batch_size: Optional[int]
-    ) -> List[List[List[str]]]:
-        """BasicSweeper's expansion, plus the ``also`` grids (the same overrides with some keys replaced)."""
-        from hydra.core.override_parser.overrides_parser import OverridesParser
+    def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+        spec = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        self.start_record(spec)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        try:
+            batches = self.split_arguments(parser.parse_overrides(spec), self.max_batch_size)
+        except UserError as exc:
+            fail(str(exc))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, first = [], 0
+        for batch in batches:
+            results = self.launcher.launch(batch, initial_job_idx=first)
+            for result in results:
+                _ = result.return_value  # a job that raised stops the sweep
+            first += len(batch)
+            returns.append(results)
+        return returns
 
-        jobs = BasicSweeper.split_arguments(overrides, None)[0]
+    def split_arguments(self, overrides: List[Override], max_batch_size: Optional[int]) -> List[List[List[str]]]:
+        """The grid, plus the ``also`` grids (the same overrides with some keys replaced), in batches."""
+        jobs = expand(overrides)
         parser = OverridesParser.create()
         for entry in self.also:
             extra = parser.parse_overrides([f"{k}={v}" for k, v in entry.items()])
             keys = {o.get_key_element() for o in extra}
-            jobs += BasicSweeper.split_arguments(
-                [o for o in overrides if o.get_key_element() not in keys] + extra, None
-            )[0]
+            jobs += expand([o for o in overrides if o.get_key_element() not in keys] + extra)
         config = getattr(self, "config", None)  # None: expanding a grid without a sweep (setup not called)
         if config is not None and config.tune.key is not None:  # tune=lr: the search first, then the grid at it
             jobs = TuningStage(self).run(jobs)
-        if max_batch_size is None:
-            return [jobs]
-        return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
-
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        pass  # FilteringLauncher composes (and so validates) every job itself
+        size = max_batch_size or len(jobs) or 1
+        return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
 
 # ------------------------------------------------------------------------------------------------ Optuna
@@ -473,8 +504,7 @@ class TrialLauncher(FilteringLauncher):
             )
         if duplicate_target(settings) is not None:
             fail(
-                f"{label}: algo=bp has no conditions to relax, so relax={settings.relax.name} tunes nothing: "
-                "use relax=none"
+                f"{label}: algo=bp has no conditions to relax, so relax={settings.relax} tunes nothing: use relax=none"
             )
         if settings.dataset.val_fraction == 0:
             fail(

@@ -36,10 +36,12 @@ import os
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from types import SimpleNamespace
 from typing import Any
 
 IN_DIM, OUT_DIM = 784, 10
+LOOPS = ("unroll", "scan")  # how train_on_batch runs the T steps (--loop)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--loop",
-        choices=("unroll", "scan"),
+        choices=LOOPS,
         default="unroll",
         help="unroll the T steps in Python at trace time (PCX examples) or roll them into pxf.scan",
     )
@@ -95,6 +97,7 @@ def limit_threads(threads: int | None) -> dict:
 
 
 def import_pcx() -> SimpleNamespace:
+    # imported here: PCX and JAX are optional extras (pcsweep[peers]), and XLA must start after limit_threads
     try:
         import jax
         import optax
@@ -108,8 +111,6 @@ def import_pcx() -> SimpleNamespace:
             f"pcsweep.peers.pcx_mlp needs PCX and JAX ({exc}); "
             'install them with: pip install "pcx==0.6.3" "jax[cpu]>=0.4.33,<0.5"'
         )
-    from importlib.metadata import version
-
     return SimpleNamespace(
         jax=jax,
         jnp=jax.numpy,
@@ -126,7 +127,25 @@ def import_pcx() -> SimpleNamespace:
 
 def build(api: SimpleNamespace):
     """The model and the jitted training batch, written with PCX's own API (as in its MLP examples)."""
-    jax, px, pxf, pxnn, pxc, pxu = api.jax, api.px, api.pxf, api.pxnn, api.pxc, api.pxu
+    px, pxc, pxnn, pxu = api.px, api.pxc, api.pxnn, api.pxu
+    model_class, parts = _model_class(api), _batch_parts(api)
+
+    def make(width: int, depth: int, batch: int, step_size: float, lr: float, seed: int):
+        px.RKG.seed(seed)
+        model = model_class(width, depth)
+        # one untimed eager forward to give every vode its batch shape (PCX's examples do this before training)
+        with pxu.step(model, pxc.STATUS.INIT, clear_params=pxc.VodeParam.Cache):
+            parts.forward(api.jnp.zeros((batch, IN_DIM)), None, model=model)
+        optim_h = pxu.Optim(lambda: api.optax.sgd(step_size))
+        optim_w = pxu.Optim(lambda: api.optax.sgd(lr), pxu.M(pxnn.LayerParam)(model))
+        return model, optim_w, optim_h
+
+    return make, _train_on_batch(api, parts)
+
+
+def _model_class(api: SimpleNamespace) -> type:
+    """The MLP the PCX way: ``x = vode(tanh(linear(x)))``, a linear output whose vode is clamped to the target."""
+    jax, px, pxnn, pxc = api.jax, api.px, api.pxnn, api.pxc
 
     class Model(pxc.EnergyModule):  # type: ignore[name-defined]  # PCX, imported at run time (import_pcx)
         def __init__(self, width: int, depth: int) -> None:
@@ -145,6 +164,13 @@ def build(api: SimpleNamespace):
                 self.vodes[-1].set("h", y)
             return self.vodes[-1].get("u")
 
+    return Model
+
+
+def _batch_parts(api: SimpleNamespace) -> SimpleNamespace:
+    """What a training batch is made of: the feedforward pass (``forward``), the free vodes' mask (``free_vodes``),
+    and one inference step and one learning step on the energy summed over the batch."""
+    jax, pxf, pxnn, pxc, pxu = api.jax, api.pxf, api.pxnn, api.pxc, api.pxu
     vode_axes = pxu.M(pxc.VodeParam | pxc.VodeParam.Cache).to((None, 0))
 
     @pxf.vmap(vode_axes, in_axes=(0, 0), out_axes=0)
@@ -174,14 +200,24 @@ def build(api: SimpleNamespace):
         optim_w.step(model, g["model"], scale_by=1.0 / x.shape[0])  # mean over the batch
         return e
 
+    return SimpleNamespace(
+        forward=forward, free_vodes=free_vodes, inference_step=inference_step, learning_step=learning_step
+    )
+
+
+def _train_on_batch(api: SimpleNamespace, parts: SimpleNamespace):
+    """One training batch as ONE ``pxf.jit`` function: feedforward init, the T inference steps, the weight updates."""
+    pxf, pxc, pxu = api.pxf, api.pxc, api.pxu
+    inference_step, learning_step = parts.inference_step, parts.learning_step
+
     @pxf.jit(static_argnums=(0, 1, 2))
     def train_on_batch(steps, every, loop, x, y, *, model, optim_w, optim_h):
         """Returns (energy at the feedforward init, energy just before the first weight update), both summed."""
         model.train()
         # (INIT, None): back to no status afterwards, so that a pxf.scan carry keeps one structure
         with pxu.step(model, (pxc.STATUS.INIT, None), clear_params=pxc.VodeParam.Cache):
-            forward(x, y, model=model)
-        optim_h.init(free_vodes()(model))
+            parts.forward(x, y, model=model)
+        optim_h.init(parts.free_vodes()(model))
         if loop == "unroll":
             e_first = e_update = None
             for t in range(1, steps + 1):
@@ -206,17 +242,7 @@ def build(api: SimpleNamespace):
         optim_h.clear()
         return e_first, e_update
 
-    def make(width: int, depth: int, batch: int, step_size: float, lr: float, seed: int):
-        px.RKG.seed(seed)
-        model = Model(width, depth)
-        # one untimed eager forward to give every vode its batch shape (PCX's examples do this before training)
-        with pxu.step(model, pxc.STATUS.INIT, clear_params=pxc.VodeParam.Cache):
-            forward(api.jnp.zeros((batch, IN_DIM)), None, model=model)
-        optim_h = pxu.Optim(lambda: api.optax.sgd(step_size))
-        optim_w = pxu.Optim(lambda: api.optax.sgd(lr), pxu.M(pxnn.LayerParam)(model))
-        return model, optim_w, optim_h
-
-    return make, train_on_batch
+    return train_on_batch
 
 
 def make_batches(api, n: int, batch: int, seed: int):
@@ -300,7 +326,6 @@ def benchmark(args, api) -> dict:
 def check(args, api) -> None:
     """Tiny net: inference lowers the energy, a weight update changes the weights, and one whole PCX batch matches
     a plain-JAX transcription of the algorithm (x <- x - step * dE/dx, E summed; W <- W - lr * dE/dW / B)."""
-    jax, jnp = api.jax, api.jnp
     width, depth, batch, steps = 16, 2, 4, 4
     step_size, lr = 0.1, 0.05  # a larger lr so the weight change is well above float32 noise
     make, train_on_batch = build(api)
@@ -313,43 +338,15 @@ def check(args, api) -> None:
         e_first, e_update = float(e_first), float(e_update)
         if not e_update < e_first:
             raise AssertionError(f"{schedule}: energy did not decrease with inference: {e_first} -> {e_update}")
-        change = max(
-            float(jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, before) for a, b in ((wa, wb), (ba, bb))
-        )
+        change = _largest_difference(api, after, before)
         if not change > 0:
             raise AssertionError(f"{schedule}: the weight update left the weights unchanged")
-
         # the same batch in plain JAX from the same initial weights
-        def hidden_energy(xs, params):
-            e, below = 0.0, x
-            for (w, b), h in zip(params, xs + [y]):
-                a = below @ w.T + b
-                mu = a if h is y else jnp.tanh(a)
-                e = e + 0.5 * jnp.sum((h - mu) ** 2)
-                below = h
-            return e
-
-        params = before
-        xs, below = [], x
-        for w, b in params[:-1]:
-            below = jnp.tanh(below @ w.T + b)
-            xs.append(below)
-        ref_first = hidden_energy(xs, params)
-        ref_update = None
-        for t in range(1, steps + 1):
-            g = jax.grad(hidden_energy)(xs, params)
-            xs = [h - step_size * gh for h, gh in zip(xs, g)]
-            if t % every == 0:
-                e_ref, gw = jax.value_and_grad(hidden_energy, argnums=1)(xs, params)
-                ref_update = e_ref if ref_update is None else ref_update
-                params = [(w - lr * gw_ / batch, b - lr * gb_ / batch) for (w, b), (gw_, gb_) in zip(params, gw)]
-        assert ref_update is not None  # every <= steps: at least one update
-        for name, got, want in (("E at init", e_first, float(ref_first)), ("E at update", e_update, float(ref_update))):
+        ref_first, ref_update, ref_after = _plain_jax_batch(api, x, y, before, steps, every, step_size, lr)
+        for name, got, want in (("E at init", e_first, ref_first), ("E at update", e_update, ref_update)):
             if abs(got - want) > 1e-4 * max(1.0, abs(want)):
                 raise AssertionError(f"{schedule}: {name}: PCX {got} vs plain JAX {want}")
-        err = max(
-            float(jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, params) for a, b in ((wa, wb), (ba, bb))
-        )
+        err = _largest_difference(api, after, ref_after)
         if err > 1e-5:
             raise AssertionError(f"{schedule}: PCX weights after one batch differ from plain JAX by {err}")
         print(
@@ -357,6 +354,46 @@ def check(args, api) -> None:
             file=sys.stderr,
         )
     print("ok")
+
+
+def _largest_difference(api, after, before) -> float:
+    """The largest |difference| between two ``weights`` lists, over every weight and bias."""
+    return max(
+        float(api.jnp.abs(a - b).max()) for (wa, ba), (wb, bb) in zip(after, before) for a, b in ((wa, wb), (ba, bb))
+    )
+
+
+def _plain_jax_batch(api, x, y, params, steps: int, every: int, step_size: float, lr: float):
+    """One training batch in plain JAX from the weights ``params``, the algorithm as written (x <- x - step * dE/dx,
+    E summed over the batch; W <- W - lr * dE/dW / B): E at the feedforward init, E just before the first weight
+    update, and the weights after the batch."""
+    jax, jnp = api.jax, api.jnp
+    batch = x.shape[0]
+
+    def hidden_energy(xs, params):
+        e, below = 0.0, x
+        for (w, b), h in zip(params, xs + [y]):
+            a = below @ w.T + b
+            mu = a if h is y else jnp.tanh(a)
+            e = e + 0.5 * jnp.sum((h - mu) ** 2)
+            below = h
+        return e
+
+    xs, below = [], x
+    for w, b in params[:-1]:
+        below = jnp.tanh(below @ w.T + b)
+        xs.append(below)
+    ref_first = hidden_energy(xs, params)
+    ref_update = None
+    for t in range(1, steps + 1):
+        g = jax.grad(hidden_energy)(xs, params)
+        xs = [h - step_size * gh for h, gh in zip(xs, g)]
+        if t % every == 0:
+            e_ref, gw = jax.value_and_grad(hidden_energy, argnums=1)(xs, params)
+            ref_update = e_ref if ref_update is None else ref_update
+            params = [(w - lr * gw_ / batch, b - lr * gb_ / batch) for (w, b), (gw_, gb_) in zip(params, gw)]
+    assert ref_update is not None  # every <= steps: at least one update
+    return float(ref_first), float(ref_update), params
 
 
 def main(argv=None) -> None:

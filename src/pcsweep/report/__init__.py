@@ -51,6 +51,7 @@ from pcsweep.report.sections import (
 )
 from pcsweep.report.sweep import Run, Sweep, accuracy_curve_frame, load_sweep, summary_frame
 from pcsweep.summary import read_manifest
+from pcsweep.tracking import start_wandb
 
 __all__ = [  # what pcsweep.summary, the console script and the tests use; the rest lives in the modules
     "Run",
@@ -107,10 +108,7 @@ def log_to_wandb(html_path: Path, sweep_dir: Path, options: Optional[dict] = Non
     """The report's figures as one W&B run (job type ``report``, grouped and tagged by the sweep, whose training runs
     carry the same ``sweep=`` tag), offline without a key, as training runs are; the report folder as a ``report``
     artifact."""
-    # imported here: wandb and pcsweep.tracking (which imports Lightning) are heavy, and only --wandb needs them
-    import wandb
-
-    from pcsweep.tracking import start_wandb
+    import wandb  # imported here: heavy, and only --wandb needs it
 
     manifest = read_manifest(Path(sweep_dir))
     sweep = (manifest.get("sweep_id") if manifest is not None else None) or Path(sweep_dir).name

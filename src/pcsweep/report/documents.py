@@ -30,16 +30,7 @@ def _table_html(frame: pd.DataFrame) -> str:
 
 
 def _table_md(frame: pd.DataFrame) -> str:
-    return frame.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else frame.to_string(index=False)
-
-
-def _has_tabulate() -> bool:
-    """Whether pandas can write markdown tables (tabulate is optional: without it, tables are plain text)."""
-    try:  # imported here: the import is the test (tabulate is an optional dependency, only pandas uses it)
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return frame.to_markdown(index=False, floatfmt=".4g")  # pandas writes it with tabulate (a dependency)
 
 
 @dataclass

@@ -12,7 +12,16 @@ import seaborn as sns
 import torch
 from matplotlib.ticker import MaxNLocator
 
-from pcsweep.report.style import finish, linestyle_of, log_if_wide, palette_of, save, seeds_title, slant, styles_of
+from pcsweep.report.style import (
+    finish,
+    linestyle_of,
+    log_if_wide,
+    model_bars,
+    model_lines,
+    palette_of,
+    save,
+    seeds_title,
+)
 from pcsweep.report.sweep import (
     BATCHES,
     Sweep,
@@ -43,23 +52,11 @@ def figure_benchmark(sweep: Sweep, out: Path) -> list[Path]:
             (axes[0], "final acc", "Final test accuracy"),
             (axes[1], "time to 90% [s]", "Time to 90% of final accuracy"),
         ):
-            sns.barplot(
-                data=part,
-                x="model",
-                y=column,
-                hue="model",
-                order=order,
-                hue_order=order,
-                palette=palette,
-                errorbar=("ci", 95),
-                seed=0,
-                capsize=0.15,
-                ax=ax,
-                legend=False,
+            model_bars(
+                ax, part, column, order, hue="model", hue_order=order, palette=palette, capsize=0.15, legend=False
             )
             ax.set_title(title)
             ax.set_ylabel("accuracy" if column == "final acc" else "training wall time [s]")
-            slant(ax)
         fig.suptitle(seeds_title(f"{dataset}, width {width}", part))
         fig.tight_layout()
         paths.append(save(fig, out / f"benchmark_{dataset}_{width}.png"))
@@ -91,24 +88,10 @@ def figure_curves(sweep: Sweep, out: Path, select=None, suffix: str = "") -> lis
 
 def _curve_panel(ax, data: pd.DataFrame, column: str, order: list[str]) -> None:
     """One quantity against training batches: per model its mean over seeds, a 95% CI band, its twin's style."""
-    if data.empty:
-        ax.set_visible(False)
-        return
     present = [m for m in order if m in set(data["model"])]
-    sns.lineplot(
-        data=data,
-        x=BATCHES,
-        y=column,
-        hue="model",
-        hue_order=present,
-        palette=palette_of(order),
-        errorbar=("ci", 95),
-        seed=0,
-        markevery=max(1, data[BATCHES].nunique() // 12),
-        markersize=5,
-        ax=ax,
-        **styles_of(present),
-    )
+    markevery = max(1, data[BATCHES].nunique() // 12)
+    if not model_lines(ax, data, BATCHES, column, present, order, markevery=markevery, markersize=5):
+        return
     ax.set_title(column.capitalize())
     ax.set_xlabel(BATCHES)
     if "loss" in column:
@@ -232,21 +215,8 @@ def figure_layers(sweep: Sweep, out: Path) -> list[Path]:
 
 def _layer_panel(ax, data: pd.DataFrame, column: str, order: list[str]) -> None:
     """One per-layer quantity: per model its mean over seeds and a 95% CI band (colors from the whole ``order``)."""
-    if data.empty:
-        ax.set_visible(False)
+    if not model_lines(ax, data, "layer", column, model_order(data["model"]), order):
         return
-    sns.lineplot(
-        data=data,
-        x="layer",
-        y=column,
-        hue="model",
-        hue_order=model_order(data["model"]),
-        palette=palette_of(order),
-        errorbar=("ci", 95),
-        seed=0,
-        ax=ax,
-        **styles_of(model_order(data["model"])),
-    )
     ax.set_title(column.capitalize() + (" (PC)" if column == "error energy at T" else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if column != "distance from Gaussian":

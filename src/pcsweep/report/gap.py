@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
 from pcsweep.claims import PC_TWINS, Setting, interval, paired
@@ -22,11 +21,10 @@ from pcsweep.report.style import (
     finish,
     linestyle_of,
     log_if_wide,
-    palette_of,
+    model_bars,
+    model_lines,
     save,
     seeds_title,
-    slant,
-    styles_of,
 )
 from pcsweep.report.sweep import Sweep, last_energy, model_order
 
@@ -109,20 +107,8 @@ def figure_generalization(frame: pd.DataFrame, out: Path) -> list[Path]:
             if data.empty:
                 ax.set_visible(False)
                 continue
-            sns.barplot(
-                data=data,
-                x="model",
-                y=column,
-                hue="split",
-                order=order,
-                hue_order=list(SPLITS),
-                errorbar=("ci", 95),
-                seed=0,
-                capsize=0.1,
-                ax=ax,
-            )
+            model_bars(ax, data, column, order, hue="split", hue_order=list(SPLITS), capsize=0.1)
             ax.set_title(f"Final {column}, train and test")
-            slant(ax)
             ax.legend(title=None, fontsize=8)
         fig.suptitle(seeds_title(f"Generalization, {dataset}, width {width}", part))
         fig.tight_layout()
@@ -169,18 +155,7 @@ def figure_energy(frame: pd.DataFrame, out: Path) -> list[Path]:
     for (dataset, width), part in frame.groupby(["dataset", "width"]) if not frame.empty else []:
         order = model_order(part["model"])
         fig, ax = plt.subplots(figsize=(8, 4.8))
-        sns.lineplot(
-            data=part,
-            x="layer",
-            y="energy share",
-            hue="model",
-            hue_order=order,
-            palette=palette_of(order),
-            errorbar=("ci", 95),
-            seed=0,
-            ax=ax,
-            **styles_of(order),
-        )
+        model_lines(ax, part, "layer", "energy share", order, order)
         layers = part.groupby("model")["layer"].max().unique()
         if len(layers) == 1:
             ax.axhline(1 / layers[0], color="grey", lw=0.8, ls=":", label="uniform")

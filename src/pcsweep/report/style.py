@@ -56,6 +56,38 @@ def slant(ax) -> None:
         label.set_horizontalalignment("right")
 
 
+def model_bars(ax, data: pd.DataFrame, column: str, order: Sequence[str], **hue: Any) -> None:
+    """Per model (x, in ``order``) the mean of ``column`` over seeds as a bar with its 95% CI (seeded: the figure is
+    the same every time), the model names slanted; ``hue``: seaborn's hue arguments and any others."""
+    sns.barplot(data=data, x="model", y=column, order=order, errorbar=("ci", 95), seed=0, ax=ax, **hue)
+    slant(ax)
+
+
+def model_lines(
+    ax, data: pd.DataFrame, x: str, column: str, models: Sequence[str], order: Sequence[str], **extra: Any
+) -> bool:
+    """Per model of ``models`` its mean ``column`` over seeds against ``x`` with a 95% CI band (seeded), in its color
+    among all of ``order`` and its twin's marker and dashes; ``extra``: any other seaborn arguments. With no ``data``
+    the panel is hidden instead; whether it was drawn."""
+    if data.empty:
+        ax.set_visible(False)
+        return False
+    sns.lineplot(
+        data=data,
+        x=x,
+        y=column,
+        hue="model",
+        hue_order=models,
+        palette=palette_of(order),
+        errorbar=("ci", 95),
+        seed=0,
+        ax=ax,
+        **extra,
+        **styles_of(models),
+    )
+    return True
+
+
 def seeds_title(head: str, part: pd.DataFrame) -> str:
     """``head``, and how many seeds the means and intervals are over when there are several."""
     seeds = part.groupby("model")["seed"].nunique().max()
