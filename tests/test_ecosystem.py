@@ -64,7 +64,8 @@ def test_relax_is_a_string_setting_wherever_overrides_are_parsed():
         (["algo=xyz"], "algo must be one of ['bp', 'pc'], got 'xyz'"),
         (
             ["dataset=xyz"],
-            "In 'config': Could not find 'dataset/xyz'; Available options in 'dataset': digits, digits28, fashion_mnist, mnist",
+            "In 'config': Could not find 'dataset/xyz'; Available options in 'dataset': digits, digits28, "
+            "fashion_mnist, mnist",
         ),
         (
             ["width=1.5"],
