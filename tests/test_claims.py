@@ -10,7 +10,7 @@ import torch
 
 from helpers import pcsweep
 from pcsweep.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_TESTED, ClaimRules, evaluate, interval
-from pcsweep.landscape import hessian_extremes, output_loss, plane_convexity, sharpness
+from pcsweep.landscape import Objective, hessian_extremes, output_loss, plane_convexity, sharpness
 from pcsweep.layers import gaussian_distance, relative_change, wasserstein1
 from pcsweep.report import build_report
 from pcsweep.report import main as report_main
@@ -193,7 +193,7 @@ def test_lanczos_finds_the_hessians_extreme_eigenvalues():
         return output_loss(parts, biases, x, y, "tanh", "mse")
 
     exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, torch.cat([w.flatten() for w in weights])))
-    found = hessian_extremes(weights, biases, x, y, iterations=25)
+    found = hessian_extremes(Objective(weights, biases, x, y), iterations=25)
     assert exact[0] < 0 < exact[-1]  # a saddle: the ratio means something
     assert found["lambda_min"] == pytest.approx(float(exact[0]), rel=1e-6)
     assert found["lambda_max"] == pytest.approx(float(exact[-1]), rel=1e-6)
@@ -209,9 +209,10 @@ def test_plane_convexity_and_sharpness_on_known_surfaces():
     # r^2 - 3 r^4 is convex (both curvatures >= 0) for r < 1/sqrt(18) = 0.236
     assert 0 < dimple["convex_fraction"] < 0.2 and 0.2 <= dimple["convex_radius"] <= 0.3
     _, weights, biases, x, y = tiny_network()
-    near, far = sharpness(weights, biases, x, y, radius=0.05), sharpness(weights, biases, x, y, radius=0.5)
+    objective = Objective(weights, biases, x, y)
+    near, far = sharpness(objective, radius=0.05), sharpness(objective, radius=0.5)
     assert 0 < near["increase"] < far["increase"]
-    assert near == sharpness(weights, biases, x, y, radius=0.05)  # seeded
+    assert near == sharpness(objective, radius=0.05)  # seeded
 
 
 # ------------------------------------------------------------------------------------------------ end to end

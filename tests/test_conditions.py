@@ -7,18 +7,12 @@ import pytest
 import torch
 
 from helpers import SMALL, compose_settings, pcsweep
-from pcsweep.conditions import (
-    AUTO_FLOOR_STIFFNESS,
-    AUTO_STEP_FRACTION,
-    curvature_due,
-    follow_curvature,
-    preflight_stability,
-    probe_condition2,
-    variance_statistics,
-)
+from pcsweep.conditions import probe_condition2, variance_statistics
 from pcsweep.data import load_digits
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature
+from pcsweep.pc.stability import AUTO_FLOOR_STIFFNESS, curvature_due, follow_curvature, preflight_stability
+from pcsweep.settings import AUTO_STEP_FRACTION
 
 
 def digits_batch(size=64):
@@ -97,7 +91,7 @@ def test_auto_step_size_holds_its_share_of_the_limit_as_the_curvature_grows(mome
     log_vars = make_log_variances(mlp.sizes, "neuron", "mse")
     engine = PCEngine(mlp.as_pc_network(list(log_vars), "mse"), Inference(steps=8, step_size=0.1, momentum=momentum))
     limit = 2 * (1 + momentum)
-    checked = preflight_stability(engine, x, y, "auto", True, step_setting="auto")
+    checked = preflight_stability(engine, x, y, "auto", True, step_setting="auto", auto_stiffness=AUTO_STEP_FRACTION)
     first = engine.inference.step_size
     assert first == checked["step_size"] == pytest.approx(AUTO_STEP_FRACTION * limit / checked["lambda_max"])
     assert checked["stiffness"] == pytest.approx(AUTO_STEP_FRACTION * limit)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import SMALL, pcsweep
-from pcsweep.landscape import batched_losses, directions, landscape
+from pcsweep.landscape import Objective, batched_losses, directions, landscape
 from pcsweep.mlp import MLP
 from pcsweep.pc import output_loss
 from pcsweep.report import build_report
@@ -55,12 +55,12 @@ def test_biases_are_not_perturbed():
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_landscape_center_is_the_trained_models_loss_and_the_grid_is_symmetric(loss):
     mlp, weights, biases, x, y = trained_like()
-    view = landscape(weights, biases, x, y, "tanh", loss, span=0.5, resolution=11, points_per_pass=7)
+    view = landscape(Objective(weights, biases, x, y, "tanh", loss), span=0.5, resolution=11, points_per_pass=7)
     expected = output_loss(mlp(x), y, loss).item()
     assert view.losses[5, 5].item() == pytest.approx(expected, rel=1e-12)  # the grid's middle point is (0, 0)
     assert torch.equal(view.alphas, -view.alphas.flip(0)) and torch.equal(view.alphas, view.betas)
     assert view.losses.shape == (11, 11) and (view.losses > 0).all()
-    one_by_one = landscape(weights, biases, x, y, "tanh", loss, span=0.5, resolution=11, points_per_pass=1)
+    one_by_one = landscape(Objective(weights, biases, x, y, "tanh", loss), span=0.5, resolution=11, points_per_pass=1)
     assert torch.allclose(view.losses, one_by_one.losses, rtol=1e-12)  # batching changes nothing
 
 

@@ -12,8 +12,10 @@ import yaml
 
 from helpers import SMALL, compose, pcsweep
 from pcsweep.config import family_name, paper_name, run_dir_name, settings_from, settings_from_container
+from pcsweep.diagnostics import steps_to_tolerance
 from pcsweep.history import History, time_to_fraction
-from pcsweep.tracking import EPOCH, SECONDS, STEP, run_labels, steps_to_tolerance, trim_metrics
+from pcsweep.metrics_log import EPOCH, SECONDS, STEP, trim_metrics
+from pcsweep.wandb_run import run_labels
 from wandb_records import read_run
 
 WANDB_OFFLINE = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}

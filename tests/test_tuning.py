@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from helpers import SMALL, compose, compose_settings, pcsweep
-from pcsweep.conditions import curvature_due
+from pcsweep.pc.stability import curvature_due
 from pcsweep.tuning import Family, candidate_record, choose, families_of, trial_overrides, trial_score
 
 

@@ -9,18 +9,22 @@ a default that keeps the old behaviour leaves every finished run where it is.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Optional, cast
 
+import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pcsweep.errors import UserError, exit_with
-from pcsweep.settings import ConfigError, Settings, is_number
+from pcsweep.settings import SCHEDULER_KEYS, ConfigError, Settings, TrainerSettings, is_number
 from pcsweep.twins import TWINS, is_bp_duplicate, twin_defaults, twin_keys, twin_name
 
 
@@ -76,6 +80,7 @@ def _schema() -> DictConfig:
     """The typed settings Hydra composes ``conf/`` onto, each key a twin sets being ``${pcsweep.twin:KEY}``: a preset
     or the command line replaces the interpolation with a value, else it resolves to the twin's default."""
     schema = OmegaConf.structured(Settings)
+    OmegaConf.set_struct(schema.trainer, False)  # trainer.NAME=value: any Lightning Trainer argument (settings_from)
     for key in twin_keys():
         OmegaConf.update(schema, key, f"${{pcsweep.twin:{key}}}", merge=False)
     return schema
@@ -87,7 +92,15 @@ ConfigStore.instance().store(name="pcsweep_schema", node=_schema())
 
 
 # free-form: a torch optimizer's options, the twins' learning rates, claim thresholds, callbacks' arguments
-OPEN_SETTINGS = ("optimizer.", "learning_rates.", "report.claims.", "callbacks.", "logger.")
+OPEN_SETTINGS = (
+    "optimizer.",
+    "lr_scheduler.",
+    "learning_rates.",
+    "report.claims.",
+    "callbacks.",
+    "logger.",
+    "trainer.lightning.",
+)
 
 
 def settings_from(cfg: DictConfig) -> Settings:
@@ -95,6 +108,7 @@ def settings_from(cfg: DictConfig) -> Settings:
     A key the schema does not declare (``+foo=1``, a typo) is an error: it would change the run's identity."""
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [cast(str, k) for k in cfg.keys() if k != "hydra"])
+    cfg = _trainer_arguments_apart(cfg)
     unknown = [
         k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)
     ]
@@ -109,6 +123,10 @@ def settings_from(cfg: DictConfig) -> Settings:
     tuned = settings.tune.key
     if tuned is not None and not is_number(setting_value(settings, tuned)):
         raise ConfigError(f"tune.key={tuned} is not a numeric setting of this run (`python -m pcsweep --cfg job`)")
+    check_trainer_arguments(settings.trainer.lightning)
+    if settings.lr_scheduler is not None:
+        node = {k: v for k, v in settings.lr_scheduler.items() if k not in SCHEDULER_KEYS}
+        check_target("lr_scheduler", node)
     for name, node in settings.logger.items():
         check_target(f"logger.{name}", node)
     for name, node in settings.callbacks.items():
@@ -120,6 +138,35 @@ def settings_from(cfg: DictConfig) -> Settings:
                 f"{', '.join(monitorable(settings))}"
             )
     return settings
+
+
+def _trainer_arguments_apart(cfg: DictConfig) -> DictConfig:
+    """``trainer.NAME`` keys that are not pcsweep's own trainer settings, moved into ``trainer.lightning``."""
+    own = {f.name for f in dataclasses.fields(TrainerSettings)}
+    extra = [k for k in cfg.get("trainer", {}) if k not in own]
+    if not extra:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key in extra:
+            cfg.trainer.setdefault("lightning", {})
+            cfg.trainer.lightning[key] = cfg.trainer.pop(key)
+    return cfg
+
+
+def check_trainer_arguments(arguments: dict) -> None:
+    """Each ``trainer.NAME`` must be an argument of Lightning's Trainer (one line otherwise)."""
+    if not arguments:
+        return
+    import lightning  # ~2 s: paid only by runs that pass Trainer arguments
+
+    accepted = inspect.signature(lightning.Trainer.__init__).parameters
+    for key in arguments:
+        if key not in accepted:
+            raise ConfigError(
+                f"trainer.{key} is neither a pcsweep setting nor an argument of Lightning's Trainer "
+                f"(lightning {lightning.__version__})"
+            )
 
 
 def setting_value(settings: Settings, key: str) -> Any:
@@ -135,7 +182,6 @@ def monitorable(settings: Settings) -> list[str]:
 
 def locate(dotted: str) -> Any:
     """The object at ``package.module.Name`` (as Hydra's ``_target_`` finds it), or None, quietly."""
-    import importlib
 
     parts = dotted.split(".")
     for split in range(len(parts) - 1, 0, -1):
@@ -155,7 +201,6 @@ def locate(dotted: str) -> Any:
 def check_target(key: str, node: Any) -> None:
     """A ``_target_`` node that cannot be built is one line before any work: the class must import and take the
     node's arguments."""
-    import inspect
 
     target = node.get("_target_") if isinstance(node, dict) else None
     if not isinstance(target, str):
@@ -266,8 +311,6 @@ def register_resolvers() -> None:
 
 def gpu_count() -> int:
     """Parallel jobs for launcher=gpus: one per visible GPU, at least one."""
-    import torch
-
     return max(1, torch.cuda.device_count())
 
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 import lightning as L
 import torch
 
+from pcsweep.metrics_log import batch_step
+
 if TYPE_CHECKING:
     from pcsweep.models import TwinModule
 
@@ -32,13 +34,6 @@ def time_to_fraction(history: list[dict], fraction: float = 0.9) -> Optional[dic
         if record["test_acc"] is not None and record["test_acc"] >= fraction * final:
             return record
     return None  # unreachable: the last record always qualifies
-
-
-def last_batch(trainer: L.Trainer, batches_done: int) -> int:
-    """The index of the last batch trained, counted over the whole run: W&B's ``trainer/global_step`` axis. Batches,
-    not optimizer steps: a relax=2 twin takes 32 optimizer steps per batch, and its curves must overlay BP's."""
-    # num_training_batches is inf only for a loader without a length; pcsweep's always have one
-    return trainer.current_epoch * cast(int, trainer.num_training_batches) + batches_done - 1
 
 
 @torch.no_grad()
@@ -102,7 +97,7 @@ class History(L.Callback):
         point = {
             "epoch": trainer.current_epoch,
             "epochs": trainer.current_epoch + batches_done / trainer.num_training_batches,
-            "step": last_batch(trainer, batches_done),
+            "step": batch_step(trainer, batches_done - 1),  # the last batch trained
             "train_seconds": self.train_seconds,
             "test_acc": test_acc,
         }
@@ -121,7 +116,7 @@ class History(L.Callback):
         metrics = trainer.callback_metrics
         record = {
             "epoch": trainer.current_epoch,
-            "step": last_batch(trainer, cast(int, trainer.num_training_batches)),
+            "step": batch_step(trainer, cast(int, trainer.num_training_batches) - 1),  # the epoch's last batch
             "train_seconds": self.train_seconds,
             "test_acc": float(metrics["test/acc"]) if "test/acc" in metrics else None,
             "test_loss": float(metrics["test/loss"]) if "test/loss" in metrics else None,

@@ -44,6 +44,39 @@ class Landscape:
         return {"alphas": self.alphas, "betas": self.betas, "losses": self.losses}
 
 
+@dataclass(frozen=True, eq=False)
+class Objective:
+    """The training loss of an MLP at fixed data, as a function of its weights: the trained weights (where the
+    landscape is centered), the biases (never perturbed), a fixed data subset and the loss the twins train on."""
+
+    weights: Sequence[Tensor]
+    biases: Sequence[Tensor]
+    inputs: Tensor
+    target: Tensor
+    activation: str = "tanh"
+    loss: str = "mse"
+
+    def at(self, weights: Sequence[Tensor]) -> Tensor:
+        """The loss with ``weights`` in place of the trained ones (differentiable in ``weights``)."""
+        return output_loss(weights, self.biases, self.inputs, self.target, self.activation, self.loss)
+
+    def on_plane(self, d1: Sequence[Tensor], d2: Sequence[Tensor], alphas: Tensor, betas: Tensor) -> Tensor:
+        """The loss at the trained weights + ``alphas[g] * d1 + betas[g] * d2`` for every g, shape (G,)."""
+        device = self.inputs.device
+        return batched_losses(
+            self.weights,
+            self.biases,
+            d1,
+            d2,
+            alphas.to(device),
+            betas.to(device),
+            self.inputs,
+            self.target,
+            self.activation,
+            self.loss,
+        )
+
+
 @torch.no_grad()
 def batched_losses(
     weights: Sequence[Tensor],
@@ -74,20 +107,16 @@ def batched_losses(
 
 
 def landscape(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor],
-    inputs: Tensor,
-    target: Tensor,
-    activation: str = "tanh",
-    loss: str = "mse",
+    objective: Objective,
     span: float = 1.0,
     resolution: int = 41,
     seed: int = 0,
     points_per_pass: int = 64,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Landscape:
-    """Losses on a ``resolution`` x ``resolution`` grid over [-span, span]^2 around the trained weights."""
-    d1, d2 = directions(weights, seed)
+    """Losses of ``objective`` on a ``resolution`` x ``resolution`` grid over [-span, span]^2 around its trained
+    weights."""
+    d1, d2 = directions(objective.weights, seed)
     # exactly symmetric, with an exact 0 in the middle for odd sizes (linspace leaves ~1e-17 there)
     coords = (torch.arange(resolution, dtype=torch.float64) - (resolution - 1) / 2) * (
         2 * span / max(resolution - 1, 1)
@@ -98,22 +127,7 @@ def landscape(
     total = flat_a.shape[0]
     for start in range(0, total, points_per_pass):
         stop = min(start + points_per_pass, total)
-        out[start:stop] = (
-            batched_losses(
-                weights,
-                biases,
-                d1,
-                d2,
-                flat_a[start:stop].to(inputs.device),
-                flat_b[start:stop].to(inputs.device),
-                inputs,
-                target,
-                activation,
-                loss,
-            )
-            .double()
-            .cpu()
-        )
+        out[start:stop] = objective.on_plane(d1, d2, flat_a[start:stop], flat_b[start:stop]).double().cpu()
         if progress is not None:
             progress(stop, total)
     return Landscape(coords, coords.clone(), out.view(resolution, resolution))
@@ -133,21 +147,12 @@ def output_loss(
     return energy.output_loss(h, target, loss)
 
 
-def hessian_extremes(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor],
-    inputs: Tensor,
-    target: Tensor,
-    activation: str = "tanh",
-    loss: str = "mse",
-    iterations: int = 40,
-    seed: int = 0,
-) -> dict:
-    """The extreme eigenvalues of the loss Hessian over all weights at the trained point, by Lanczos on
+def hessian_extremes(objective: Objective, iterations: int = 40, seed: int = 0) -> dict:
+    """The extreme eigenvalues of ``objective``'s Hessian over all weights at the trained point, by Lanczos on
     Hessian-vector products (full reorthogonalization; the extreme Ritz values converge first). Li et al. (2018)
     read convexity from ``|lambda_min / lambda_max|``: near 0, the loss curves up in (nearly) every direction."""
-    params = [w.detach().clone().requires_grad_(True) for w in weights]
-    value = output_loss(params, biases, inputs, target, activation, loss)
+    params = [w.detach().clone().requires_grad_(True) for w in objective.weights]
+    value = objective.at(params)
     grads = torch.autograd.grad(value, params, create_graph=True)
     flat_grad = torch.cat([g.flatten() for g in grads])
 
@@ -185,26 +190,16 @@ def hessian_extremes(
 
 
 @torch.no_grad()
-def sharpness(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor],
-    inputs: Tensor,
-    target: Tensor,
-    activation: str = "tanh",
-    loss: str = "mse",
-    radius: float = 0.1,
-    directions: int = 16,
-    seed: int = 0,
-) -> dict:
-    """How fast the loss grows away from the trained point: the mean loss increase at ``radius`` along random
+def sharpness(objective: Objective, radius: float = 0.1, directions: int = 16, seed: int = 0) -> dict:
+    """How fast ``objective`` grows away from the trained point: the mean loss increase at ``radius`` along random
     filter-normalized directions (the scale the landscapes are drawn in, so twins of different weight norms compare)."""
     generator = torch.Generator().manual_seed(seed)
-    center = float(output_loss(weights, biases, inputs, target, activation, loss))
+    center = float(objective.at(objective.weights))
     rises = []
     for _ in range(directions):
-        d = filter_normalized_direction(weights, generator)
-        moved = [w + radius * u for w, u in zip(weights, d)]
-        rises.append(float(output_loss(moved, biases, inputs, target, activation, loss)) - center)
+        d = filter_normalized_direction(objective.weights, generator)
+        moved = [w + radius * u for w, u in zip(objective.weights, d)]
+        rises.append(float(objective.at(moved)) - center)
     mean = sum(rises) / len(rises)
     return {
         "radius": radius,

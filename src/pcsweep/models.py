@@ -11,15 +11,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from pcsweep.conditions import CurvatureTargets, curvature_due, follow_curvature
+from pcsweep.metrics_log import batch_step, log_direct
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
-from pcsweep.settings import Settings
-from pcsweep.tracking import batch_step, log_direct
+from pcsweep.pc.stability import CurvatureTargets, curvature_due, follow_curvature
+from pcsweep.settings import SCHEDULER_KEYS, Settings
 
 
 def batch_mean() -> MeanMetric:
@@ -75,14 +77,23 @@ class TwinModule(L.LightningModule):
         the stability pre-flight and the per-epoch condition probes measure on."""
         return split.inputs[:size].to(self.mlp.layers[0].weight.dtype), self.one_hot(split.labels[:size])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig | torch.optim.Optimizer:
+        """The optimizer (weight decay on the weight matrices, the variances' own), and the ``lr_scheduler`` if one is
+        set, in Lightning's form (``interval``: epoch or step, a training batch)."""
         groups = [
             {"params": [layer.weight for layer in self.mlp.layers], "weight_decay": self.settings.weight_decay},
             {"params": [layer.bias for layer in self.mlp.layers], "weight_decay": 0.0},
         ]
         if self.log_variances is not None:
             groups.append({"params": list(self.log_variances), "weight_decay": self.settings.variance_weight_decay})
-        return hydra.utils.instantiate(self.settings.optimizer)(groups)
+        optimizer = hydra.utils.instantiate(self.settings.optimizer)(groups)
+        node = self.settings.lr_scheduler
+        if node is None:
+            return optimizer
+        lightning_keys = {k: node[k] for k in SCHEDULER_KEYS if k in node}
+        build = hydra.utils.instantiate({k: v for k, v in node.items() if k not in SCHEDULER_KEYS})
+        scheduler = {"interval": "epoch", **lightning_keys, "scheduler": build(optimizer)}
+        return {"optimizer": optimizer, "lr_scheduler": cast(LRSchedulerConfigType, scheduler)}
 
     def check_finite(self, *values: Tensor) -> None:
         """Stop the run cleanly (not the sweep) when training blows up."""
@@ -196,7 +207,7 @@ class PCModule(TwinModule):
         tracking = settings.tracking
         self.divergence_factor = tracking.divergence_factor
         # inference.step_size=auto and log_variance_min=auto: the stiffness each keeps (set by the pre-flight),
-        # re-measured every ``curvature_every`` batches of the run and after a rise (conditions.curvature_due)
+        # re-measured every ``curvature_every`` batches of the run and after a rise (pc.stability.curvature_due)
         self.curvature_targets = CurvatureTargets()
         self.curvature_every = settings.curvature_every
         self.energy_rose = False  # the last batch's inference energy rose at a check: re-measure before the next
@@ -208,6 +219,28 @@ class PCModule(TwinModule):
             self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
         self.trace_energy, self.alignment_every = tracking.energy_trace, tracking.alignment_every
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
+
+    def step_scheduler(self, interval: str, count: int) -> None:
+        """Manual optimization steps no scheduler: PC steps its own at Lightning's ``interval`` (every ``frequency``
+        epochs or batches, ``count`` of them done; a ``monitor`` metric feeds ReduceLROnPlateau)."""
+        node = self.settings.lr_scheduler
+        if node is None or node.get("interval", "epoch") != interval:
+            return
+        if count % node.get("frequency", 1):
+            return
+        scheduler = cast(LRScheduler, self.lr_schedulers())
+        monitor = node.get("monitor")
+        if monitor:
+            scheduler.step(self.trainer.callback_metrics[monitor])  # type: ignore[arg-type]  # ReduceLROnPlateau's
+        else:
+            scheduler.step()
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        self.step_scheduler("step", batch_step(self.trainer, batch_idx) + 1)  # batches, not optimizer steps (rc2)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.step_scheduler("epoch", self.current_epoch + 1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -12,7 +12,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -28,35 +27,25 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pcsweep.conditions import Condition2Thresholds, condition2_verdict, preflight_stability
-from pcsweep.config import config_hash, duplicate_target, find_previous_folder, locate, paper_name, settings_from
+from pcsweep.config import duplicate_target, locate, paper_name, settings_from
 from pcsweep.data import BUNDLED, load_dataset
 from pcsweep.datamodule import TensorDataModule
 from pcsweep.devices import training_devices
-from pcsweep.files import DiskFull, RunBusy, disk_full, read_json, run_lock, set_aside, write_atomic
+from pcsweep.diagnostics import EnergyTraces, LayerLearning, RunConditions, WeightHistograms
+from pcsweep.files import DiskFull, RunBusy, disk_full, run_lock, set_aside, write_atomic
 from pcsweep.history import History, time_to_fraction
 from pcsweep.interruption import Interrupted, MidEpochCheckpoints
+from pcsweep.metrics_log import ResumableCSVLogger, trim_metrics
 from pcsweep.models import BPModule, PCModule, TwinModule
 from pcsweep.pc import output_loss
-from pcsweep.settings import ConfigError, Settings
-from pcsweep.tracking import (
-    AxesWandbLogger,
-    EnergyTraces,
-    LayerLearning,
-    ResumableCSVLogger,
-    RunConditions,
-    WeightHistograms,
-    log_final_artifacts,
-    run_labels,
-    run_summary,
-    trim_metrics,
-)
+from pcsweep.pc.stability import preflight_stability
+from pcsweep.run_folder import adopt_previous_folder, finished_summary
+from pcsweep.settings import TRAINER_OWNED, ConfigError, Settings
 from pcsweep.tuning import lr_origin, trial_score
+from pcsweep.verdicts import learned, run_checks
+from pcsweep.wandb_run import AxesWandbLogger, log_final_artifacts, run_labels, run_summary
 
 log = logging.getLogger(__name__)
-
-FINISHED = ("complete", "diverged", "failed_to_learn")
-UNIFORM_SPREAD = 1e-3  # log S spread across a layer's neurons below which the variance is one number per layer
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -80,12 +69,6 @@ def quiet_lightning() -> None:
 def resolve_data_dir(cfg: DictConfig) -> Path:
     """``dataset.data_dir`` relative to where the command was typed (also inside a SLURM job)."""
     return Path(hydra.utils.to_absolute_path(str(cfg.dataset.data_dir)))
-
-
-def finished_summary(run_dir: Path) -> Optional[dict]:
-    """The run's summary if it finished (an unreadable one is set aside: the run resumes or retrains)."""
-    summary = read_json(Path(run_dir) / "summary.json")
-    return summary if isinstance(summary, dict) and summary.get("status") in FINISHED else None
 
 
 def build_model(settings: Settings, num_features: int, num_classes: int) -> TwinModule:
@@ -139,76 +122,6 @@ def check_stability(settings: Settings, model: PCModule, dataset) -> dict:
         model.engine.refresh_parameters()
     model.curvature_targets = stability["targets"]
     return stability
-
-
-def learned(settings: Settings, final_test_acc: Optional[float], num_classes: int) -> bool:
-    """A final accuracy more than ``tracking.chance_margin`` above chance."""
-    return final_test_acc is not None and final_test_acc >= 1.0 / num_classes + settings.tracking.chance_margin
-
-
-def run_checks(
-    settings: Settings, summary: dict, conditions: Optional[RunConditions], stability: Optional[dict]
-) -> dict:
-    """Whether the run's assumptions held, each with a verdict and its numbers (the summary's ``checks``)."""
-    chance = 1.0 / summary["num_classes"]
-    final = summary.get("final_test_acc")
-    checks: dict[str, Any] = {
-        "learned": {
-            "verdict": "learned" if learned(settings, final, summary["num_classes"]) else "failed to learn",
-            "final_test_acc": final,
-            "chance": chance,
-            "margin": settings.tracking.chance_margin,
-        }
-    }
-    if conditions is None:
-        return checks
-    assert stability is not None  # measured for every PC run, the only runs with conditions
-    records = conditions.records
-    limits = Condition2Thresholds(settings.tracking.condition2_max_gap, settings.tracking.condition2_min_cosine)
-    checks["condition2"] = condition2_verdict(
-        [r["condition2"] for r in records], settings.inference.update_every is not None, limits
-    )
-    worst = max((r["stiffness"] for r in records), default=stability["stiffness"])
-    rises = [r.get("train_energy_rises") for r in summary["history"] if r.get("train_energy_rises") is not None]
-    used = [r["train_inference_steps"] for r in summary["history"] if r.get("train_inference_steps") is not None]
-    checks["inference"] = {
-        "verdict": "stable" if worst < stability["limit"] else "unstable",
-        "stiffness_initial": stability["stiffness"],
-        "stiffness_worst": worst,
-        "limit": stability["limit"],
-        "lambda_max_initial": stability["lambda_max"],
-        "step_size": settings.inference.step_size,  # auto: it followed the curvature
-        "step_size_initial": stability["step_size"],
-        "step_size_final": records[-1].get("step_size", stability["step_size"]) if records else stability["step_size"],
-        "energy_rises_per_batch": rises,
-        # per epoch, the mean inference steps a batch ran: T, or fewer where inference.tolerance saw it converge
-        "steps": settings.inference.steps,
-        "tolerance": settings.inference.tolerance,
-        "steps_used_per_epoch": used,
-    }
-    if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
-        layers = records[-1]["variance"]
-        # the output layer's variance is not a hidden one; with a cross-entropy output there is none (mlp.py)
-        hidden = layers if settings.output_loss == "ce" else layers[:-1]
-        at_floor = sum(layer["at_floor"] for layer in hidden) / max(len(hidden), 1)
-        spread = max(layer["std"] for layer in layers)  # across the neurons of a layer
-        # ∂E/∂log S is about +1/2 for every inferred neuron: Adam moves them all alike unless the data tell them apart
-        verdict = (
-            "hidden variances at the floor"
-            if at_floor > 0.5
-            else "uniform drift (not a per-neuron variance)"
-            if spread < UNIFORM_SPREAD
-            else "learned per neuron"
-        )
-        checks["variance"] = {
-            "verdict": verdict,
-            "spread": spread,
-            "log_variance_min_initial": stability["log_variance_min"],
-            "log_variance_min": records[-1]["log_variance_min"],
-            "hidden_at_floor": at_floor,
-            "layers": layers,
-        }
-    return checks
 
 
 def _summary(settings: Settings, run_dir: Path, history: History, status: str, num_classes: int) -> dict[str, Any]:
@@ -330,6 +243,18 @@ def start_logging(settings: Settings, run_dir: Path) -> tuple[list, Any]:
     return loggers, wandb_run
 
 
+def trainer_arguments(settings: Settings) -> dict[str, Any]:
+    """``trainer.NAME=value`` arguments for Lightning's Trainer; those pcsweep sets itself are dropped, each with a
+    line naming the setting that decides it instead."""
+    passed = {}
+    for key, value in settings.trainer.lightning.items():
+        if key in TRAINER_OWNED:
+            log.warning(f"trainer.{key}={value} is not used: pcsweep sets it from {TRAINER_OWNED[key]}")
+        else:
+            passed[key] = value
+    return passed
+
+
 def fit(
     settings: Settings,
     run_dir: Path,
@@ -349,6 +274,7 @@ def fit(
         plugins,
     ):
         trainer = L.Trainer(
+            **{"enable_model_summary": False, "num_sanity_val_steps": 0, **trainer_arguments(settings)},
             max_epochs=settings.epochs,
             accelerator=accelerator,
             devices=device_ids,
@@ -357,8 +283,6 @@ def fit(
             logger=loggers,
             callbacks=callbacks,
             enable_progress_bar=trainer_settings.progress_bar,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
             log_every_n_steps=trainer_settings.log_every_n_steps,
             default_root_dir=run_dir,
         )
@@ -406,57 +330,14 @@ def finish(
     os.replace(weights, run_dir / "weights.pt")
     summary = _summary(settings, run_dir, callbacks.history, status, num_classes)
     summary["diverged_reason"] = model.diverged_reason
-    summary["checks"] = run_checks(settings, summary, callbacks.conditions, stability)
+    records = callbacks.conditions.records if callbacks.conditions is not None else None
+    summary["checks"] = run_checks(settings, summary, records, stability)
     summary["conditions"] = callbacks.conditions.records if callbacks.conditions is not None else []
     summary["layers"] = callbacks.layers.records
     if model.diverged:
         write_atomic(run_dir / "DIVERGED", f"{model.diverged_reason}\n")
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))  # last: the run is finished once it exists
     return summary
-
-
-LAUNCH_FILES = (".hydra", "pcsweep.log")  # what Hydra writes into a single run's folder before pcsweep runs
-
-
-def set_aside_if_other_settings(run_dir: Path, settings: Settings) -> None:
-    """A folder at this run's name whose ``config.yaml`` has another identity (a default changed since it ran: its
-    name was hashed from what differed from the defaults of its day) is renamed ``<name>.other-<its hash>``: it is
-    not this run, so it must neither be resumed nor answer as finished. Its settings still find it under that name."""
-    stored = run_dir / "config.yaml"
-    if not stored.is_file():
-        return
-    try:
-        theirs = config_hash(cast(dict, OmegaConf.to_container(OmegaConf.load(stored))))
-    except Exception:  # unreadable: the run's own checks (resume, finished) deal with it
-        return
-    if theirs == config_hash(settings):
-        return
-    aside, n = run_dir.with_name(f"{run_dir.name}.other-{theirs}"), 1
-    while aside.exists():
-        n += 1
-        aside = run_dir.with_name(f"{run_dir.name}.other-{theirs}.{n}")
-    aside.mkdir()
-    for child in run_dir.iterdir():
-        if child.name not in LAUNCH_FILES:  # this launch's Hydra record and log stay with this run
-            os.replace(child, aside / child.name)
-    log.info(f"{run_dir.name} held a run with other settings (a default has changed since): moved to {aside.name}")
-
-
-def adopt_previous_folder(run_dir: Path, settings: Settings) -> None:
-    """Move this run's folder from an earlier release's naming, if there is one, so it resumes or is skipped.
-    (A single run's folder may already exist, holding only what Hydra wrote into it: the old files join it.)"""
-    set_aside_if_other_settings(run_dir, settings)
-    previous = None if (run_dir / "config.yaml").exists() else find_previous_folder(run_dir.parent, settings)
-    if previous is None:
-        return
-    if not run_dir.exists():
-        os.replace(previous, run_dir)
-    else:
-        for child in previous.iterdir():
-            if not (run_dir / child.name).exists():
-                os.replace(child, run_dir / child.name)
-        shutil.rmtree(previous)  # what is left there is Hydra's record of the earlier launch
-    log.info(f"{previous.name} holds this run under an earlier folder name: renamed to {run_dir.name}")
 
 
 def skipped(settings: Settings, run_dir: Path) -> Optional[dict]:

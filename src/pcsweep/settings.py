@@ -13,15 +13,25 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, TypeGuard
 
-from pcsweep.conditions import AUTO_STEP_FRACTION
+import torch
+
 from pcsweep.data import DATASETS
 from pcsweep.errors import UserError
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES
 from pcsweep.pc.schedule import Inference
 from pcsweep.twins import ALGOS, RELAXATIONS, twin_name
 
+# inference.step_size=auto: step_size * lambda_max is held at ``inference.auto_stiffness`` of the stability limit
+# 2 (1 + momentum). 0.8 (pc, rc3): the slow modes, which decide condition 2, move as fast as stability allows with a
+# 25% margin (lambda_max varies 1.6% across batches and grows about 2% per 100 batches at the paper's sizes at
+# lr 3e-4, faster at larger learning rates; it is re-measured every ``curvature_every`` batches and after any rise).
+# 0.5 (rc2, rc23, plain descent): 1 / lambda_max, the classic step.
+AUTO_STEP_FRACTION = 0.8
 INITS = ("xavier", "torch")
-PAPER_STEP_SIZE = 0.1  # the paper's gamma
+SCHEDULER_INTERVALS = ("epoch", "step")
+# keys of lr_scheduler that are Lightning's, not the scheduler class's
+SCHEDULER_KEYS = ("interval", "frequency", "monitor")
+PAPER_STEP_SIZE = Inference.step_size  # the paper's gamma, 0.1
 VARIANCES = ("fixed", "neuron", "layer")
 
 
@@ -54,7 +64,7 @@ def one_of(key: str, value: Any, choices) -> None:
 class InferenceSettings:
     """PC's inference (BP ignores it, and it is not part of a BP run's identity)."""
 
-    steps: int = 256  # T: the paper's condition 2
+    steps: int = Inference.steps  # T: the paper's 256 (condition 2)
     update_every: Optional[int] = None  # null: one weight update after the T steps (condition 2); k: every k steps
     # gamma: auto = auto_stiffness of the stability limit over the measured lambda_max, followed as the weights train
     # (the paper's literal 0.1 leaves pc short of convergence and rc2 past the limit: see the README); a number is
@@ -66,10 +76,10 @@ class InferenceSettings:
     # after T = 256 steps at the paper's sizes (see the README); the relaxed twins use 0 (conf/twin/)
     momentum: float = 0.95
     tolerance: Optional[float] = None  # stop once the energy's relative change over check_every steps is below this
-    check_every: int = 8
+    check_every: int = Inference.check_every
 
     def __post_init__(self) -> None:
-        check(self.steps >= 1, "inference.steps", ">= 1", self.steps)
+        # the rest is checked once, by what the engine runs (pc.schedule.Inference): Settings.__post_init__
         step = self.step_size
         check(step == "auto" or (is_number(step) and step > 0), "inference.step_size", "auto or > 0", step)
         check(
@@ -77,14 +87,6 @@ class InferenceSettings:
             "inference.auto_stiffness",
             "in (0, 1)",
             self.auto_stiffness,
-        )
-        check(is_number(self.momentum) and 0 <= self.momentum < 1, "inference.momentum", "in [0, 1)", self.momentum)
-        check(self.check_every >= 1, "inference.check_every", ">= 1", self.check_every)
-        check(
-            self.tolerance is None or (is_number(self.tolerance) and self.tolerance > 0),
-            "inference.tolerance",
-            "null or > 0",
-            self.tolerance,
         )
 
 
@@ -125,6 +127,18 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
+# Trainer arguments pcsweep sets itself, and the setting that decides each instead
+TRAINER_OWNED = {
+    "max_epochs": "epochs",
+    "devices": "trainer.accelerator and launcher=gpus",
+    "logger": "the logger group",
+    "callbacks": "the callbacks group",
+    "default_root_dir": "the run's folder",
+    "enable_progress_bar": "trainer.progress_bar",
+    "plugins": "pcsweep's checkpointing and SLURM plugins",
+}
+
+
 @dataclass
 class TrainerSettings:
     # auto | cpu | gpu (checked against this machine before any folder is made); where a run trains is not what it
@@ -134,6 +148,9 @@ class TrainerSettings:
     progress_bar: bool = setting(False, identity=False)
     log_every_n_steps: int = setting(10, identity=False)
     gpu_slots: bool = setting(False, identity=False)  # true (launcher=gpus): each job claims a free local GPU
+    # any other argument of Lightning's Trainer, as `trainer.NAME=value` on the command line (checked against its
+    # signature before any work); where pcsweep decides (TRAINER_OWNED), pcsweep's key wins and the run says so
+    lightning: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         one_of("trainer.accelerator", self.accelerator, ACCELERATORS)
@@ -147,8 +164,6 @@ class TrainerSettings:
 
     def check_devices(self) -> None:
         """An accelerator this machine does not have is a one-line error (call where the run will train)."""
-        import torch
-
         if self.accelerator in ("gpu", "cuda") and not self.gpu_slots and not torch.cuda.is_available():
             raise ConfigError(
                 f"trainer.accelerator={self.accelerator} but no GPU is visible here "
@@ -263,6 +278,9 @@ class Settings:
     log_variance_min: Any = setting("auto", identity="pc")
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     optimizer: Any = None  # conf/optimizer: a torch.optim class for hydra.utils.instantiate (_partial_)
+    # conf/lr_scheduler: a torch.optim.lr_scheduler class (_partial_) and Lightning's `interval` (epoch | step), or
+    # null: a constant learning rate
+    lr_scheduler: Optional[Dict[str, Any]] = None
     # conf/logger: Lightning loggers beside metrics.csv (always written), {name: {_target_: class, its arguments}}
     logger: Dict[str, Any] = setting(identity=False, factory=dict)
     seed: int = 0
@@ -318,6 +336,8 @@ class Settings:
         one_of("activation", self.activation, ACTIVATIONS)
         one_of("output_loss", self.output_loss, OUTPUT_LOSSES)
         one_of("init", self.init, INITS)
+        if self.lr_scheduler is not None:
+            one_of("lr_scheduler.interval", self.lr_scheduler.get("interval", "epoch"), SCHEDULER_INTERVALS)
         if self.tune.key is not None:
             fraction = self.dataset.val_fraction
             check(
@@ -326,10 +346,11 @@ class Settings:
                 "in (0, 0.5) while tuning (tuning scores on it, never on the test split)",
                 fraction,
             )
-        k = self.inference.update_every
-        if self.algo == "pc" and k is not None:
-            steps = self.inference.steps
-            check(1 <= k <= steps, "inference.update_every", f"null or in [1, inference.steps={steps}]", k)
+        if self.algo == "pc":  # BP ignores inference
+            try:
+                self.schedule()
+            except ValueError as exc:
+                raise ConfigError(f"inference.{exc}") from None
 
     @property
     def twin(self) -> str:

@@ -8,10 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional, cast
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-
-from pcsweep.errors import UserError
 from pcsweep.files import read_json, write_atomic
 from pcsweep.tuning import RECORD, TUNING_DIR
 
@@ -145,48 +141,3 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=[key for key, _ in COLUMNS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-class SweepSummaryCallback(Callback):
-    """Hydra callback: print the table and write ``summary.csv`` in the sweep folder when a multirun ends."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if read_manifest(sweep_dir) is None:
-            return
-        rows = sweep_rows(sweep_dir)
-        write_csv(rows, sweep_dir / "summary.csv")
-        log.info(f"the sweep, also in {sweep_dir / 'summary.csv'}:\n{format_table(rows)}{tuning_line(sweep_dir)}")
-        if config.report.auto and any(row.get("status") == "complete" for row in rows):
-            from omegaconf import OmegaConf
-
-            from pcsweep.claims import ClaimRules
-            from pcsweep.report import build_report, claims_overview, log_to_wandb
-
-            rules = ClaimRules.from_mapping(
-                cast(dict, OmegaConf.to_container(config.report.claims))
-                if config.report.get("claims") is not None
-                else None
-            )
-            try:
-                html_path = build_report(
-                    sweep_dir,
-                    tuple(config.report.spans),
-                    config.report.resolution,
-                    config.report.samples,
-                    landscapes=config.report.landscapes,
-                    rules=rules,
-                )
-            except UserError as exc:  # the runs are trained; the report refuses to choose on the test split
-                log.warning(f"no report: {exc}")
-                return
-            log.info(f"report: {html_path}\nthe paper's claims:\n{claims_overview(html_path.parent / 'claims.json')}")
-            wandb_node = config.logger.get("wandb")  # the runs' W&B project, entity and mode
-            if wandb_node is not None:
-                log_to_wandb(html_path, sweep_dir, {k: v for k, v in wandb_node.items() if not k.startswith("_")})
-
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.runtime.output_dir)
-        summary = read_json(run_dir / "summary.json")
-        if isinstance(summary, dict):
-            log.info(f"the run:\n{format_table([row_from_summary(summary)])}")

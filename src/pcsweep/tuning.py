@@ -184,7 +184,7 @@ def cost_line(trials: int, families: int, to_train: int, seconds: float) -> str:
 def reuse_trial(run_dir: Path, trial_dir: Path, trial: Optional[dict], origin: Optional[str]) -> bool:
     """A grid run that its tuning already trained (the same settings, seed and epochs: the chosen value at a tuning
     seed) is copied from its trial folder instead of trained again, its ``lr_origin`` set to the tuning's word.
-    ``trial``: the trial's finished summary (``pcsweep.run.finished_summary``), or None: nothing to reuse."""
+    ``trial``: the trial's finished summary (``pcsweep.run_folder.finished_summary``), or None: nothing to reuse."""
     if trial is None:
         return False
     summary = dict(trial)

@@ -90,7 +90,8 @@ class FilteringLauncher(Launcher):
 
         from pcsweep.config import duplicate_target, paper_name, run_dir_name, settings_from
         from pcsweep.data import BUNDLED, check_available
-        from pcsweep.run import adopt_previous_folder, finished_summary, resolve_data_dir
+        from pcsweep.run import resolve_data_dir
+        from pcsweep.run_folder import adopt_previous_folder, finished_summary
 
         label = " ".join(overrides)
         try:
@@ -268,7 +269,7 @@ class TuningStage:
             launcher.tuning = False
         for job in returns:
             _ = job.return_value  # a trial that raised stops the sweep, as a grid job does
-        from pcsweep.run import finished_summary
+        from pcsweep.run_folder import finished_summary
 
         for (family, value, seed), entry in zip(jobs, launcher.entries):
             run_dir = entry.get("run_dir") or entry.get("duplicate_of")
@@ -515,7 +516,7 @@ class TrialLauncher(FilteringLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import JobStatus
 
-        from pcsweep.run import finished_summary
+        from pcsweep.run_folder import finished_summary
 
         first = len(self.sweeper.manifest)
         launched = iter(super().launch(job_overrides, initial_job_idx))

@@ -36,18 +36,23 @@ class Inference:
     fixed_predictions: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"inference steps must be >= 1, got {self.steps}")
-        if self.update_every is not None and not 1 <= self.update_every <= self.steps:
-            raise ValueError(f"update_every must be in [1, steps={self.steps}], got {self.update_every}")
-        if not self.step_size > 0:
-            raise ValueError(f"inference step size must be > 0, got {self.step_size}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"inference momentum must be in [0, 1), got {self.momentum}")
-        if self.tolerance is not None and not self.tolerance > 0:
-            raise ValueError(f"inference tolerance must be > 0 or None, got {self.tolerance}")
-        if self.check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+        """Each error names its field (``pcsweep.settings`` prefixes ``inference.``: one check, one message)."""
+        checks = (
+            (self.steps >= 1, "steps", ">= 1", self.steps),
+            (
+                self.update_every is None or 1 <= self.update_every <= self.steps,
+                "update_every",
+                f"null or in [1, inference.steps={self.steps}]",
+                self.update_every,
+            ),
+            (self.step_size > 0, "step_size", "> 0", self.step_size),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum),
+            (self.tolerance is None or self.tolerance > 0, "tolerance", "null or > 0", self.tolerance),
+            (self.check_every >= 1, "check_every", ">= 1", self.check_every),
+        )
+        for ok, key, rule, value in checks:
+            if not ok:
+                raise ValueError(f"{key} must be {rule}, got {value!r}")
 
 
 def plateaued(previous, current, tolerance: float):

@@ -51,7 +51,7 @@ from pcsweep.report.sections import (
 )
 from pcsweep.report.sweep import Run, Sweep, accuracy_curve_frame, load_sweep, summary_frame
 from pcsweep.summary import read_manifest
-from pcsweep.tracking import start_wandb
+from pcsweep.wandb_run import start_wandb
 
 __all__ = [  # what pcsweep.summary, the console script and the tests use; the rest lives in the modules
     "Run",

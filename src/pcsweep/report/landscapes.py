@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from pcsweep.data import load_dataset
 from pcsweep.files import read_json, write_atomic
-from pcsweep.landscape import hessian_extremes, landscape, plane_convexity, sharpness
+from pcsweep.landscape import Objective, hessian_extremes, landscape, plane_convexity, sharpness
 from pcsweep.report.style import save
 from pcsweep.report.sweep import Run, Sweep, by_model, model_order
 from pcsweep.settings import dataset_settings
@@ -23,8 +23,9 @@ from pcsweep.settings import dataset_settings
 _DATASETS: dict = {}  # dataset config (yaml) -> the loaded dataset: one load per dataset for the whole report
 
 
-def _loss_setting(run: Run, samples: int, seed: int):
-    """What a run's landscape is measured on: its trained weights and biases (float64) and a fixed training subset."""
+def _objective(run: Run, samples: int, seed: int) -> Objective:
+    """What a run's landscape is measured on: its trained weights and biases (float64), a fixed training subset, and
+    the run's activation and output loss."""
     cfg = OmegaConf.create(run.config)
     key = OmegaConf.to_yaml(cfg.dataset)
     if key not in _DATASETS:  # one load per dataset for the whole report
@@ -38,7 +39,7 @@ def _loss_setting(run: Run, samples: int, seed: int):
     L = sum(1 for k in state if k.startswith("mlp.layers.") and k.endswith(".weight"))
     weights = [state[f"mlp.layers.{l}.weight"].double() for l in range(L)]
     biases = [state[f"mlp.layers.{l}.bias"].double() for l in range(L)]
-    return cfg, weights, biases, inputs, target
+    return Objective(weights, biases, inputs, target, cfg.activation, cfg.output_loss)
 
 
 def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: int, quiet: bool = False) -> dict:
@@ -46,7 +47,7 @@ def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: in
     cache = run.path / f"landscape_span{span:g}_res{resolution}_n{samples}_seed{seed}.pt"
     if cache.is_file():
         return torch.load(cache)
-    cfg, weights, biases, inputs, target = _loss_setting(run, samples, seed)
+    objective = _objective(run, samples, seed)
 
     interactive = sys.stderr.isatty()
 
@@ -60,18 +61,7 @@ def run_landscape(run: Run, span: float, resolution: int, samples: int, seed: in
                 flush=True,
             )
 
-    result = landscape(
-        weights,
-        biases,
-        inputs,
-        target,
-        cfg.activation,
-        cfg.output_loss,
-        span=span,
-        resolution=resolution,
-        seed=seed,
-        progress=progress,
-    ).to_dict()
+    result = landscape(objective, span=span, resolution=resolution, seed=seed, progress=progress).to_dict()
     if not quiet and interactive:
         print(file=sys.stderr)
     torch.save(result, cache)
@@ -146,11 +136,10 @@ def run_shape(run: Run, spans, resolution: int, samples: int, seed: int = 0, qui
     cache = run.path / f"shape_n{samples}_r{min(spans):g}_seed{seed}.json"
     measured = read_json(cache)
     if measured is None:
-        cfg, weights, biases, inputs, target = _loss_setting(run, samples, seed)
-        args = (weights, biases, inputs, target, cfg.activation, cfg.output_loss)
+        objective = _objective(run, samples, seed)
         measured = {
-            "hessian": hessian_extremes(*args, seed=seed),
-            "sharpness": sharpness(*args, radius=min(spans), seed=seed),
+            "hessian": hessian_extremes(objective, seed=seed),
+            "sharpness": sharpness(objective, radius=min(spans), seed=seed),
         }
         write_atomic(cache, json.dumps(measured))
     return {**views, **measured}
