@@ -23,13 +23,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
+from pcsweep.data import Dataset, Split
+from pcsweep.datamodule import TensorBatches, TensorDataModule
 from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.models import PCModule
 from pcsweep.pc import Inference, PCEngine, output_loss
 from pcsweep.pc.engine import NARROW_MAX_WIDTH, Tricks
 from pcsweep.pc.reference import ReferencePC
+from pcsweep.peers.pcx_mlp import IN_DIM, OUT_DIM
+from pcsweep.run import quiet_lightning
+from pcsweep.settings import InferenceSettings, Settings, TrackingSettings
 
 TWINS = {  # name -> (update every k?, trainable variance?)
     "pc": (False, False),
@@ -244,9 +251,6 @@ def time_bp(setup: Setup, repeats: int) -> float:
 
 def pipeline_module(setup: Setup, twin: str):
     """The Lightning PC module on the bench's workload (SGD 1e-3, plain descent, fixed floor, no tracking)."""
-    from pcsweep.models import PCModule
-    from pcsweep.settings import InferenceSettings, Settings, TrackingSettings
-
     every, variance = TWINS[twin]
     settings = Settings(
         width=setup.width,
@@ -263,81 +267,82 @@ def pipeline_module(setup: Setup, twin: str):
     return PCModule(settings, setup.n_in, setup.n_out)
 
 
+class _EpochClock(L.Callback):
+    """Wall time of the training epoch, the device synchronised at both ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.seconds = device, 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        _sync(self.device)
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def _lightning_epoch(setup: Setup, twin: str, dataset: Dataset) -> tuple[float, float]:
+    """One epoch through Lightning's Trainer: its wall time, and the time the engine's ``train_batch`` took in it."""
+    clock, pc_module = _EpochClock(setup.device), pipeline_module(setup, twin)
+    engine_seconds, train_batch = [0.0], pc_module.engine.train_batch
+
+    def timed_train_batch(*args, **kwargs):
+        _sync(setup.device)
+        start = time.perf_counter()
+        result = train_batch(*args, **kwargs)
+        _sync(setup.device)
+        engine_seconds[0] += time.perf_counter() - start
+        return result
+
+    pc_module.engine.train_batch = timed_train_batch
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator=setup.device.type,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
+    trainer.fit(pc_module, datamodule=TensorDataModule(dataset, setup.batch, seed=0))
+    return clock.seconds, engine_seconds[0]
+
+
 def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, float]:
     """One epoch of ``batches`` batches: through the Lightning PC module, through the raw engine, and the time the
     engine's ``train_batch`` took inside that Lightning epoch (the rest of the epoch is the pipeline's own cost,
     measured free of the machine's drift between epochs)."""
-    import lightning as L
-
-    from pcsweep.data import Dataset, Split
-    from pcsweep.datamodule import TensorBatches, TensorDataModule
-    from pcsweep.run import quiet_lightning
-
     quiet_lightning()
     n = batches * setup.batch
     gen = torch.Generator().manual_seed(1)
     split = Split(torch.rand(n, setup.n_in, generator=gen), torch.randint(0, setup.n_out, (n,), generator=gen))
     dataset = Dataset("bench", split, Split(split.inputs[: setup.batch], split.labels[: setup.batch]), setup.n_out)
-    module = lambda: pipeline_module(setup, twin)
-
-    class EpochClock(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            _sync(setup.device)
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            _sync(setup.device)
-            self.seconds = time.perf_counter() - self.start
-
-    raw = module().to(setup.device)
+    raw = pipeline_module(setup, twin).to(setup.device)
     opt = torch.optim.SGD(raw.configure_optimizers().param_groups, lr=1e-3)
     batches_on_device = TensorBatches(split.to(setup.device), setup.batch, shuffle=True, seed=0)
-    one_hot = lambda labels: F.one_hot(labels, setup.n_out).float()
 
     def raw_epoch() -> float:
         _sync(setup.device)
         start = time.perf_counter()
         for inputs, labels in batches_on_device:
-            raw.engine.train_batch(inputs, one_hot(labels), opt.step)
+            raw.engine.train_batch(inputs, F.one_hot(labels, setup.n_out).float(), opt.step)
         _sync(setup.device)
         return time.perf_counter() - start
 
-    def lightning_epoch() -> tuple[float, float]:
-        clock, pc_module = EpochClock(), module()
-        engine_seconds, train_batch = [0.0], pc_module.engine.train_batch
-
-        def timed_train_batch(*args, **kwargs):
-            _sync(setup.device)
-            start = time.perf_counter()
-            result = train_batch(*args, **kwargs)
-            _sync(setup.device)
-            engine_seconds[0] += time.perf_counter() - start
-            return result
-
-        pc_module.engine.train_batch = timed_train_batch
-        trainer = L.Trainer(
-            max_epochs=1,
-            accelerator=setup.device.type,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[clock],
-        )
-        trainer.fit(pc_module, datamodule=TensorDataModule(dataset, setup.batch, seed=0))
-        return clock.seconds, engine_seconds[0]
-
     # alternate which goes first, so that neither side gets all the warm caches or one phase of the machine's
     # drift (+-10% over minutes here): the best of three each
-    raw_seconds: list[Any]  # floats (raw_epoch)
-    lightning_runs: list[Any]  # (lightning seconds, engine seconds) pairs (lightning_epoch)
-    raw_seconds, lightning_runs = [], []
+    raw_seconds: list[float] = []
+    lightning_runs: list[tuple[float, float]] = []  # (lightning seconds, engine seconds)
     for rounds in range(3):
-        for epoch in (raw_epoch, lightning_epoch)[:: 1 if rounds % 2 == 0 else -1]:
-            (raw_seconds if epoch is raw_epoch else lightning_runs).append(epoch())
+        for first in (True, False) if rounds % 2 == 0 else (False, True):
+            if first:
+                raw_seconds.append(raw_epoch())
+            else:
+                lightning_runs.append(_lightning_epoch(setup, twin, dataset))
     lightning_seconds, engine_seconds = min(lightning_runs)
     return lightning_seconds, min(raw_seconds), engine_seconds
 
@@ -382,8 +387,6 @@ def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str)
 
 def time_pcx(setup: Setup, threads: int, repeats: int, loop: str) -> dict:
     """PCX on the same workload under each XLA CPU runtime; the best per schedule is its figure."""
-    from pcsweep.peers.pcx_mlp import IN_DIM, OUT_DIM
-
     if (setup.n_in, setup.n_out) != (IN_DIM, OUT_DIM):
         return {"error": f"the PCX peer is written for {IN_DIM} inputs and {OUT_DIM} outputs (MNIST)"}
     runs = {name: run_pcx(setup, threads, repeats, loop, flags) for name, flags in XLA_RUNTIMES.items()}

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, cast
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pcsweep.errors import UserError
@@ -186,6 +187,7 @@ def check_available(name: str, data_dir: Path | str, download: bool) -> None:
 # ------------------------------------------------------------------------------------------------ loaders
 def load_digits(test_fraction: float = 0.2) -> Dataset:
     """sklearn's 8x8 digits scaled to [0, 1], with a fixed stratified split (the same for every run)."""
+    # scikit-learn takes about a second to import: only the bundled datasets pay it
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -205,8 +207,6 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
 def _distort(images: Tensor, count: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """``count`` random draws of 8x8 images, each upsampled to 20x20, rotated (+-15 deg), scaled (0.85-1.15),
     sheared, placed at a random offset in a 28x28 frame (as MNIST centres its digits in 20x20 boxes), plus noise."""
-    import torch.nn.functional as F
-
     pick = torch.randint(0, images.shape[0], (count,), generator=gen)
     big = F.interpolate(images[pick].view(-1, 1, 8, 8), size=(20, 20), mode="bilinear", align_corners=False)
     big = F.pad(big, (4, 4, 4, 4))

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
 log = logging.getLogger(__name__)
 
 
@@ -46,9 +49,6 @@ def in_slurm() -> bool:
 @contextlib.contextmanager
 def training_devices(accelerator: str, gpu_slots: bool, lock_dir: Path) -> Iterator[tuple[str, int | list[int], list]]:
     """(accelerator, devices, plugins) for the Trainer, holding a GPU slot for the duration if asked to."""
-    import torch
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
     # submitit handles SLURM's signals and requeues; Lightning's own auto-requeue would fight it
     plugins: list = [SLURMEnvironment(auto_requeue=False)] if in_slurm() else []
     if not gpu_slots:

@@ -3,6 +3,7 @@ points (``python -m pcsweep``, the sweeper, ``pcsweep.report``) turn them into o
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import NoReturn
 
@@ -31,8 +32,6 @@ _DETAIL = (
 
 
 def hold_stderr() -> None:
-    import io
-
     if not _held:
         _held.extend([sys.stderr, io.StringIO()])
         sys.stderr = _held[1]

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from pcsweep.config import settings_from_container
 from pcsweep.metrics_log import batch_step, log_direct
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
@@ -38,22 +39,14 @@ class TwinModule(L.LightningModule):
         ``settings`` may be the plain dict a checkpoint holds: ``PCModule.load_from_checkpoint(path)`` rebuilds."""
         super().__init__()
         if not isinstance(settings, Settings):
-            from pcsweep.config import settings_from_container
-
             settings = settings_from_container(settings)
         # plain types only: a checkpoint then loads without unpickling pcsweep's classes
         self.save_hyperparameters(
             {"settings": dataclasses.asdict(settings), "num_features": num_features, "num_classes": num_classes}
         )
         torch.manual_seed(settings.seed)
-        self.mlp = MLP(
-            num_features,
-            settings.width,
-            settings.depth,
-            num_classes,
-            activation=settings.activation,
-            init=settings.init,
-        )
+        shape = (num_features, settings.width, settings.depth, num_classes)
+        self.mlp = MLP(*shape, activation=settings.activation, init=settings.init)
         self.settings = settings
         self.loss_kind = settings.output_loss
         self.log_variances: Optional[torch.nn.ParameterList] = None
@@ -218,7 +211,7 @@ class PCModule(TwinModule):
         if self.log_variances is not None:
             self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
         self.trace_energy, self.alignment_every = tracking.energy_trace, tracking.alignment_every
-        self.latest_energy_trace: Optional[Tensor] = None  # picked up by tracking.EnergyTraces
+        self.latest_energy_trace: Optional[Tensor] = None  # picked up by diagnostics.EnergyTraces
 
     def step_scheduler(self, interval: str, count: int) -> None:
         """Manual optimization steps no scheduler: PC steps its own at Lightning's ``interval`` (every ``frequency``
