@@ -146,7 +146,15 @@ def test_trainable_variance_at_the_defaults_stays_stable_and_keeps_learning_for_
     net = mlp.as_pc_network(list(log_vars), "mse")
     engine = PCEngine(net, settings.schedule())
     x, y = data.train.inputs, torch.nn.functional.one_hot(data.train.labels, 10).float()
-    checked = preflight_stability(engine, x[:64], y[:64], settings.log_variance_min, True, settings.inference.step_size)
+    checked = preflight_stability(
+        engine,
+        x[:64],
+        y[:64],
+        settings.log_variance_min,
+        True,
+        settings.inference.step_size,
+        settings.inference.auto_stiffness,
+    )
     engine.log_variance_min = checked["log_variance_min"]
     assert settings.optimizer["_target_"] == "torch.optim.Adam"
     optimizer = torch.optim.Adam(list(mlp.parameters()) + list(log_vars), lr=settings.optimizer["lr"])
@@ -189,8 +197,8 @@ def test_an_unstable_job_stops_a_sweep_before_any_job_trains(tmp_path):
 def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdict):
     from types import SimpleNamespace
 
-    from pcsweep.run import run_checks
     from pcsweep.summary import checks_text
+    from pcsweep.verdicts import run_checks
 
     layers = [{"mean": -0.3, "std": s, "min": -0.4, "max": -0.2, "at_floor": at_floor} for s in stds]
     probe = {"gap": 0.01, "cosine": [0.99, 0.99]}
@@ -200,7 +208,7 @@ def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdic
     settings = compose_settings("algo=pc", "relax=3")
     summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
     stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5, "step_size": 0.1}
-    checks = run_checks(settings, summary, conditions, stability)
+    checks = run_checks(settings, summary, conditions.records, stability)
     assert checks["variance"]["verdict"] == verdict
     assert checks_text(checks).endswith(
         f"S at floor {100 * at_floor:.0f}%" + (", uniform" if "uniform" in verdict else "")

@@ -19,7 +19,7 @@ def test_where_a_run_trains_is_not_part_of_what_it_is():
 
 def test_with_a_cross_entropy_output_every_variance_is_a_hidden_one():
     """make_log_variances gives a ce network no output variance: the last entry is the last hidden layer."""
-    from pcsweep.run import run_checks
+    from pcsweep.verdicts import run_checks
 
     layers = [{"mean": -0.1, "std": 0.1, "min": -0.2, "max": 0.0, "at_floor": f} for f in (1.0, 0.0)]
     conditions = SimpleNamespace(
@@ -35,8 +35,8 @@ def test_with_a_cross_entropy_output_every_variance_is_a_hidden_one():
     )
     stability = {"stiffness": 1.0, "limit": 3.9, "lambda_max": 10.0, "log_variance_min": -0.5, "step_size": 0.1}
     summary = {"num_classes": 10, "final_test_acc": 0.9, "history": []}
-    ce = run_checks(compose_settings("algo=pc", "relax=3", "output_loss=ce"), summary, conditions, stability)
-    mse = run_checks(compose_settings("algo=pc", "relax=3"), summary, conditions, stability)
+    ce = run_checks(compose_settings("algo=pc", "relax=3", "output_loss=ce"), summary, conditions.records, stability)
+    mse = run_checks(compose_settings("algo=pc", "relax=3"), summary, conditions.records, stability)
     assert ce["variance"]["hidden_at_floor"] == 0.5  # both entries are hidden layers
     assert mse["variance"]["hidden_at_floor"] == 1.0  # the last entry is the output's
 

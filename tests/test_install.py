@@ -67,8 +67,8 @@ def test_the_wheel_runs_a_sweep_and_its_report_from_an_empty_folder(installed, t
     run([installed / "pcsweep-report", sweep, "--no-landscapes"], cwd=tmp_path)
     assert (sweep / "report" / "report.html").is_file()
     # python -m pcsweep is the same command (numeric relax included)
-    composed = run([installed / "python", "-m", "pcsweep", "relax=3", "--cfg", "job"], cwd=tmp_path).stdout
-    assert "name: '3'" in composed and "variance: neuron" in composed
+    composed = run([installed / "python", "-m", "pcsweep", "relax=3", "--cfg", "job", "--resolve"], cwd=tmp_path).stdout
+    assert "relax: '3'" in composed and "variance: neuron" in composed  # the twin's own default, resolved
 
 
 @pytest.mark.slow
