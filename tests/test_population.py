@@ -1,0 +1,106 @@
+"""R runs of one shape as one computation (pcsweep.pc.population): each member equals its solo run."""
+
+import math
+
+import pytest
+import torch
+
+from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.pc import Inference, PCEngine, train_batch
+from pcsweep.pc.population import Member, PackError, Population, check_fits, pack_bytes
+
+# the PC twins' schedules (momentum, update interval, variance, convergence tolerance), as conf/twin/ sets them
+TWINS = {
+    "pc": dict(momentum=0.9, update_every=None, variance=None, tolerance=1e-2),
+    "pc_rc2": dict(momentum=0.0, update_every=4, variance=None, tolerance=None),
+    "pc_rc3": dict(momentum=0.9, update_every=None, variance="neuron", tolerance=1e-2),
+    "pc_rc23": dict(momentum=0.0, update_every=4, variance="neuron", tolerance=None),
+}
+SIZES = dict(in_features=12, width=10, depth=3, out_features=4)
+
+
+def solo_run(twin: str, seed: int, step: float, output_loss: str = "mse", variance: str = "neuron"):
+    """One member as it would train alone: its MLP (drawn from ``seed``), log-variances and inference."""
+    spec = TWINS[twin]
+    torch.manual_seed(seed)
+    mlp = MLP(**SIZES).double()
+    log_vars = None
+    if spec["variance"] is not None:
+        log_vars = make_log_variances(mlp.sizes, variance, output_loss).double()
+        with torch.no_grad():
+            for s in log_vars:
+                s.uniform_(-0.2, 0.2)
+    net = mlp.as_pc_network(log_vars, output_loss)
+    inference = Inference(
+        steps=64,
+        step_size=step,
+        momentum=spec["momentum"],
+        update_every=spec["update_every"],
+        tolerance=spec["tolerance"],
+        check_every=4,
+    )
+    return net, inference
+
+
+def batches(seed: int, count: int = 3, size: int = 8):
+    gen = torch.Generator().manual_seed(100 + seed)
+    for _ in range(count):
+        inputs = torch.rand(size, SIZES["in_features"], generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, SIZES["out_features"], (size,), generator=gen)
+        yield inputs, torch.nn.functional.one_hot(labels, SIZES["out_features"]).double()
+
+
+@pytest.mark.parametrize("output_loss", ["mse", "ce"])
+@pytest.mark.parametrize("twin", list(TWINS))
+def test_a_packed_member_equals_its_solo_run(twin, output_loss):
+    """Three members of one twin with their own seeds, data, learning rates and step sizes (the tuning stage's
+    candidates): three batches packed, weights, variances and every batch metric equal the solo runs' to 1e-10."""
+    runs = [(0, 1e-3, 0.05), (1, 3e-3, 0.08), (2, 1e-2, 0.03)]
+    floor = -1.0
+    solos, members, packed_optimizers = [], [], []
+    for seed, lr, step in runs:
+        net, inference = solo_run(twin, seed, step, output_loss)
+        solos.append((PCEngine(net, inference, log_variance_min=floor), torch.optim.Adam(net.parameters(), lr=lr)))
+        twin_net, _ = solo_run(twin, seed, step, output_loss)
+        members.append(Member(twin_net, inference, log_variance_min=floor))
+        packed_optimizers.append(torch.optim.Adam(twin_net.parameters(), lr=lr))
+    population = Population(members)
+    data = [list(batches(seed)) for seed, _, _ in runs]
+    steps_used = set()
+    for b in range(3):
+        inputs = torch.stack([data[r][b][0] for r in range(3)])
+        target = torch.stack([data[r][b][1] for r in range(3)])
+        packed = population.train_batch(inputs, target, [opt.step for opt in packed_optimizers], trace_energy=True)
+        for r, (engine, optimizer) in enumerate(solos):
+            alone = train_batch(engine, engine.inference, inputs[r], target[r], optimizer.step, trace_energy=True)
+            assert packed[r].steps_used == alone.steps_used and packed[r].updates == alone.updates
+            assert int(packed[r].energy_rises) == int(alone.energy_rises)
+            for name in ("loss", "energy_start", "energy_end", "log_variance_energy", "energy_trace", "logits"):
+                assert torch.allclose(getattr(packed[r], name), getattr(alone, name), rtol=0, atol=1e-10), name
+            steps_used.add(alone.steps_used)
+    for (engine, _), member in zip(solos, members):
+        for mine, theirs in zip(member.network.parameters(), engine.net.parameters()):
+            assert torch.allclose(mine, theirs, rtol=0, atol=1e-10)
+    if TWINS[twin]["tolerance"] is not None:  # a converged member stops on its own while the others go on
+        assert len(steps_used) > 1 and min(steps_used) < 64, steps_used
+
+
+def test_members_that_do_not_share_a_shape_or_a_schedule_are_refused_in_one_line():
+    a, inference = solo_run("pc", 0, 0.05)
+    b, other = solo_run("pc_rc2", 1, 0.05)
+    with pytest.raises(PackError, match="member 1 cannot pack with member 0"):
+        Population([Member(a, inference), Member(b, other)])
+    torch.manual_seed(0)
+    wider = MLP(12, 11, 3, 4).double().as_pc_network(None, "mse")
+    with pytest.raises(PackError, match="member 1 cannot pack with member 0"):
+        Population([Member(a, inference), Member(wider, inference)])
+
+
+def test_a_pack_that_will_not_fit_is_refused_with_its_estimate():
+    sizes = [784] + [1024] * 8 + [10]
+    one = pack_bytes(1, sizes, 64, 4)
+    assert 8.5e6 * 4 * 4 < one < 8.5e6 * 4 * 4 * 1.2  # weights, gradients and Adam's two states dominate
+    with pytest.raises(PackError, match=r"a pack of 100000 runs .* needs about .* GiB, and cpu has"):
+        check_fits(100_000, sizes, 64, torch.float32, torch.device("cpu"))
+    assert check_fits(2, sizes, 64, torch.float32, torch.device("cpu")) == pack_bytes(2, sizes, 64, 4)
+    assert math.isclose(pack_bytes(16, sizes, 64, 4), 16 * one)
