@@ -60,6 +60,9 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
             "--quick",
             "--pipeline-batches",
             "3",
+            "--packs",
+            "1",
+            "3",
             "--json",
             str(out),
         ]
@@ -82,6 +85,13 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
     batches = 2 * 20 * 938
     expected = (width["bp_ms"] + sum(r["ms_per_batch"] for r in width["twins"].values()) * 256 / 8) / 1e3 * batches
     assert grid["hours"] == pytest.approx(expected / 3600)
+    # R runs as one computation against one by one, and the tuned grid at the largest pack's speed-up
+    packs = width["packs"]
+    assert set(packs) == {"1", "3"} and all(row["packed_ms"] > 0 and row["one_by_one_ms"] > 0 for row in packs.values())
+    assert packs["3"]["speedup"] == pytest.approx(packs["3"]["one_by_one_ms"] / packs["3"]["packed_ms"])
+    tuned = report["tuned_grid"]
+    assert tuned["hours_one_by_one"] == pytest.approx(grid["hours"] * 15)  # 14 trials + the run, every family
+    assert grid["hours"] < tuned["hours_packed"] < tuned["hours_one_by_one"] or packs["3"]["speedup"] < 1
 
 
 def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypatch, capsys):

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from pcsweep.bench_packs import PACKS, measure_packs
 from pcsweep.data import Dataset, Split
 from pcsweep.datamodule import TensorBatches, TensorDataModule
 from pcsweep.mlp import MLP, make_log_variances
@@ -495,6 +496,9 @@ def measure_width(width: int, args: argparse.Namespace, device: torch.device, re
         entry["pipeline"] = measure_pipeline(setup, args.twins[0], args.pipeline_batches)
     if args.peers:
         entry["pcx"] = measure_peers(setup, entry, repeats, args.peer_loop)
+    if args.packs:
+        timing = {"median": median_seconds, "twin": make_twin, "batch": make_batch, "sgd": sgd}
+        entry["packs"] = measure_packs(setup, args.twins[0], max(3, repeats // 2), timing, args.packs)
     print()
     return entry
 
@@ -535,6 +539,11 @@ def run(args: argparse.Namespace) -> dict:
         f"at widths {', '.join(map(str, args.widths))}, on {grid['datasets']} datasets, {grid['epochs']} epochs of "
         f"{grid['batches_per_epoch']} batches, T = {grid['steps']}; time taken as linear in T)"
     )
+    report["tuned_grid"] = tuned = tuned_grid_hours(report, args.steps)
+    print(
+        f"tuned (tune=lr, {tuned['trials_per_family']} trials a family): {tuned['hours_one_by_one']:.1f} h one by one, "
+        f"{tuned['hours_packed']:.1f} h with PC trials in packs of {max(args.packs or [1])} (measured speed-up)"
+    )
     return report
 
 
@@ -552,6 +561,24 @@ def paper_grid_hours(report: dict, steps: int) -> dict:
         seconds += pc_ms / 1e3 * batches * PAPER_GRID["steps"] / steps
         runs += PAPER_GRID["datasets"] * (1 + len(entry["twins"]))
     return {"hours": seconds / 3600, "runs": runs, **PAPER_GRID}
+
+
+TUNING_TRIALS = 7 * 2  # tune=lr's default: 7 candidates x 2 seeds for every family
+
+
+def tuned_grid_hours(report: dict, steps: int) -> dict:
+    """The paper's grid with ``tune=lr`` in front: every family's 14 trials on top of its run, trained one by one,
+    or (PC) in packs at the speed-up the packing table measured for the width's largest pack."""
+    batches = PAPER_GRID["datasets"] * PAPER_GRID["epochs"] * PAPER_GRID["batches_per_epoch"]
+    alone = packed = 0.0
+    for entry in report["widths"].values():
+        bp = entry["bp_ms"] / 1e3 * batches
+        pc = sum(row["ms_per_batch"] for row in entry["twins"].values()) / 1e3 * batches * PAPER_GRID["steps"] / steps
+        packs = entry.get("packs") or {}
+        speedup = packs[max(packs, key=int)]["speedup"] if packs else 1.0
+        alone += (1 + TUNING_TRIALS) * (bp + pc)  # both datasets (in ``batches``), every twin of the width
+        packed += bp + pc + TUNING_TRIALS * (bp + pc / speedup)
+    return {"trials_per_family": TUNING_TRIALS, "hours_one_by_one": alone / 3600, "hours_packed": packed / 3600}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -581,6 +608,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         choices=("unroll", "scan"),
         default="unroll",
         help="PCX's T loop: unrolled as in its examples, or a scan (compiles in seconds)",
+    )
+    parser.add_argument(
+        "--packs", type=int, nargs="*", default=list(PACKS), help="pack sizes R to time against one by one (none: skip)"
     )
     parser.add_argument("--json", help="also write the results to this file")
     return parser.parse_args(argv)
