@@ -1,6 +1,7 @@
 """The benchmark's bookkeeping: its floor counts exactly the products the engine runs, and its report is complete."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypat
             "ms_per_batch": {"converged": 20.0, "every": 40.0},
         },
     }
-    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags: runs[flags])
+    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags, python: runs[flags])
     peer = bench.time_pcx(setup, 2, 3, "scan")
     assert peer["best"] == {
         "converged": {"ms_per_batch": 20.0, "runtime": "legacy"},
@@ -116,7 +117,7 @@ def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypat
     assert "784 inputs" in bench.time_pcx(other, 2, 3, "scan")["error"]
 
     # in the report: each schedule's best beside the twin that does the same work
-    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags: runs[flags])
+    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags, python: runs[flags])
     report = bench.main(
         [
             "--widths",
@@ -146,11 +147,10 @@ def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypat
 def test_real_pcx_peer_runs_and_agrees_with_plain_jax():
     pytest.importorskip("pcx", reason="the peer library is an optional extra: pip install 'pcsweep[peers]'")
     import subprocess
-    import sys
 
     check = subprocess.run([sys.executable, "-m", "pcsweep.peers.pcx_mlp", "--check"], capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr
     setup = bench.Setup(width=32, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
-    peer = bench.run_pcx(setup, threads=1, repeats=2, loop="scan", xla_flags="")
+    peer = bench.run_pcx(setup, threads=1, repeats=2, loop="scan", xla_flags="", python=sys.executable)
     assert peer["pcx_version"] == "0.6.3" and peer["width"] == 32
     assert set(peer["ms_per_batch"]) == {"converged", "every"} and min(peer["ms_per_batch"].values()) > 0

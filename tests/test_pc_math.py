@@ -9,8 +9,8 @@ from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature, output_loss
 from pcsweep.pc import energy as pc_energy
 from pcsweep.pc import reference as ref
-from pcsweep.pc.energy import energy
-from pcsweep.pc.engine import Tricks
+from pcsweep.pc.energy import Network, energy
+from pcsweep.pc.engine import PREPACK_AVAILABLE, Tricks
 
 
 @pytest.fixture(autouse=True)
@@ -384,3 +384,28 @@ def test_each_speed_trick_switched_off_computes_the_same_training(width, trick):
             assert on._param_rows[0].balanced == 2 and off._param_rows[0].balanced == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not PREPACK_AVAILABLE, reason="this torch build has no oneDNN")
+def test_prepacked_weights_compute_the_same_training_within_float32_rounding():
+    """float32 at width 520 (wide): the products through oneDNN's packed weights against the batched ones, over a
+    relax-2 batch (weights repacked after each of its updates) and a converged one: within float32 rounding."""
+    _, _, net = make_net(variance="neuron", sizes=(12, 520, 5), depth=4)
+    net = Network(
+        [w.detach().float().requires_grad_() for w in net.weights],
+        [b.detach().float().requires_grad_() for b in net.biases],
+        [None if s is None else s.detach().float().requires_grad_() for s in net.log_variances],
+        net.activation,
+    )
+    off_net = copy.deepcopy(net)
+    x, y = (t.float() for t in batch())
+    for inference in (Inference(steps=6, step_size=0.1, update_every=3), Inference(steps=12, step_size=0.1)):
+        on, off = PCEngine(net, inference), PCEngine(off_net, inference, tricks=Tricks(prepacked=False))
+        results = [
+            engine.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
+            for engine, network in ((on, net), (off, off_net))
+        ]
+        assert on._packed is not None and off._packed is None  # the trick was in use, and off when asked
+        assert torch.allclose(results[0].energy_end, results[1].energy_end, rtol=1e-4)
+        for a, b in zip(net.parameters(), off_net.parameters()):
+            assert rel(a.detach(), b.detach()) <= 1e-4  # float32 rounding (a wrong product is off by O(1))

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -33,7 +34,7 @@ from pcsweep.datamodule import TensorBatches, TensorDataModule
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.models import PCModule
 from pcsweep.pc import Inference, PCEngine, output_loss
-from pcsweep.pc.engine import NARROW_MAX_WIDTH, Tricks
+from pcsweep.pc.engine import NARROW_MAX_WIDTH, PREPACK_AVAILABLE, Tricks
 from pcsweep.pc.reference import ReferencePC
 from pcsweep.peers.pcx_mlp import IN_DIM, OUT_DIM
 from pcsweep.run import quiet_lightning
@@ -222,7 +223,9 @@ def time_tricks(setup: Setup, twin: str, repeats: int) -> dict[str, float]:
     if narrow:
         variants["no transposed copy"] = Tricks(transposed_copy=False)
     if wide:
-        variants["no thread balance"] = Tricks(thread_balance=False)
+        variants["no thread balance, no prepacking"] = Tricks(thread_balance=False, prepacked=False)
+    if setup.device.type == "cpu" and not narrow and PREPACK_AVAILABLE:
+        variants["no prepacked weights"] = Tricks(prepacked=False)
     batches = {name: engine_batch(setup, twin, tricks)[0] for name, tricks in variants.items()}
     batches["plain reference"] = engine_batch(setup, twin, reference="plain")[0]
     best = {name: math.inf for name in batches}
@@ -353,10 +356,11 @@ XLA_RUNTIMES = {"default": "", "legacy": "--xla_cpu_use_thunk_runtime=false"}  #
 PEER_SCHEDULES = {"converged": "pc", "every": "pc_rc2"}  # PCX schedule -> our twin with the same work
 
 
-def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str) -> dict:
-    """One ``pcsweep.peers.pcx_mlp`` process (a fresh XLA, its own flags); its JSON, or ``{"error": line}``."""
+def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str, python: str) -> dict:
+    """One ``pcsweep.peers.pcx_mlp`` process (a fresh XLA, its own flags) under ``python`` (an environment with PCX,
+    which need not have torch: the peer imports no torch); its JSON, or ``{"error": line}``."""
     command = [
-        sys.executable,
+        python,
         "-m",
         "pcsweep.peers.pcx_mlp",
         "--width",
@@ -379,6 +383,8 @@ def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str)
         loop,
     ]
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+    if python != sys.executable:  # another environment: it finds this pcsweep's peer module on its path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
@@ -386,11 +392,11 @@ def run_pcx(setup: Setup, threads: int, repeats: int, loop: str, xla_flags: str)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def time_pcx(setup: Setup, threads: int, repeats: int, loop: str) -> dict:
+def time_pcx(setup: Setup, threads: int, repeats: int, loop: str, python: str = sys.executable) -> dict:
     """PCX on the same workload under each XLA CPU runtime; the best per schedule is its figure."""
     if (setup.n_in, setup.n_out) != (IN_DIM, OUT_DIM):
         return {"error": f"the PCX peer is written for {IN_DIM} inputs and {OUT_DIM} outputs (MNIST)"}
-    runs = {name: run_pcx(setup, threads, repeats, loop, flags) for name, flags in XLA_RUNTIMES.items()}
+    runs = {name: run_pcx(setup, threads, repeats, loop, flags, python) for name, flags in XLA_RUNTIMES.items()}
     ok = {name: r for name, r in runs.items() if "error" not in r}
     if not ok:
         return {"error": next(iter(runs.values()))["error"], "runs": runs}
@@ -463,8 +469,8 @@ def measure_tricks(setup: Setup, twin: str, repeats: int) -> dict:
     return times
 
 
-def measure_peers(setup: Setup, entry: dict, repeats: int, loop: str) -> dict:
-    peer = time_pcx(setup, torch.get_num_threads(), repeats, loop)
+def measure_peers(setup: Setup, entry: dict, repeats: int, loop: str, python: str) -> dict:
+    peer = time_pcx(setup, torch.get_num_threads(), repeats, loop, python)
     if "error" in peer:
         print(f"PCX: not measured: {peer['error']}")
         return peer
@@ -495,7 +501,7 @@ def measure_width(width: int, args: argparse.Namespace, device: torch.device, re
     if not args.no_pipeline:
         entry["pipeline"] = measure_pipeline(setup, args.twins[0], args.pipeline_batches)
     if args.peers:
-        entry["pcx"] = measure_peers(setup, entry, repeats, args.peer_loop)
+        entry["pcx"] = measure_peers(setup, entry, repeats, args.peer_loop, args.peer_python)
     if args.packs:
         timing = {"median": median_seconds, "twin": make_twin, "batch": make_batch, "sgd": sgd}
         entry["packs"] = measure_packs(setup, args.twins[0], max(3, repeats // 2), timing, args.packs)
@@ -608,6 +614,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         choices=("unroll", "scan"),
         default="unroll",
         help="PCX's T loop: unrolled as in its examples, or a scan (compiles in seconds)",
+    )
+    parser.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        help="the Python of an environment with PCX installed (default: this one)",
     )
     parser.add_argument(
         "--packs", type=int, nargs="*", default=list(PACKS), help="pack sizes R to time against one by one (none: skip)"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pcsweep.pc.energy import Network
+from pcsweep.pc.engine import NARROW_MAX_WIDTH
 from pcsweep.pc.schedule import BatchResult, Inference, plateaued
 
 BYTES_HEADROOM = 0.8  # a pack may use this share of the free memory
@@ -105,6 +106,14 @@ class Population:
         self.dtype, self.device = like.dtype, like.device
         self._stack_parameters()
         self._buffers_for: Optional[int] = None
+        # plain descent for every member: activities move directly (no velocity buffer to scale and add)
+        self.heavy_ball = any(m.inference.momentum for m in members)
+        # CPU, narrow layers: predict from a contiguous copy of W^T (x @ W^T reads W against its layout; as
+        # PCEngine's transposed copy, measured by pcsweep.bench)
+        narrow = self.device.type == "cpu" and self.sizes[1] <= NARROW_MAX_WIDTH
+        self.w_hid_t: Optional[Tensor] = None
+        if narrow and self.w_hid is not None:
+            self.w_hid_t = torch.empty_like(self.w_hid)
         self.parameters_changed()
 
     # ----------------------------------------------------------------- parameters
@@ -146,7 +155,11 @@ class Population:
 
     def parameters_changed(self) -> None:
         """Re-derive what depends on the parameters alone (floors applied); call after any optimizer step."""
+        self._input_current = False  # a_1 = W_1 x_0 + b_1 changes only with W_1, b_1 (x_0 is clamped)
         with torch.no_grad():
+            if self.w_hid_t is not None:
+                assert self.w_hid is not None
+                self.w_hid_t.copy_(self.w_hid.transpose(2, 3))
             floors = torch.tensor([m.log_variance_min for m in self.members], dtype=self.dtype, device=self.device)
             self.p_hid = self.p_out = None
             if self.s_hid is not None:
@@ -170,7 +183,7 @@ class Population:
 
         self.X, self.A, self.MU, self.FP, self.E, self.G = (new(H, R, batch, n) for _ in range(6))
         self.EPS = new(H, R, batch, n) if self.s_hid is not None else self.E
-        self.V = new(H, R, batch, n)  # velocity (heavy ball), or the step itself (plain descent)
+        self.V = new(H, R, batch, n) if self.heavy_ball else self.X  # the velocity (heavy ball)
         self.feedback = new(max(H - 1, 1), R, batch, n)
         self.top_feedback = new(R, batch, n)
         self.x0, self.target = new(R, batch, self.sizes[0]), new(R, batch, n_out)
@@ -184,17 +197,21 @@ class Population:
 
     # ----------------------------------------------------------------- the loop's parts
     def _predict(self) -> None:
-        torch.baddbmm(self.b_in.unsqueeze(1), self.x0, self.w_in.transpose(1, 2), out=self.A[0])
+        first = 1  # the hidden rows whose prediction must be recomputed
+        if not self._input_current:
+            torch.baddbmm(self.b_in.unsqueeze(1), self.x0, self.w_in.transpose(1, 2), out=self.A[0])
+            self._input_current, first = True, 0
         if self.w_hid is not None:
+            w_t = self.w_hid_t if self.w_hid_t is not None else self.w_hid.transpose(2, 3)
             torch.baddbmm(
                 self._flat(self.b_hid.unsqueeze(2)),
                 self._flat(self.X[:-1]),
-                self._flat(self.w_hid).transpose(1, 2),
+                self._flat(w_t),
                 out=self._flat(self.A[1:]),
             )
         torch.baddbmm(self.b_out.unsqueeze(1), self.X[-1], self.w_out.transpose(1, 2), out=self.aL)
-        self.activation.forward(self.A, self.MU)
-        self.activation.derivative(self.A, self.MU, self.FP)
+        self.activation.forward(self.A[first:], self.MU[first:])
+        self.activation.derivative(self.A[first:], self.MU[first:], self.FP[first:])
 
     def _errors(self) -> None:
         torch.sub(self.X, self.MU, out=self.E)
@@ -217,15 +234,17 @@ class Population:
     def step(self) -> None:
         """One Jacobi step on every hidden activity of every active member: v <- beta v - gamma dE/dx; x <- x + v
         (beta = 0: plain descent). A frozen member has gamma = 0 and v = 0: it does not move."""
-        V = self.V
-        V.mul_(self._beta)
+        V = self.V if self.heavy_ball else self.X  # plain descent moves the activities themselves
+        if self.heavy_ball:
+            V.mul_(self._beta)
         V.addcmul_(self.EPS, self._neg_gamma)
         if self.w_hid is not None:
             torch.bmm(self._flat(self.G[1:]), self._flat(self.w_hid), out=self._flat(self.feedback))
             V[:-1].addcmul_(self.feedback, self._gamma)
         torch.bmm(self.epsL, self.w_out, out=self.top_feedback)
         V[-1].addcmul_(self.top_feedback, self._gamma[0])
-        self.X.add_(V)
+        if self.heavy_ball:
+            self.X.add_(V)
         self.recompute()
 
     def feedforward_init(self, inputs: Tensor, target: Tensor) -> None:
@@ -234,6 +253,7 @@ class Population:
         self.x0.copy_(inputs)
         self.target.copy_(target)
         torch.baddbmm(self.b_in.unsqueeze(1), self.x0, self.w_in.transpose(1, 2), out=self.A[0])
+        self._input_current = True
         for l in range(self.H):
             if l > 0:
                 assert self.w_hid is not None  # H > 1 means L > 2
@@ -244,7 +264,7 @@ class Population:
             self.X[l].copy_(self.MU[l])
         self.activation.derivative(self.A, self.MU, self.FP)
         torch.baddbmm(self.b_out.unsqueeze(1), self.X[-1], self.w_out.transpose(1, 2), out=self.aL)
-        for buffer in (self.E, self.EPS, self.G, self.V):
+        for buffer in (self.E, self.EPS, self.G) + ((self.V,) if self.heavy_ball else ()):
             buffer.zero_()
         self._errors()
 
