@@ -291,9 +291,10 @@ class Settings:
     output_loss: str = "mse"  # mse (Gaussian energy, the paper's) | ce (cross-entropy output, both twins)
     epochs: int = 5
     batch_size: int = 64
-    # per optimizer; each twin's file (conf/twin/) sets its own and the optimizer reads its entry into optimizer.lr
+    # per optimizer: bp's (the evidence is in conf/twin/bp.yaml); each PC twin's file sets its own, and the optimizer
+    # reads its entry into optimizer.lr
     learning_rates: Dict[str, float] = setting(
-        identity=False, factory=lambda: {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.1}
+        identity=False, factory=lambda: {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.01}
     )
     inference: InferenceSettings = setting(identity="pc", factory=InferenceSettings)
     weight_decay: float = 0.0  # on weight matrices (not biases)
