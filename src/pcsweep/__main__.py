@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -25,11 +26,17 @@ warnings.filterwarnings("ignore", "provider=hydra.searchpath in main, path=conf 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     release_stderr()  # Hydra has composed the config: its own errors are behind us
+    # heavy imports (torch, Lightning) only once Hydra has parsed the command line
+    from hydra.core.hydra_config import HydraConfig
+
     from pcsweep.interruption import Interrupted
-    from pcsweep.run import train  # heavy imports (torch, Lightning) only once Hydra has parsed the command line
+    from pcsweep.pack import train_pack
+    from pcsweep.run import task_settings, train_settings
 
     try:
-        return train(cfg)
+        settings = task_settings(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        return (train_settings if settings.pack.members is None else train_pack)(settings, run_dir)
     except UserError as exc:  # bad input: one line, no traceback, exit status 2
         exit_with(str(exc))
     except Interrupted as exc:  # a signal: checkpointed; 128 + the signal's number, as a shell reports it

@@ -10,11 +10,12 @@ from a mid-epoch checkpoint continues with the next batch and gives the same num
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, Iterator, Optional, cast
 
 import lightning as L
 
@@ -63,7 +64,8 @@ class MidEpochCheckpoints(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum = None
         if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may install handlers (a launcher running jobs in threads keeps its own)
+            _FOLLOWERS.add(self)  # only the main thread may install handlers: a pack's forwards them (forwarding)
+            return
         for signum in SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
 
@@ -99,7 +101,30 @@ class MidEpochCheckpoints(L.Callback):
         self.previous = {}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _FOLLOWERS.discard(self)
         self.restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        _FOLLOWERS.discard(self)
         self.restore()
+
+
+_FOLLOWERS: set[MidEpochCheckpoints] = set()  # runs training in threads of this process (a pack's members)
+
+
+@contextlib.contextmanager
+def forwarding() -> Iterator[dict[int, Any]]:
+    """In a pack's main thread while its members train in threads: a signal reaches every member (each checkpoints
+    and stops at its next batch end, as alone). Yields the handlers it replaced: after the members stopped, the
+    caller hands a requeue signal on to them (submitit's requeue)."""
+
+    def handle(signum: int, frame: Any) -> None:
+        for follower in list(_FOLLOWERS):
+            follower._handle(signum, frame)
+
+    previous: dict[int, Any] = {signum: signal.signal(signum, handle) for signum in SIGNALS}
+    try:
+        yield previous
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

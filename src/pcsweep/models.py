@@ -21,6 +21,7 @@ from pcsweep.config import settings_from_container
 from pcsweep.metrics_log import batch_step, log_direct
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
+from pcsweep.pc.gang import Seat
 from pcsweep.pc.stability import CurvatureTargets, curvature_due, follow_curvature
 from pcsweep.settings import SCHEDULER_KEYS, Settings
 
@@ -56,11 +57,19 @@ class TwinModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self._unrecorded: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []  # batches not yet in the metrics
+        # torchmetrics takes its dtype from torch's default when the module moves to its device; Lightning's 64-bit
+        # precision changes that default (process-wide) around every step, which in a pack's threads is any moment
+        self.metric_dtype = torch.get_default_dtype()
         self.diverged = False
         self.diverged_reason: Optional[str] = None
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.mlp(inputs)
+
+    def on_fit_start(self) -> None:
+        for metric in self.modules():
+            if isinstance(metric, MeanMetric):  # (the accuracies count in integers)
+                metric.set_dtype(self.metric_dtype)  # the dtype it has alone (see __init__)
 
     def one_hot(self, labels: Tensor) -> Tensor:
         return F.one_hot(labels, self.mlp.sizes[-1]).to(self.mlp.layers[0].weight.dtype)
@@ -212,6 +221,7 @@ class PCModule(TwinModule):
             self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
         self.trace_energy, self.alignment_every = tracking.energy_trace, tracking.alignment_every
         self.latest_energy_trace: Optional[Tensor] = None  # picked up by diagnostics.EnergyTraces
+        self.seat: Optional[Seat] = None  # in a pack (pc.gang): its batches are computed with the other members'
 
     def step_scheduler(self, interval: str, count: int) -> None:
         """Manual optimization steps no scheduler: PC steps its own at Lightning's ``interval`` (every ``frequency``
@@ -274,7 +284,8 @@ class PCModule(TwinModule):
         if self.curvature_targets and curvature_due(seen, self.curvature_every, self.energy_rose):
             follow_curvature(self.engine, inputs, target, self.curvature_targets)
         trace = self.trace_energy and batch_idx == 0
-        result = self.engine.train_batch(inputs, target, apply_update=apply_update, trace_energy=trace)
+        train = self.engine.train_batch if self.seat is None else self.seat.train_batch  # alone, or in a pack
+        result = train(inputs, target, apply_update=apply_update, trace_energy=trace)
         self.check_finite(result.loss, result.energy_end)
         if not self.diverged:
             start, end = float(result.energy_start), float(result.energy_end)

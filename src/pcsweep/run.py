@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import hydra
 import lightning as L
@@ -358,9 +358,8 @@ def skipped(settings: Settings, run_dir: Path) -> Optional[dict]:
     return done
 
 
-def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Train (or resume, or skip) the run ``cfg`` describes; returns its summary. Raises ``UserError`` (one line)
-    for bad input, before any folder is made, and for a full disk."""
+def task_settings(cfg: DictConfig) -> Settings:
+    """The task's config, read once into typed settings (bad input: one line, before any folder is made)."""
     quiet_lightning()
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [cast(str, k) for k in cfg.keys() if k != "hydra"])
@@ -373,18 +372,39 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             f"tune.key={settings.tune.key}: tuning searches before a sweep's grid trains; run it with -m "
             "(pcsweep -m ... tune=lr)"
         )
-    run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
+    return settings
+
+
+def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Train (or resume, or skip) the run ``cfg`` describes; returns its summary. Raises ``UserError`` (one line)
+    for bad input, before any folder is made, and for a full disk."""
+    settings = task_settings(cfg)
+    return train_settings(settings, Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir))
+
+
+def prepare(settings: Settings, dataset) -> tuple[TwinModule, Optional[dict]]:
+    """The run's model on a fresh MLP, and (PC) its stability pre-flight: before any folder is made."""
+    model = build_model(settings, dataset.num_features, dataset.num_classes)
+    return model, check_stability(settings, model, dataset) if isinstance(model, PCModule) else None
+
+
+def train_settings(settings: Settings, run_dir: Path) -> dict[str, Any]:
     done = skipped(settings, run_dir)
     if done is not None:
         return done
     dataset = load_dataset(settings.dataset)  # a missing dataset is one line (DatasetError), not a traceback
-    model = build_model(settings, dataset.num_features, dataset.num_classes)
-    stability = check_stability(settings, model, dataset) if isinstance(model, PCModule) else None  # before any folder
+    model, stability = prepare(settings, dataset)
+    return in_folder(settings, run_dir, lambda: train_owned(settings, run_dir, dataset, model, stability))
+
+
+def in_folder(settings: Settings, run_dir: Path, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``work`` (the training) in the run's folder, which this process then owns (another process training it, or a
+    full disk, is one line)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(run_dir):
             done = finished_summary(run_dir)  # finished by another process since the check above
-            return done if done is not None else train_owned(settings, run_dir, dataset, model, stability)
+            return done if done is not None else work()
     except RunBusy as exc:
         log.info(f"{run_dir.name}: {exc} is training it; skipped here (re-run the command later to pick up its result)")
         return {

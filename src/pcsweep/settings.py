@@ -226,6 +226,26 @@ HALF_DECADES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 SEARCHES = ("grid", "optuna")
 
 
+PACK_AUTO_CUDA = 16  # pack=auto: members per pack on a GPU (on a CPU, 1: pcsweep.bench measured no gain there)
+
+
+@dataclass
+class PackSettings:
+    """Runs of one PC twin, shape and schedule that differ only in their seed or learning rate (seeds, tuning
+    candidates) trained side by side in one process, their batches as one computation (``pc.gang``); each member is
+    still its own run (folder, summary, checkpoint, W&B run, identity). Never part of a run's identity."""
+
+    size: Any = "auto"  # members per pack: auto (16 on a GPU, 1 on a CPU) or a number (1: every run alone)
+    members: Optional[str] = None  # set by the sweeper on a pack's job: its members' own overrides (base64 JSON)
+
+    def __post_init__(self) -> None:
+        size = self.size
+        check(size == "auto" or (isinstance(size, int) and size >= 1), "pack.size", "auto or >= 1", size)
+
+    def members_per_pack(self, cuda: bool) -> int:
+        return (PACK_AUTO_CUDA if cuda else 1) if self.size == "auto" else int(self.size)
+
+
 @dataclass
 class TuneSettings:
     """conf/tune: a stage before a sweep's grid that gives every family (everything but the seed and ``key``) the same
@@ -311,6 +331,7 @@ class Settings:
     tracking: TrackingSettings = setting(identity=False, factory=TrackingSettings)
     report: ReportSettings = setting(identity=False, factory=ReportSettings)
     tune: TuneSettings = setting(identity=False, factory=TuneSettings)
+    pack: PackSettings = setting(identity=False, factory=PackSettings)
     sweep_name: str = setting("default", identity=False)  # runs live in multirun/<sweep_name>/
 
     def __post_init__(self) -> None:

@@ -96,7 +96,8 @@ def start_wandb(
     kwargs = dict(
         project=project, entity=entity, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", **init_kwargs
     )
-    settings = wandb.Settings(init_timeout=timeout, silent=True)
+    # create_new: a pack trains several runs in one process, each its own W&B run (pc.gang)
+    settings = wandb.Settings(init_timeout=timeout, silent=True, reinit="create_new")
     if mode == "online" and not server_reachable(wandb_base_url(), min(timeout, 10.0)):
         log.info(f"W&B server {wandb_base_url()} unreachable: logging offline")
         mode, _online_failed = "offline", True

@@ -79,6 +79,7 @@ class FilteringLauncher(Launcher):
         self.stability = StabilityPreflight()
         self.tuning = False  # launching a tuning stage's trials (they are not the sweep's runs)
         self.entries: List[dict] = []  # the last launch's plan, one entry per job
+        self.packing: Dict[tuple, tuple] = {}  # a planned job's overrides -> (PC?, members per pack)
 
     def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
         self.inner.setup(**kwargs)
@@ -137,7 +138,16 @@ class FilteringLauncher(Launcher):
                 self.stability(settings)
             except UserError as exc:
                 fail(f"{label}: {exc}")
+        self.packing[tuple(overrides)] = (settings.algo == "pc", self.members_per_pack(settings))
         return {**entry, "status": "launched"}
+
+    def members_per_pack(self, settings: Any) -> int:
+        """``pack.size``: auto packs on a GPU (where one run leaves the device idle), not on a CPU."""
+        import torch  # the plugin module itself imports no torch (see the module docstring)
+
+        accelerator = settings.trainer.accelerator
+        cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return int(settings.pack.members_per_pack(cuda))
 
     def plan_all(self, job_overrides: Sequence[Sequence[str]]) -> List[dict]:
         """Every job's plan (``plan``), kept as ``self.entries``; a job planned by the last call is not planned
@@ -165,11 +175,14 @@ class FilteringLauncher(Launcher):
                 "(or launcher=local)"
             )
         entries = self.plan_all(job_overrides)
-        to_launch = [
-            list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"]
-            for entry in entries
-            if entry["status"] == "launched"
-        ]
+        launched = [entry for entry in entries if entry["status"] == "launched"]
+        to_launch = [list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"] for entry in launched]
+        if launched:  # runs that differ only in seed or learning rate train as packs (pcsweep.pack)
+            from pcsweep.pack import pack_jobs
+
+            plans = [self.packing[tuple(entry["overrides"])] for entry in launched]
+            tuned = self.sweeper.config.tune.key  # a tuning stage's trials differ in it (their own tune is none)
+            to_launch = pack_jobs(to_launch, [plan[0] for plan in plans], plans[0][1], tuned)
         if not self.tuning:
             self.sweeper.manifest.extend(entries)
             self.sweeper.write_manifest()

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, cast
 import torch
 from torch import Tensor
 
+from pcsweep.errors import UserError
 from pcsweep.pc.energy import Network
 from pcsweep.pc.engine import NARROW_MAX_WIDTH
 from pcsweep.pc.schedule import BatchResult, Inference, plateaued
@@ -25,7 +26,7 @@ from pcsweep.pc.schedule import BatchResult, Inference, plateaued
 BYTES_HEADROOM = 0.8  # a pack may use this share of the free memory
 
 
-class PackError(ValueError):
+class PackError(UserError, ValueError):
     """Members that cannot train as one computation, or a pack too large for the device (one line, before work)."""
 
 
@@ -133,9 +134,19 @@ class Population:
             for i, p in enumerate(params):
                 p.data = views[r][i]
                 p.grad = grads[i, r] if layer_major else grads[r]
+                self._bindings.append((p, p.data, p.grad))
         return stack, grads
 
+    def bound(self) -> bool:
+        """Every member's parameters (and gradients) are still views of this population's stacks: nothing (a
+        member's own engine, a checkpoint load into a new tensor) has moved them since."""
+        return all(
+            p.data_ptr() == view.data_ptr() and p.grad is not None and p.grad.data_ptr() == grad.data_ptr()
+            for p, view, grad in self._bindings
+        )
+
     def _stack_parameters(self) -> None:
+        self._bindings: list[tuple[Tensor, Tensor, Tensor]] = []
         L, H = self.L, self.H
         self.w_in, self.gw_in = self._stack(lambda n: n.weights[:1], False)  # (R, n, n_in)
         self.b_in, self.gb_in = self._stack(lambda n: n.biases[:1], False)  # (R, n)

@@ -1,0 +1,118 @@
+"""Runs of one pack trained side by side, each in its own thread with its own Lightning Trainer, callbacks, folder and
+checkpoints, their training batches computed together: each member's ``train_batch`` waits until every member still
+training has asked for one, and the last to ask runs them all as one ``Population`` batch.
+
+Everything else a run does (evaluations, probes, checkpoints, W&B) it does alone, as it would solo; a member that
+ends (finished, diverged, failed) leaves the gang and the others go on without it. A member whose parameters were
+moved by its own engine (the probes and curvature measurements run on it) is re-stacked before the next packed batch,
+so the population always trains the values the member holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from pcsweep.pc.engine import PCEngine
+from pcsweep.pc.population import Member, Population
+from pcsweep.pc.schedule import BatchResult
+
+
+class Gang:
+    """The rendezvous of ``size`` members (see the module docstring)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.active = set(range(size))
+        self.engines: dict[int, PCEngine] = {}
+        self.requests: dict[int, tuple] = {}
+        self.results: dict[int, BatchResult] = {}
+        self.failure: Optional[BaseException] = None
+        self.round = 0
+        self.population: Optional[Population] = None
+        self.population_of: tuple = ()
+        self.condition = threading.Condition()
+
+    def seat(self, index: int, engine: PCEngine) -> Seat:
+        self.engines[index] = engine
+        return Seat(self, index)
+
+    def leave(self, index: int) -> None:
+        """A member that stopped training: the others no longer wait for it."""
+        with self.condition:
+            self.active.discard(index)
+            self.engines.pop(index, None)
+            self._run_if_complete()
+            self.condition.notify_all()
+
+    def train_batch(self, index: int, request: tuple) -> BatchResult:
+        with self.condition:
+            if self.failure is not None:
+                raise self.failure
+            self.requests[index] = request
+            waiting_round = self.round
+            self._run_if_complete()
+            while index not in self.results:
+                if self.failure is not None:
+                    raise self.failure
+                if self.round != waiting_round and index not in self.requests and index not in self.results:
+                    raise RuntimeError("a packed batch lost its request")  # pragma: no cover - a bug, not a state
+                self.condition.wait()
+            return self.results.pop(index)
+
+    def _run_if_complete(self) -> None:
+        """Run the packed batch once every active member has asked (under the condition's lock)."""
+        if not self.requests or set(self.requests) != self.active:
+            return
+        requests, self.requests = self.requests, {}
+        try:
+            for index, result in self._compute(requests).items():
+                self.results[index] = result
+        except BaseException as exc:  # every waiting member sees it: no thread waits forever
+            self.failure = exc
+        self.round += 1
+        self.condition.notify_all()
+
+    def _compute(self, requests: dict[int, tuple]) -> dict[int, BatchResult]:
+        members = sorted(requests)
+        batch_sizes = {requests[i][0].shape[0] for i in members}
+        traced = {requests[i][3] for i in members}
+        if len(batch_sizes) > 1 or len(traced) > 1:  # not one shape this round (a resumed member): each alone
+            self.population = None
+            return {i: self.engines[i].train_batch(*requests[i]) for i in members}
+        population = self._population(members)
+        for member, i in zip(population.members, members):  # the step size and floor each engine holds now
+            engine = self.engines[i]
+            member.inference, member.log_variance_min = engine.inference, engine.log_variance_min
+        population.parameters_changed()  # the floors as they stand (the automatic floor follows the curvature)
+        inputs = torch.stack([requests[i][0] for i in members])
+        target = torch.stack([requests[i][1] for i in members])
+        results = population.train_batch(inputs, target, [requests[i][2] for i in members], requests[members[0]][3])
+        return dict(zip(members, results))
+
+    def _population(self, members: list[int]) -> Population:
+        """The population of these members, re-stacked if the members changed or a member's parameters moved."""
+        population = self.population
+        if population is None or self.population_of != tuple(members) or not population.bound():
+            engines = [self.engines[i] for i in members]
+            population = Population([Member(e.net, e.inference, e.log_variance_min) for e in engines])
+            self.population, self.population_of = population, tuple(members)
+        return population
+
+
+class Seat:
+    """One member's place in a gang: its ``train_batch`` (the engine's signature) and its leaving."""
+
+    def __init__(self, gang: Gang, index: int) -> None:
+        self.gang, self.index = gang, index
+
+    def train_batch(
+        self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None], trace_energy: bool = False
+    ) -> BatchResult:
+        return self.gang.train_batch(self.index, (inputs, target, apply_update, trace_energy))
+
+    def leave(self) -> None:
+        self.gang.leave(self.index)

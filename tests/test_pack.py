@@ -1,0 +1,95 @@
+"""Packs (pcsweep.pack): runs that differ only in seed or learning rate trained side by side as one computation, each
+still the run it is alone (folder, summary, metrics, checkpoint), to float64 rounding."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import pcsweep
+from pcsweep.pack import encode, pack_jobs
+
+TINY = ["width=16", "depth=2", "epochs=2", "inference.steps=16", "batch_size=128", "tracking.chance_margin=-1"]
+RUN = [*TINY, "logger=csv", "report.auto=false", "sweep_name=s", "trainer.precision=64-true"]
+
+
+def test_runs_that_differ_only_in_seed_or_tuned_value_are_packed():
+    jobs = [
+        ["algo=pc", "relax=2", "seed=0"],
+        ["algo=pc", "relax=2", "seed=1"],
+        ["algo=pc", "relax=3", "seed=0"],
+        ["algo=pc", "relax=3", "seed=1"],
+        ["algo=pc", "relax=3", "seed=2"],
+        ["algo=bp", "seed=0"],
+        ["algo=bp", "seed=1"],
+    ]
+    launched = pack_jobs(jobs, [True] * 5 + [False] * 2, size=2, tuned=None)
+    assert launched[:2] == [["algo=bp", "seed=0"], ["algo=bp", "seed=1"]]  # BP runs alone
+    assert launched[2] == ["algo=pc", "relax=2", "seed=0", f"++pack.members='{encode([['seed=0'], ['seed=1']])}'"]
+    assert launched[3][:3] == ["algo=pc", "relax=3", "seed=0"] and launched[4] == ["algo=pc", "relax=3", "seed=2"]
+    assert pack_jobs(jobs, [True] * 7, size=1, tuned=None) == jobs  # pack.size=1: every run alone
+    trials = [["algo=pc", "optimizer.lr=0.001", "seed=0"], ["algo=pc", "optimizer.lr=0.01", "seed=0"]]
+    (pack,) = pack_jobs(trials, [True, True], size=16, tuned="optimizer.lr")  # tuning candidates pack too
+    assert pack[-1] == f"++pack.members='{encode([['optimizer.lr=0.001', 'seed=0'], ['optimizer.lr=0.01', 'seed=0']])}'"
+
+
+def run_folders(root):
+    return {d.name: d for d in (root / "multirun" / "s").iterdir() if d.is_dir() and "_digits-" in d.name}
+
+
+def assert_same_runs(packed_root, alone_root, atol=1e-10):
+    packed, alone = run_folders(packed_root), run_folders(alone_root)
+    assert packed.keys() == alone.keys() and packed
+    for name in packed:
+        a, b = torch.load(packed[name] / "weights.pt"), torch.load(alone[name] / "weights.pt")
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=0, atol=atol), (name, key)
+        sa, sb = (json.loads((d[name] / "summary.json").read_text()) for d in (packed, alone))
+        for key in ("final_test_acc", "final_train_loss", "final_test_loss", "best_val_acc"):
+            assert sa[key] == pytest.approx(sb[key], abs=atol) if sb[key] is not None else sa[key] is None, key
+        assert sa["status"] == sb["status"] and sa["checks"].keys() == sb["checks"].keys()
+        steps = [s["checks"].get("inference", {}).get("steps_used_per_epoch") for s in (sa, sb)]
+        assert steps[0] == steps[1]
+        assert (packed[name] / "checkpoints" / "last.ckpt").is_file() and (packed[name] / "metrics.csv").is_file()
+
+
+@pytest.mark.slow
+def test_every_pc_twin_packed_equals_its_runs_alone(tmp_path):
+    """pc, rc2, rc3 and rc23 at two seeds, packed two by two, against the same sweep one run at a time: every run's
+    own folder, checkpoint and summary, its weights and numbers equal to 1e-10 in float64."""
+    grid = ["-m", "algo=pc", "relax=none,2,3,23", "seed=0,1", *RUN]
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "alone").mkdir()
+    packed = pcsweep(tmp_path / "packed", *grid, "pack.size=2")
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    assert packed.stdout.count("a pack of 2 runs: 2 train together") == 4
+    alone = pcsweep(tmp_path / "alone", *grid, "pack.size=1")
+    assert alone.returncode == 0 and "a pack of" not in alone.stdout
+    assert_same_runs(tmp_path / "packed", tmp_path / "alone")
+    again = pcsweep(tmp_path / "packed", *grid, "pack.size=2")  # each member is found finished on its own
+    assert again.returncode == 0 and again.stdout.count("already complete") == 8 and "a pack of" not in again.stdout
+
+
+@pytest.mark.slow
+def test_tuning_trains_its_candidates_in_packs_and_a_diverging_one_stops_alone(tmp_path):
+    """tune=lr's trials at two learning rates train as one pack; the one at 10 diverges and is marked so, the other
+    trains on to the end, equal to the same trial trained alone."""
+    tune = ["-m", "algo=pc", "relax=2", "tune=lr", "tune.candidates=[0.001,10.0]", "tune.seeds=1", *RUN]
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "alone").mkdir()
+    packed = pcsweep(tmp_path / "packed", *tune, "pack.size=2")
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    assert "a pack of 2 runs: 2 train together" in packed.stdout
+    trials = {
+        d.name: json.loads((d / "summary.json").read_text())
+        for d in (tmp_path / "packed" / "multirun" / "s" / "tuning").iterdir()
+        if (d / "summary.json").is_file()
+    }
+    assert sorted(s["status"] for s in trials.values()) == ["complete", "diverged"]
+    alone = pcsweep(tmp_path / "alone", *tune, "pack.size=1")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    for name, summary in trials.items():
+        solo = json.loads((tmp_path / "alone" / "multirun" / "s" / "tuning" / name / "summary.json").read_text())
+        assert summary["status"] == solo["status"] and summary["epochs"] == solo["epochs"]
+        if summary["status"] == "complete":
+            assert summary["final_test_acc"] == pytest.approx(solo["final_test_acc"], abs=1e-10)
