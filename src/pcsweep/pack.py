@@ -28,15 +28,12 @@ from pcsweep.pc.gang import Gang
 from pcsweep.pc.population import check_fits
 from pcsweep.run import in_folder, prepare, skipped, train_owned
 from pcsweep.settings import Settings
+from pcsweep.tuning import override_key
 
 log = logging.getLogger(__name__)
 
 # the settings in which members of one pack may differ (the tuning stage adds its tuned key)
 MEMBER_KEYS = ("seed", "tune.origin", "tracking.group")
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+")
 
 
 def pack_jobs(jobs: Sequence[Sequence[str]], pc: Sequence[bool], size: int, tuned: Optional[str]) -> list[list[str]]:
