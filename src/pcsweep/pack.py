@@ -19,8 +19,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
-from pcsweep.config import run_dir_name, settings_from_container
+from pcsweep.config import run_dir_name, settings_from
 from pcsweep.data import load_dataset
 from pcsweep.interruption import REQUEUE_SIGNALS, Interrupted, forwarding
 from pcsweep.models import PCModule
@@ -71,20 +72,12 @@ def member_settings(settings: Settings) -> list[Settings]:
     parser = OverridesParser.create()
     result = []
     for overrides in members:
-        container = dataclasses.asdict(settings)
-        container["pack"] = {"size": settings.pack.size, "members": None}
+        member = OmegaConf.create(dataclasses.asdict(settings))
+        member.pack.members = None
         for override in parser.parse_overrides(overrides):
-            _set(container, override.key_or_group, override.value())
-        result.append(settings_from_container(container))
+            OmegaConf.update(member, override.key_or_group, override.value(), force_add=True)
+        result.append(settings_from(member))
     return result
-
-
-def _set(container: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = container
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
 
 
 def train_pack(settings: Settings, run_dir: Path) -> dict[str, Any]:
@@ -94,9 +87,8 @@ def train_pack(settings: Settings, run_dir: Path) -> dict[str, Any]:
     dataset = load_dataset(settings.dataset)  # the members differ in seed and learning rate only: one dataset
     sizes = [dataset.num_features] + [settings.width] * settings.depth + [dataset.num_classes]
     dtype = torch.float64 if str(settings.trainer.precision).startswith("64") else torch.float32
-    accelerator = settings.trainer.accelerator
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    check_fits(len(members), sizes, settings.batch_size, dtype, torch.device("cuda" if cuda else "cpu"))
+    device = torch.device("cuda" if settings.trainer.on_cuda() else "cpu")
+    check_fits(len(members), sizes, settings.batch_size, dtype, device)
     summaries: dict[int, dict] = {}
     todo = []
     for index, member in enumerate(members):

@@ -162,6 +162,10 @@ class TrainerSettings:
             self.precision,
         )
 
+    def on_cuda(self) -> bool:
+        """Whether the run trains on a GPU (``auto``: when one is visible here)."""
+        return self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+
     def check_devices(self) -> None:
         """An accelerator this machine does not have is a one-line error (call where the run will train)."""
         if self.accelerator in ("gpu", "cuda") and not self.gpu_slots and not torch.cuda.is_available():

@@ -143,11 +143,7 @@ class FilteringLauncher(Launcher):
 
     def members_per_pack(self, settings: Any) -> int:
         """``pack.size``: auto packs on a GPU (where one run leaves the device idle), not on a CPU."""
-        import torch  # the plugin module itself imports no torch (see the module docstring)
-
-        accelerator = settings.trainer.accelerator
-        cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        return int(settings.pack.members_per_pack(cuda))
+        return int(settings.pack.members_per_pack(settings.trainer.on_cuda()))
 
     def plan_all(self, job_overrides: Sequence[Sequence[str]]) -> List[dict]:
         """Every job's plan (``plan``), kept as ``self.entries``; a job planned by the last call is not planned

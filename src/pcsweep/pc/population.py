@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pcsweep.errors import UserError
-from pcsweep.pc.energy import Network
+from pcsweep.pc.energy import Network, output_loss
 from pcsweep.pc.engine import NARROW_MAX_WIDTH
 from pcsweep.pc.schedule import BatchResult, Inference, plateaued
 
@@ -353,11 +353,8 @@ class _PackedBatch:
         self.every = first.update_every or first.steps
         pop.feedforward_init(inputs, target)
         self.logits = pop.aL.clone()
-        kind = pop.output_loss
-        if kind == "mse":
-            self.loss = 0.5 * (target - self.logits).pow(2).sum(dim=2).mean(dim=1)
-        else:
-            self.loss = -(target * torch.log_softmax(self.logits, dim=2)).sum(dim=2).mean(dim=1)
+        # each member's output loss, as alone (energy.output_loss over the run dimension)
+        self.loss = torch.vmap(output_loss, in_dims=(0, 0, None))(self.logits, target, pop.output_loss)
         self.energy_start = pop.error_energy()
         self.trace = [self.energy_start] if trace_energy else None
         R = pop.R
