@@ -1,36 +1,47 @@
 """Packs (pcsweep.pack): runs that differ only in seed or learning rate trained side by side as one computation, each
 still the run it is alone (folder, summary, metrics, checkpoint), to float64 rounding."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from helpers import pcsweep
-from pcsweep.pack import encode, pack_jobs
+from helpers import compose_settings, pcsweep
+from pcsweep.config import run_dir_name
+from pcsweep.pack import encode, member_settings, pack_jobs
 
 TINY = ["width=16", "depth=2", "epochs=2", "inference.steps=16", "batch_size=128", "tracking.chance_margin=-1"]
 RUN = [*TINY, "logger=csv", "report.auto=false", "sweep_name=s", "trainer.precision=64-true"]
 
 
-def test_runs_that_differ_only_in_seed_or_tuned_value_are_packed():
+def test_pc_runs_of_one_shape_and_schedule_are_packed_and_each_member_keeps_its_own_settings():
     jobs = [
         ["algo=pc", "relax=2", "seed=0"],
-        ["algo=pc", "relax=2", "seed=1"],
-        ["algo=pc", "relax=3", "seed=0"],
+        ["algo=pc", "relax=23", "seed=0"],
+        ["algo=pc", "relax=none", "seed=0"],
         ["algo=pc", "relax=3", "seed=1"],
-        ["algo=pc", "relax=3", "seed=2"],
+        ["algo=pc", "relax=none", "seed=2", "variance=layer"],  # per layer does not pack with rc3's per neuron
+        ["algo=pc", "relax=none", "seed=3", "width=32"],  # another shape
         ["algo=bp", "seed=0"],
         ["algo=bp", "seed=1"],
     ]
-    launched = pack_jobs(jobs, [True] * 5 + [False] * 2, size=2, tuned=None)
+    settings = [compose_settings(*job) for job in jobs]
+    pc = [s if s.algo == "pc" else None for s in settings]
+    launched = pack_jobs(jobs, pc, size=2)
     assert launched[:2] == [["algo=bp", "seed=0"], ["algo=bp", "seed=1"]]  # BP runs alone
-    assert launched[2] == ["algo=pc", "relax=2", "seed=0", f"++pack.members='{encode([['seed=0'], ['seed=1']])}'"]
-    assert launched[3][:3] == ["algo=pc", "relax=3", "seed=0"] and launched[4] == ["algo=pc", "relax=3", "seed=2"]
-    assert pack_jobs(jobs, [True] * 7, size=1, tuned=None) == jobs  # pack.size=1: every run alone
+    assert [job[:3] for job in launched[2:]] == [jobs[0], jobs[2], jobs[4][:3], jobs[5][:3]]
+    packs = {tuple(job[:3]): member_settings(compose_settings(*job)) for job in launched if "pack.members" in job[-1]}
+    assert len(packs) == 2
+    for members, alone in ((packs[tuple(jobs[0])], settings[:2]), (packs[tuple(jobs[2])], settings[2:4])):
+        # rc2 beside rc23, pc beside rc3: each member's settings are its own run's, variance and learning rate too
+        assert [dataclasses.asdict(m) for m in members] == [dataclasses.asdict(s) for s in alone]
+        assert [run_dir_name(m) for m in members] == [run_dir_name(s) for s in alone]
+    assert pack_jobs(jobs, pc, size=1) == jobs[:]  # pack.size=1: every run alone
     trials = [["algo=pc", "optimizer.lr=0.001", "seed=0"], ["algo=pc", "optimizer.lr=0.01", "seed=0"]]
-    (pack,) = pack_jobs(trials, [True, True], size=16, tuned="optimizer.lr")  # tuning candidates pack too
-    assert pack[-1] == f"++pack.members='{encode([['optimizer.lr=0.001', 'seed=0'], ['optimizer.lr=0.01', 'seed=0']])}'"
+    (pack,) = pack_jobs(trials, [compose_settings(*t) for t in trials], size=16)  # tuning candidates pack too
+    assert pack[-1] == f"++pack.members='{encode([{}, {'optimizer.lr': 0.01}])}'"
+    assert [m.optimizer["lr"] for m in member_settings(compose_settings(*pack))] == [0.001, 0.01]
 
 
 def run_folders(root):
@@ -55,18 +66,19 @@ def assert_same_runs(packed_root, alone_root, atol=1e-10):
 
 @pytest.mark.slow
 def test_every_pc_twin_packed_equals_its_runs_alone(tmp_path):
-    """pc, rc2, rc3 and rc23 at two seeds, packed two by two, against the same sweep one run at a time: every run's
-    own folder, checkpoint and summary, its weights and numbers equal to 1e-10 in float64."""
+    """pc, rc2, rc3 and rc23 at two seeds, packed four by four (pc with rc3, rc2 with rc23), against the same sweep
+    one run at a time: every run's own folder, checkpoint and summary, its weights and numbers equal to 1e-10 in
+    float64."""
     grid = ["-m", "algo=pc", "relax=none,2,3,23", "seed=0,1", *RUN]
     (tmp_path / "packed").mkdir()
     (tmp_path / "alone").mkdir()
-    packed = pcsweep(tmp_path / "packed", *grid, "pack.size=2")
+    packed = pcsweep(tmp_path / "packed", *grid, "pack.size=4")
     assert packed.returncode == 0, packed.stderr[-2000:]
-    assert packed.stdout.count("a pack of 2 runs: 2 train together") == 4
+    assert packed.stdout.count("a pack of 4 runs: 4 train together") == 2
     alone = pcsweep(tmp_path / "alone", *grid, "pack.size=1")
     assert alone.returncode == 0 and "a pack of" not in alone.stdout
     assert_same_runs(tmp_path / "packed", tmp_path / "alone")
-    again = pcsweep(tmp_path / "packed", *grid, "pack.size=2")  # each member is found finished on its own
+    again = pcsweep(tmp_path / "packed", *grid, "pack.size=4")  # each member is found finished on its own
     assert again.returncode == 0 and again.stdout.count("already complete") == 8 and "a pack of" not in again.stdout
 
 

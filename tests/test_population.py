@@ -50,26 +50,23 @@ def batches(seed: int, count: int = 3, size: int = 8):
         yield inputs, torch.nn.functional.one_hot(labels, SIZES["out_features"]).double()
 
 
-@pytest.mark.parametrize("output_loss", ["mse", "ce"])
-@pytest.mark.parametrize("twin", list(TWINS))
-def test_a_packed_member_equals_its_solo_run(twin, output_loss):
-    """Three members of one twin with their own seeds, data, learning rates and step sizes (the tuning stage's
-    candidates): three batches packed, weights, variances and every batch metric equal the solo runs' to 1e-10."""
-    runs = [(0, 1e-3, 0.05), (1, 3e-3, 0.08), (2, 1e-2, 0.03)]
+def assert_packed_equals_solo(runs, output_loss: str, variance: str = "neuron") -> set:
+    """``runs``: (twin, seed, learning rate, step size) per member. Three batches packed against each member alone:
+    weights, variances and every batch metric equal to 1e-10. Returns the steps each member used."""
     floor = -1.0
     solos, members, packed_optimizers = [], [], []
-    for seed, lr, step in runs:
-        net, inference = solo_run(twin, seed, step, output_loss)
+    for twin, seed, lr, step in runs:
+        net, inference = solo_run(twin, seed, step, output_loss, variance)
         solos.append((PCEngine(net, inference, log_variance_min=floor), torch.optim.Adam(net.parameters(), lr=lr)))
-        twin_net, _ = solo_run(twin, seed, step, output_loss)
+        twin_net, _ = solo_run(twin, seed, step, output_loss, variance)
         members.append(Member(twin_net, inference, log_variance_min=floor))
         packed_optimizers.append(torch.optim.Adam(twin_net.parameters(), lr=lr))
     population = Population(members)
-    data = [list(batches(seed)) for seed, _, _ in runs]
+    data = [list(batches(seed)) for _, seed, _, _ in runs]
     steps_used = set()
     for b in range(3):
-        inputs = torch.stack([data[r][b][0] for r in range(3)])
-        target = torch.stack([data[r][b][1] for r in range(3)])
+        inputs = torch.stack([data[r][b][0] for r in range(len(runs))])
+        target = torch.stack([data[r][b][1] for r in range(len(runs))])
         packed = population.train_batch(inputs, target, [opt.step for opt in packed_optimizers], trace_energy=True)
         for r, (engine, optimizer) in enumerate(solos):
             alone = train_batch(engine, engine.inference, inputs[r], target[r], optimizer.step, trace_energy=True)
@@ -79,10 +76,32 @@ def test_a_packed_member_equals_its_solo_run(twin, output_loss):
                 assert torch.allclose(getattr(packed[r], name), getattr(alone, name), rtol=0, atol=1e-10), name
             steps_used.add(alone.steps_used)
     for (engine, _), member in zip(solos, members):
-        for mine, theirs in zip(member.network.parameters(), engine.net.parameters()):
-            assert torch.allclose(mine, theirs, rtol=0, atol=1e-10)
+        mine, theirs = list(member.network.parameters()), list(engine.net.parameters())
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    return steps_used
+
+
+@pytest.mark.parametrize("output_loss", ["mse", "ce"])
+@pytest.mark.parametrize("twin", list(TWINS))
+def test_a_packed_member_equals_its_solo_run(twin, output_loss):
+    """Three members of one twin with their own seeds, data, learning rates and step sizes (the tuning stage's
+    candidates): each equals its solo run."""
+    runs = [(twin, 0, 1e-3, 0.05), (twin, 1, 3e-3, 0.08), (twin, 2, 1e-2, 0.03)]
+    steps_used = assert_packed_equals_solo(runs, output_loss)
     if TWINS[twin]["tolerance"] is not None:  # a converged member stops on its own while the others go on
         assert len(steps_used) > 1 and min(steps_used) < 64, steps_used
+
+
+@pytest.mark.parametrize("variance", ["neuron", "layer"])
+@pytest.mark.parametrize("output_loss", ["mse", "ce"])
+@pytest.mark.parametrize("fixed, learned", [("pc", "pc_rc3"), ("pc_rc2", "pc_rc23")])
+def test_a_twin_with_fixed_variance_packs_with_its_learned_variance_twin(fixed, learned, output_loss, variance):
+    """pc beside rc3, rc2 beside rc23: the fixed member holds a frozen log S = 0 (no parameter of its own, no floor),
+    and each member still equals its solo run."""
+    runs = [(fixed, 0, 1e-3, 0.05), (learned, 1, 3e-3, 0.08), (fixed, 2, 1e-2, 0.03), (learned, 3, 1e-3, 0.05)]
+    assert_packed_equals_solo(runs, output_loss, variance)
 
 
 def test_members_that_do_not_share_a_shape_or_a_schedule_are_refused_in_one_line():
@@ -94,6 +113,10 @@ def test_members_that_do_not_share_a_shape_or_a_schedule_are_refused_in_one_line
     wider = MLP(12, 11, 3, 4).double().as_pc_network(None, "mse")
     with pytest.raises(PackError, match="member 1 cannot pack with member 0"):
         Population([Member(a, inference), Member(wider, inference)])
+    per_neuron, learned = solo_run("pc_rc3", 1, 0.05)
+    per_layer, _ = solo_run("pc_rc3", 2, 0.05, variance="layer")
+    with pytest.raises(PackError, match="per neuron and per layer do not mix"):
+        Population([Member(a, inference), Member(per_neuron, learned), Member(per_layer, learned)])
 
 
 def test_a_pack_that_will_not_fit_is_refused_with_its_estimate():

@@ -55,9 +55,10 @@ def _identity_roles(schema: type, prefix: str = "") -> dict[str, Any]:
 IDENTITY_ROLES = _identity_roles(Settings)
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value} (an empty mapping is a leaf)."""
     if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 
@@ -67,7 +68,7 @@ def _role(key: str) -> Any:
     return IDENTITY_ROLES.get(key, True)  # a key no schema declares (an optimizer's option) counts
 
 
-DEFAULTS = _flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resolve=True))
+DEFAULTS = flatten(OmegaConf.to_container(OmegaConf.structured(Settings), resolve=True))
 
 
 def _twin_default(key: str, *, _root_: DictConfig) -> Any:
@@ -109,9 +110,7 @@ def settings_from(cfg: DictConfig) -> Settings:
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [cast(str, k) for k in cfg.keys() if k != "hydra"])
     cfg = _trainer_arguments_apart(cfg)
-    unknown = [
-        k for k in _flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)
-    ]
+    unknown = [k for k in flatten(OmegaConf.to_container(cfg)) if k not in DEFAULTS and not k.startswith(OPEN_SETTINGS)]
     if "twin" in cfg:
         raise ConfigError("the twin is chosen by algo and relax (algo=pc relax=2); conf/twin/ holds their defaults")
     if unknown:
@@ -171,7 +170,7 @@ def check_trainer_arguments(arguments: dict) -> None:
 
 def setting_value(settings: Settings, key: str) -> Any:
     """The value of the dotted ``key`` (``optimizer.lr``), or None when the settings have no such key."""
-    return _flatten(dataclasses.asdict(settings)).get(key)
+    return flatten(dataclasses.asdict(settings)).get(key)
 
 
 def monitorable(settings: Settings) -> list[str]:
@@ -252,7 +251,7 @@ def upgrade_layout(config: dict) -> dict:
 def identity(config: Settings | dict) -> dict[str, Any]:
     """The settings that determine a run's numbers and differ from the defaults, as ``{dotted key: value}``.
     ``config``: a run's settings, or a stored config (a run's ``config.yaml``, a checkpoint's) as a mapping."""
-    flat = _flatten(_plain(config))
+    flat = flatten(_plain(config))
     pc = flat.get("algo") == "pc"
     return {
         k: v

@@ -1,10 +1,11 @@
-"""Packs: runs of one PC twin, shape and schedule that differ only in their seed or learning rate (seeds, tuning
-candidates) trained side by side in one process, their batches computed as one (``pc.gang``).
+"""Packs: PC runs of one shape and schedule that differ only in what each member may keep its own (``MEMBER_KEYS``:
+seeds, tuning candidates' learning rates, pc beside rc3, rc2 beside rc23) trained side by side in one process, their
+batches computed as one (``pc.gang``).
 
-The sweeper groups them (``pack_jobs``) and launches one job per pack: the first member's overrides, and the members'
-own overrides in ``pack.members``. The job (``train_pack``) trains each member as the run it is alone, in its own
-thread: its own folder, summary, metrics, checkpoint and W&B run, resumed or skipped on its own, stopped on its own
-when it diverges. Signals reach every member (each checkpoints at its next batch end).
+The sweeper groups them (``pack_jobs``) and launches one job per pack: the first member's overrides, and each
+member's own settings in ``pack.members``. The job (``train_pack``) trains each member as the run it is alone, in
+its own thread: its own folder, summary, metrics, checkpoint and W&B run, resumed or skipped on its own, stopped on
+its own when it diverges. Signals reach every member (each checkpoints at its next batch end).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from pcsweep.config import run_dir_name, settings_from
+from pcsweep.config import flatten, run_dir_name, settings_from
 from pcsweep.data import load_dataset
 from pcsweep.interruption import REQUEUE_SIGNALS, Interrupted, forwarding
 from pcsweep.models import PCModule
@@ -29,53 +29,87 @@ from pcsweep.pc.gang import Gang
 from pcsweep.pc.population import check_fits
 from pcsweep.run import in_folder, prepare, skipped, train_owned
 from pcsweep.settings import Settings
-from pcsweep.tuning import override_key
 
 log = logging.getLogger(__name__)
 
-# the settings in which members of one pack may differ (the tuning stage adds its tuned key)
-MEMBER_KEYS = ("seed", "tune.origin", "tracking.group")
+# what a pack's members may differ in (dotted prefixes of the settings): each member keeps its own seed, optimizer and
+# learning rate, inference step size, momentum and tolerance, learned variance or none, and floor (pc.population);
+# everything else (shape, data, schedule, Trainer) is the pack's
+MEMBER_KEYS = (
+    "seed",
+    "tune",
+    "tracking",
+    "learning_rates",
+    "optimizer.lr",
+    "weight_decay",
+    "relax",
+    "variance",
+    "log_variance_min",
+    "variance_weight_decay",
+    "inference.step_size",
+    "inference.momentum",
+    "inference.tolerance",
+    "inference.auto_stiffness",
+)
 
 
-def pack_jobs(jobs: Sequence[Sequence[str]], pc: Sequence[bool], size: int, tuned: Optional[str]) -> list[list[str]]:
-    """The jobs to launch: PC jobs (``pc``) that differ only in ``MEMBER_KEYS`` (and the tuned key) grouped into packs
-    of at most ``size``, each launched as its first member plus ``++pack.members``; every other job as it is."""
-    own = set(MEMBER_KEYS) | ({tuned} if tuned else set())
-    groups: dict[tuple, list[list[str]]] = {}
+def _own(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in MEMBER_KEYS)
+
+
+def pack_shape(settings: Settings) -> tuple:
+    """What must be equal for runs to pack: every setting but the members' own (``MEMBER_KEYS``), and the learned
+    variance's shape (S = 1 packs beside either; per neuron and per layer do not mix)."""
+    shared = sorted((k, repr(v)) for k, v in flatten(dataclasses.asdict(settings)).items() if not _own(k))
+    variance = "neuron" if settings.variance == "fixed" else settings.variance
+    return tuple(shared), variance
+
+
+def pack_jobs(jobs: Sequence[Sequence[str]], settings: Sequence[Optional[Settings]], size: int) -> list[list[str]]:
+    """The jobs to launch: PC jobs (those with ``settings``; None: BP or not to pack) of one ``pack_shape`` grouped
+    into packs of at most ``size``, each launched as its first member plus ``++pack.members`` (each member's
+    settings where they differ from the first's); every other job as it is."""
+    groups: dict[tuple, list[tuple[list[str], Settings]]] = {}
     launched: list[list[str]] = []
-    for job, is_pc in zip(jobs, pc):
-        if not is_pc or size <= 1:
+    for job, own in zip(jobs, settings):
+        if own is None or size <= 1:
             launched.append(list(job))
             continue
-        shared = tuple(sorted(o for o in job if override_key(o) not in own))
-        groups.setdefault(shared, []).append(list(job))
+        groups.setdefault(pack_shape(own), []).append((list(job), own))
     for members in groups.values():
         for start in range(0, len(members), size):
             pack = members[start : start + size]
+            first, first_settings = pack[0]
             if len(pack) == 1:
-                launched.append(pack[0])
+                launched.append(first)
                 continue
-            own_overrides = [[o for o in job if override_key(o) in own] for job in pack]
-            launched.append(pack[0] + [f"++pack.members='{encode(own_overrides)}'"])
+            differences = [settings_difference(first_settings, own) for _, own in pack]
+            launched.append(first + [f"++pack.members='{encode(differences)}'"])
     return launched
 
 
-def encode(members: list[list[str]]) -> str:
-    """The members' own overrides for ``pack.members``: base64 JSON (no quoting of a tuned origin's text needed)."""
+def settings_difference(base: Settings, other: Settings) -> dict[str, Any]:
+    """``other``'s settings where they differ from ``base``'s, as {dotted key: value}."""
+    mine, theirs = flatten(dataclasses.asdict(base)), flatten(dataclasses.asdict(other))
+    return {k: v for k, v in theirs.items() if k not in mine or mine[k] != v}
+
+
+def encode(members: list[dict[str, Any]]) -> str:
+    """The members' own settings for ``pack.members``: base64 JSON (no quoting of a tuned origin's text needed)."""
     return base64.urlsafe_b64encode(json.dumps(members).encode()).decode()
 
 
 def member_settings(settings: Settings) -> list[Settings]:
-    """Each member's settings: the pack job's, with the member's own overrides (and no pack of its own)."""
+    """Each member's settings: the pack job's (the first member's), with the member's own values (and no pack of
+    its own)."""
     assert settings.pack.members is not None  # called for a pack's job
     members = json.loads(base64.urlsafe_b64decode(settings.pack.members.encode()))
-    parser = OverridesParser.create()
     result = []
-    for overrides in members:
+    for own in members:
         member = OmegaConf.create(dataclasses.asdict(settings))
         member.pack.members = None
-        for override in parser.parse_overrides(overrides):
-            OmegaConf.update(member, override.key_or_group, override.value(), force_add=True)
+        for key, value in own.items():
+            OmegaConf.update(member, key, value, merge=False, force_add=True)
         result.append(settings_from(member))
     return result
 

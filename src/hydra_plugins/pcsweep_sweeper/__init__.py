@@ -79,7 +79,7 @@ class FilteringLauncher(Launcher):
         self.stability = StabilityPreflight()
         self.tuning = False  # launching a tuning stage's trials (they are not the sweep's runs)
         self.entries: List[dict] = []  # the last launch's plan, one entry per job
-        self.packing: Dict[tuple, tuple] = {}  # a planned job's overrides -> (PC?, members per pack)
+        self.packing: Dict[tuple, tuple] = {}  # a planned job's overrides -> (its settings if PC, members per pack)
 
     def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
         self.inner.setup(**kwargs)
@@ -138,7 +138,7 @@ class FilteringLauncher(Launcher):
                 self.stability(settings)
             except UserError as exc:
                 fail(f"{label}: {exc}")
-        self.packing[tuple(overrides)] = (settings.algo == "pc", self.members_per_pack(settings))
+        self.packing[tuple(overrides)] = (settings if settings.algo == "pc" else None, self.members_per_pack(settings))
         return {**entry, "status": "launched"}
 
     def members_per_pack(self, settings: Any) -> int:
@@ -173,12 +173,11 @@ class FilteringLauncher(Launcher):
         entries = self.plan_all(job_overrides)
         launched = [entry for entry in entries if entry["status"] == "launched"]
         to_launch = [list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"] for entry in launched]
-        if launched:  # runs that differ only in seed or learning rate train as packs (pcsweep.pack)
+        if launched:  # PC runs of one shape and schedule train as packs (pcsweep.pack)
             from pcsweep.pack import pack_jobs
 
             plans = [self.packing[tuple(entry["overrides"])] for entry in launched]
-            tuned = self.sweeper.config.tune.key  # a tuning stage's trials differ in it (their own tune is none)
-            to_launch = pack_jobs(to_launch, [plan[0] for plan in plans], plans[0][1], tuned)
+            to_launch = pack_jobs(to_launch, [plan[0] for plan in plans], plans[0][1])
         if not self.tuning:
             self.sweeper.manifest.extend(entries)
             self.sweeper.write_manifest()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, cast
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -41,14 +41,19 @@ class Member:
 
 def _shape(member: Member) -> tuple:
     net, inference = member.network, member.inference
-    variances = tuple(None if s is None else tuple(s.shape) for s in net.log_variances)
     schedule = (inference.steps, inference.update_every, inference.check_every, inference.fixed_predictions)
-    return tuple(net.sizes), net.activation.name, net.output_loss, variances, schedule
+    return tuple(net.sizes), net.activation.name, net.output_loss, schedule
+
+
+def _variance_shapes(member: Member) -> tuple:
+    return tuple(None if s is None else tuple(s.shape) for s in member.network.log_variances)
 
 
 def check_members(members: Sequence[Member]) -> None:
-    """Members must share a shape (sizes, activation, output loss, variances) and a schedule (T, update interval,
-    check interval); their step sizes, momenta, tolerances and floors may differ."""
+    """Members must share a shape (sizes, activation, output loss) and a schedule (T, update interval, check
+    interval); their step sizes, momenta, tolerances, floors and learned variances may differ: a member with S = 1
+    where another learns log S (pc beside rc3, rc2 beside rc23) holds a frozen log S = 0 there, which changes none
+    of its numbers (exp(0) = 1 exactly). Two learned variances must have one shape (per neuron or per layer)."""
     if not members:
         raise PackError("a pack needs at least one member")
     first = _shape(members[0])
@@ -56,8 +61,16 @@ def check_members(members: Sequence[Member]) -> None:
         if _shape(member) != first:
             raise PackError(
                 f"member {i} cannot pack with member 0: shape and schedule {_shape(member)} differ from {first} "
-                "(sizes, activation, output loss, variances; T, update interval, check interval)"
+                "(sizes, activation, output loss; T, update interval, check interval)"
             )
+    learned: dict[int, tuple] = {}
+    for i, member in enumerate(members):
+        for layer, shape in enumerate(_variance_shapes(member)):
+            if shape is not None and learned.setdefault(layer, shape) != shape:
+                raise PackError(
+                    f"member {i} cannot pack with the others: its log-variance of layer {layer + 1} has shape "
+                    f"{list(shape)}, another member's {list(learned[layer])} (per neuron and per layer do not mix)"
+                )
     if members[0].inference.fixed_predictions:
         raise PackError("fixed predictions are not supported in a pack")
     if len(set(members[0].network.sizes[1:-1])) != 1:
@@ -118,20 +131,28 @@ class Population:
         self.parameters_changed()
 
     # ----------------------------------------------------------------- parameters
-    def _stack(self, pick: Callable[[Network], Sequence[Tensor]], layer_major: bool) -> tuple[Tensor, Tensor]:
+    def _stack(self, pick: Callable[[Network], Sequence[Optional[Tensor]]], layer_major: bool) -> tuple[Tensor, Tensor]:
         """One tensor holding ``pick(network)`` of every member (layers outermost when ``layer_major``), every
-        member's parameters bound to views of it; and its gradient stack, bound to their ``.grad``."""
+        member's parameters bound to views of it; and its gradient stack, bound to their ``.grad``. A member with
+        None there (no learned variance) holds zeros, bound to nothing: a frozen log S = 0."""
         per_member = [list(pick(m.network)) for m in self.members]
         layers = len(per_member[0])
+        like = [next(p[i] for p in per_member if p[i] is not None) for i in range(layers)]
+
+        def value(p: Optional[Tensor], i: int) -> Tensor:
+            return torch.zeros_like(like[i]) if p is None else p.detach()
+
         if layer_major:
-            stack = torch.stack([torch.stack([p[i].detach() for p in per_member]) for i in range(layers)])
+            stack = torch.stack([torch.stack([value(p[i], i) for p in per_member]) for i in range(layers)])
             views = [[stack[i, r] for i in range(layers)] for r in range(self.R)]
         else:  # one parameter per member: (R, ...)
-            stack = torch.stack([p[0].detach() for p in per_member])
+            stack = torch.stack([value(p[0], 0) for p in per_member])
             views = [[stack[r]] for r in range(self.R)]
         grads = torch.zeros_like(stack)
         for r, params in enumerate(per_member):
             for i, p in enumerate(params):
+                if p is None:
+                    continue
                 p.data = views[r][i]
                 p.grad = grads[i, r] if layer_major else grads[r]
                 self._bindings.append((p, p.data, p.grad))
@@ -156,13 +177,15 @@ class Population:
         if L > 2:
             self.w_hid, self.gw_hid = self._stack(lambda n: n.weights[1 : L - 1], True)
             self.b_hid, self.gb_hid = self._stack(lambda n: n.biases[1 : L - 1], True)  # (H-1, R, n)
-        net = self.members[0].network
+        # log-variances where any member learns them (a member learning none holds a frozen 0: see check_members)
+        learns = [[s is not None for s in m.network.log_variances] for m in self.members]
+        self.learns_variance = [any(row) for row in learns]
         self.s_hid: Optional[Tensor] = None  # (H, R, n or 1): hidden log-variances
         self.s_out: Optional[Tensor] = None  # (R, n_out or 1)
-        if net.log_variances[0] is not None:
-            self.s_hid, self.gs_hid = self._stack(lambda n: cast(Sequence[Tensor], n.log_variances[:H]), True)
-        if net.log_variances[L - 1] is not None:
-            self.s_out, self.gs_out = self._stack(lambda n: cast(Sequence[Tensor], n.log_variances[L - 1 :]), False)
+        if any(row[0] for row in learns):
+            self.s_hid, self.gs_hid = self._stack(lambda n: n.log_variances[:H], True)
+        if any(row[L - 1] for row in learns):
+            self.s_out, self.gs_out = self._stack(lambda n: n.log_variances[L - 1 :], False)
 
     def parameters_changed(self) -> None:
         """Re-derive what depends on the parameters alone (floors applied); call after any optimizer step."""
@@ -171,7 +194,11 @@ class Population:
             if self.w_hid_t is not None:
                 assert self.w_hid is not None
                 self.w_hid_t.copy_(self.w_hid.transpose(2, 3))
-            floors = torch.tensor([m.log_variance_min for m in self.members], dtype=self.dtype, device=self.device)
+            floors = torch.tensor(  # no floor on a frozen log S = 0 (a member that learns none)
+                [m.log_variance_min if learns else -math.inf for m, learns in zip(self.members, self.learns_variance)],
+                dtype=self.dtype,
+                device=self.device,
+            )
             self.p_hid = self.p_out = None
             if self.s_hid is not None:
                 if torch.isfinite(floors).any():
