@@ -16,11 +16,9 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from pcsweep.bench_packs import PACKS, measure_packs
+from pcsweep.bench_setup import TWINS, Setup, make_batch, make_twin, median_seconds, sgd, sync
 from pcsweep.data import Dataset, Split
 from pcsweep.datamodule import TensorBatches, TensorDataModule
-from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.models import PCModule
 from pcsweep.pc import Inference, PCEngine, output_loss
 from pcsweep.pc.engine import NARROW_MAX_WIDTH, PREPACK_AVAILABLE, Tricks
@@ -39,73 +37,6 @@ from pcsweep.pc.reference import ReferencePC
 from pcsweep.peers.pcx_mlp import IN_DIM, OUT_DIM
 from pcsweep.run import quiet_lightning
 from pcsweep.settings import InferenceSettings, Settings, TrackingSettings
-
-TWINS = {  # name -> (update every k?, trainable variance?)
-    "pc": (False, False),
-    "pc_rc2": (True, False),
-    "pc_rc3": (False, True),
-    "pc_rc23": (True, True),
-}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@dataclass
-class Setup:
-    width: int
-    depth: int
-    batch: int
-    steps: int
-    every: int
-    n_in: int
-    n_out: int
-    device: torch.device
-
-    @property
-    def sizes(self) -> list[int]:
-        return [self.n_in] + [self.width] * self.depth + [self.n_out]
-
-
-def make_batch(setup: Setup, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(setup.batch, setup.n_in, generator=gen)
-    y = F.one_hot(torch.randint(0, setup.n_out, (setup.batch,), generator=gen), setup.n_out).float()
-    return x.to(setup.device), y.to(setup.device)
-
-
-def make_twin(setup: Setup, twin: str, seed: int = 0):
-    """(mlp, log_variances, network, update_every) for one twin, on the device."""
-    every, variance = TWINS[twin]
-    torch.manual_seed(seed)
-    mlp = MLP(setup.n_in, setup.width, setup.depth, setup.n_out).to(setup.device)
-    log_vars = make_log_variances(mlp.sizes, "neuron", "mse").to(setup.device) if variance else None
-    return (
-        mlp,
-        log_vars,
-        mlp.as_pc_network(list(log_vars) if log_vars else None, "mse"),
-        (setup.every if every else None),
-    )
-
-
-def sgd(mlp, log_vars, lr: float = 1e-3) -> torch.optim.Optimizer:
-    params = list(mlp.parameters()) + (list(log_vars) if log_vars is not None else [])
-    return torch.optim.SGD(params, lr=lr)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs and floor
@@ -278,11 +209,11 @@ class _EpochClock(L.Callback):
         self.device, self.start, self.seconds = device, 0.0, 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        _sync(self.device)
+        sync(self.device)
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        _sync(self.device)
+        sync(self.device)
         self.seconds = time.perf_counter() - self.start
 
 
@@ -292,10 +223,10 @@ def _lightning_epoch(setup: Setup, twin: str, dataset: Dataset) -> tuple[float, 
     engine_seconds, train_batch = [0.0], pc_module.engine.train_batch
 
     def timed_train_batch(*args, **kwargs):
-        _sync(setup.device)
+        sync(setup.device)
         start = time.perf_counter()
         result = train_batch(*args, **kwargs)
-        _sync(setup.device)
+        sync(setup.device)
         engine_seconds[0] += time.perf_counter() - start
         return result
 
@@ -330,11 +261,11 @@ def time_pipeline(setup: Setup, twin: str, batches: int) -> tuple[float, float, 
     batches_on_device = TensorBatches(split.to(setup.device), setup.batch, shuffle=True, seed=0)
 
     def raw_epoch() -> float:
-        _sync(setup.device)
+        sync(setup.device)
         start = time.perf_counter()
         for inputs, labels in batches_on_device:
             raw.engine.train_batch(inputs, F.one_hot(labels, setup.n_out).float(), opt.step)
-        _sync(setup.device)
+        sync(setup.device)
         return time.perf_counter() - start
 
     # alternate which goes first, so that neither side gets all the warm caches or one phase of the machine's
@@ -503,8 +434,7 @@ def measure_width(width: int, args: argparse.Namespace, device: torch.device, re
     if args.peers:
         entry["pcx"] = measure_peers(setup, entry, repeats, args.peer_loop, args.peer_python)
     if args.packs:
-        timing = {"median": median_seconds, "twin": make_twin, "batch": make_batch, "sgd": sgd}
-        entry["packs"] = measure_packs(setup, args.twins[0], max(3, repeats // 2), timing, args.packs)
+        entry["packs"] = measure_packs(setup, args.twins[0], max(3, repeats // 2), args.packs)
     print()
     return entry
 

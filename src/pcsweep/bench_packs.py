@@ -3,10 +3,9 @@ against the same R runs one after another (``PCEngine``, every trick on), and wh
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
+from pcsweep.bench_setup import Setup, make_batch, make_twin, median_seconds, sgd
 from pcsweep.pc import Inference, PCEngine
 from pcsweep.pc.population import Member, Population, check_fits
 
@@ -14,7 +13,7 @@ PACKS = (1, 4, 8, 16)
 RUN_BATCHES = 20 * 938  # one paper run: 20 MNIST epochs of 938 batches
 
 
-def pack_timers(setup: Any, twin: str, members: int, make_twin: Callable, make_batch: Callable, sgd: Callable):
+def pack_timers(setup: Setup, twin: str, members: int):
     """(one packed batch of ``members`` runs, the same runs' batches one after another), each a callable, warmed
     up once. Each run has its own seed, data and optimizer; the bench's inference (T, step 0.05, no tolerance)."""
     check_fits(members, setup.sizes, setup.batch, torch.float32, setup.device)
@@ -48,16 +47,15 @@ def runs_per_hour(seconds_per_batch_per_run: float, steps: int, paper_steps: int
     return 3600 / (seconds_per_batch_per_run * RUN_BATCHES * paper_steps / steps)
 
 
-def measure_packs(setup: Any, twin: str, repeats: int, timing: dict, packs=PACKS) -> dict:
+def measure_packs(setup: Setup, twin: str, repeats: int, packs=PACKS) -> dict:
     """The packing table for one width: ms per batch of all R runs, packed and one by one, and runs per hour."""
-    median_seconds, make_twin, make_batch, sgd = timing["median"], timing["twin"], timing["batch"], timing["sgd"]
     rows = {}
     print(f"packing ({twin}, width {setup.width}): R runs as one computation against one after another")
     print(
         f"{'R':>3} {'packed ms':>10} {'one by one ms':>14} {'speed-up':>9} {'runs/h packed':>14} {'runs/h alone':>13}"
     )
     for members in packs:
-        together, one_by_one = pack_timers(setup, twin, members, make_twin, make_batch, sgd)
+        together, one_by_one = pack_timers(setup, twin, members)
         packed_s = median_seconds(together, setup.device, repeats, warmup=0)
         alone_s = median_seconds(one_by_one, setup.device, repeats, warmup=0)
         row = {
