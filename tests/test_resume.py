@@ -149,3 +149,26 @@ def test_checkpoints_inside_long_epochs_so_a_kill_minus_nine_loses_minutes_not_t
     resumed = pcsweep(tmp_path, *SIGNAL_CFG, "checkpoint.every_minutes=0.002", "sweep_name=killed")
     assert resumed.returncode == 0, resumed.stderr
     same_result(reference.parent, ckpt.parent.parent, 3)
+
+
+@pytest.mark.slow
+def test_a_float64_run_resumes_bitwise_too(tmp_path):
+    """trainer.precision=64-true: Lightning restores a checkpoint's weights before its precision plugin converts the
+    module, so they were loaded into float32 parameters (the resumed run ended 3e-8 from its uninterrupted self);
+    the module converts itself first (TwinModule.configure_model)."""
+    float64 = [*SIGNAL_CFG, "trainer.precision=64-true"]
+    straight = pcsweep(tmp_path, *float64, "sweep_name=straight")
+    assert straight.returncode == 0, straight.stderr
+    (reference,) = (tmp_path / "multirun" / "straight").glob("*/summary.json")
+    proc = start(tmp_path, *float64, "sweep_name=stopped")
+    wait_for_progress(tmp_path / "multirun" / "stopped", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    (run_dir,) = (tmp_path / "multirun" / "stopped").glob("*")
+    assert not (run_dir / "summary.json").exists()
+    resumed = pcsweep(tmp_path, *float64, "sweep_name=stopped")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run_dir / "weights.pt")["mlp.layers.0.weight"].dtype == torch.float64
+    same_result(reference.parent, run_dir, 3)

@@ -66,6 +66,13 @@ class TwinModule(L.LightningModule):
     def forward(self, inputs: Tensor) -> Tensor:
         return self.mlp(inputs)
 
+    def configure_model(self) -> None:
+        """The precision's dtype before anything is loaded: Lightning restores a checkpoint's weights before its
+        precision plugin converts the module (``Trainer._run``), so a resumed ``trainer.precision=64-true`` run loaded
+        its float64 weights into float32 parameters and ended 3e-8 from its uninterrupted self. Converting again
+        later is a no-op."""
+        self.trainer.precision_plugin.convert_module(self)
+
     def on_fit_start(self) -> None:
         for metric in self.modules():
             if isinstance(metric, MeanMetric):  # (the accuracies count in integers)
