@@ -235,12 +235,13 @@ PACK_AUTO_CUDA = 16  # pack=auto: members per pack on a GPU (on a CPU, 1: pcswee
 
 @dataclass
 class PackSettings:
-    """Runs of one PC twin, shape and schedule that differ only in their seed or learning rate (seeds, tuning
-    candidates) trained side by side in one process, their batches as one computation (``pc.gang``); each member is
-    still its own run (folder, summary, checkpoint, W&B run, identity). Never part of a run's identity."""
+    """PC runs of one shape and schedule that differ only in what each member keeps its own (``pack.MEMBER_KEYS``:
+    seeds, tuning candidates, pc beside rc3, rc2 beside rc23) trained side by side in one process, their batches as
+    one computation (``pc.gang``); each member is still its own run (folder, summary, checkpoint, W&B run, identity).
+    Never part of a run's identity."""
 
     size: Any = "auto"  # members per pack: auto (16 on a GPU, 1 on a CPU) or a number (1: every run alone)
-    members: Optional[str] = None  # set by the sweeper on a pack's job: its members' own overrides (base64 JSON)
+    members: Optional[str] = None  # set by the sweeper on a pack's job: each member's own settings (base64 JSON)
 
     def __post_init__(self) -> None:
         size = self.size
