@@ -93,6 +93,7 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
     tuned = report["tuned_grid"]
     assert tuned["hours_one_by_one"] == pytest.approx(grid["hours"] * 15)  # 14 trials + the run, every family
     assert grid["hours"] < tuned["hours_packed"] < tuned["hours_one_by_one"] or packs["3"]["speedup"] < 1
+    assert tuned["packs_slower"] == (packs["3"]["speedup"] < 1)  # then the line says pack.size=auto leaves them
 
 
 def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypatch, capsys):

@@ -479,6 +479,7 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"tuned (tune=lr, {tuned['trials_per_family']} trials a family): {tuned['hours_one_by_one']:.1f} h one by one, "
         f"{tuned['hours_packed']:.1f} h with PC trials in packs of {max(args.packs or [1])} (measured speed-up)"
+        + ("; packs are slower here, so pack.size=auto trains runs one by one" if tuned["packs_slower"] else "")
     )
     return report
 
@@ -514,7 +515,12 @@ def tuned_grid_hours(report: dict, steps: int) -> dict:
         speedup = packs[max(packs, key=int)]["speedup"] if packs else 1.0
         alone += (1 + TUNING_TRIALS) * (bp + pc)  # both datasets (in ``batches``), every twin of the width
         packed += bp + pc + TUNING_TRIALS * (bp + pc / speedup)
-    return {"trials_per_family": TUNING_TRIALS, "hours_one_by_one": alone / 3600, "hours_packed": packed / 3600}
+    return {
+        "trials_per_family": TUNING_TRIALS,
+        "hours_one_by_one": alone / 3600,
+        "hours_packed": packed / 3600,
+        "packs_slower": packed > alone,
+    }
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
