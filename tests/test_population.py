@@ -19,14 +19,14 @@ TWINS = {
 SIZES = dict(in_features=12, width=10, depth=3, out_features=4)
 
 
-def solo_run(twin: str, seed: int, step: float, output_loss: str = "mse", variance: str = "neuron"):
+def solo_run(twin: str, seed: int, step: float, output_loss: str = "mse", variance: str = "neuron", device="cpu"):
     """One member as it would train alone: its MLP (drawn from ``seed``), log-variances and inference."""
     spec = TWINS[twin]
     torch.manual_seed(seed)
-    mlp = MLP(**SIZES).double()
+    mlp = MLP(**SIZES).double().to(device)
     log_vars = None
     if spec["variance"] is not None:
-        log_vars = make_log_variances(mlp.sizes, variance, output_loss).double()
+        log_vars = make_log_variances(mlp.sizes, variance, output_loss).double().to(device)
         with torch.no_grad():
             for s in log_vars:
                 s.uniform_(-0.2, 0.2)
@@ -42,27 +42,27 @@ def solo_run(twin: str, seed: int, step: float, output_loss: str = "mse", varian
     return net, inference
 
 
-def batches(seed: int, count: int = 3, size: int = 8):
+def batches(seed: int, count: int = 3, size: int = 8, device="cpu"):
     gen = torch.Generator().manual_seed(100 + seed)
     for _ in range(count):
         inputs = torch.rand(size, SIZES["in_features"], generator=gen, dtype=torch.float64)
         labels = torch.randint(0, SIZES["out_features"], (size,), generator=gen)
-        yield inputs, torch.nn.functional.one_hot(labels, SIZES["out_features"]).double()
+        yield inputs.to(device), torch.nn.functional.one_hot(labels, SIZES["out_features"]).double().to(device)
 
 
-def assert_packed_equals_solo(runs, output_loss: str, variance: str = "neuron") -> set:
+def assert_packed_equals_solo(runs, output_loss: str, variance: str = "neuron", device="cpu") -> set:
     """``runs``: (twin, seed, learning rate, step size) per member. Three batches packed against each member alone:
     weights, variances and every batch metric equal to 1e-10. Returns the steps each member used."""
     floor = -1.0
     solos, members, packed_optimizers = [], [], []
     for twin, seed, lr, step in runs:
-        net, inference = solo_run(twin, seed, step, output_loss, variance)
+        net, inference = solo_run(twin, seed, step, output_loss, variance, device)
         solos.append((PCEngine(net, inference, log_variance_min=floor), torch.optim.Adam(net.parameters(), lr=lr)))
-        twin_net, _ = solo_run(twin, seed, step, output_loss, variance)
+        twin_net, _ = solo_run(twin, seed, step, output_loss, variance, device)
         members.append(Member(twin_net, inference, log_variance_min=floor))
         packed_optimizers.append(torch.optim.Adam(twin_net.parameters(), lr=lr))
     population = Population(members)
-    data = [list(batches(seed)) for _, seed, _, _ in runs]
+    data = [list(batches(seed, device=device)) for _, seed, _, _ in runs]
     steps_used = set()
     for b in range(3):
         inputs = torch.stack([data[r][b][0] for r in range(len(runs))])
@@ -102,6 +102,15 @@ def test_a_twin_with_fixed_variance_packs_with_its_learned_variance_twin(fixed, 
     and each member still equals its solo run."""
     runs = [(fixed, 0, 1e-3, 0.05), (learned, 1, 3e-3, 0.08), (fixed, 2, 1e-2, 0.03), (learned, 3, 1e-3, 0.05)]
     assert_packed_equals_solo(runs, output_loss, variance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it on a lent GPU)")
+@pytest.mark.parametrize("twins", [("pc", "pc_rc3"), ("pc_rc2", "pc_rc23")])
+def test_on_a_gpu_a_pack_equals_its_runs_alone_there(twins):
+    """The same on CUDA, in float64: every member (pc beside rc3, rc2 beside rc23) equals its solo run on the GPU."""
+    fixed, learned = twins
+    runs = [(fixed, 0, 1e-3, 0.05), (learned, 1, 3e-3, 0.08), (fixed, 2, 1e-2, 0.03), (learned, 3, 1e-3, 0.05)]
+    assert_packed_equals_solo(runs, "mse", device="cuda")
 
 
 def test_members_that_do_not_share_a_shape_or_a_schedule_are_refused_in_one_line():

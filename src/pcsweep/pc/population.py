@@ -137,7 +137,7 @@ class Population:
         None there (no learned variance) holds zeros, bound to nothing: a frozen log S = 0."""
         per_member = [list(pick(m.network)) for m in self.members]
         layers = len(per_member[0])
-        like = [next(p[i] for p in per_member if p[i] is not None) for i in range(layers)]
+        like = [next(t for t in (p[i] for p in per_member) if t is not None) for i in range(layers)]
 
         def value(p: Optional[Tensor], i: int) -> Tensor:
             return torch.zeros_like(like[i]) if p is None else p.detach()
