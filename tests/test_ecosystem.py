@@ -189,6 +189,22 @@ def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing
     assert yaml.safe_load((sweep / "best.yaml").read_text()) == best
 
 
+@pytest.mark.slow
+def test_optuna_trials_asked_together_train_as_a_pack_and_each_is_scored_by_its_own_run(tmp_path):
+    """n_jobs=2 with pack.size=2: the two trials of each ask train as one pack (pcsweep.pack), whose job returns both
+    members' summaries; each trial is scored by its own run's objective, not its pack-mate's."""
+    result = pcsweep(tmp_path, *STUDY, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "pack.size=2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("a pack of 2 runs: 2 train together") == 2
+    sweep = tmp_path / "multirun" / "default"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("pc_16_2_rc2_digits-*/summary.json")}
+    assert len(summaries) == 4 and len({s["config"]["optimizer"]["lr"] for s in summaries.values()}) == 4
+    best = yaml.safe_load((sweep / "best.yaml").read_text())
+    winner = max(summaries.values(), key=lambda s: s["best_val_acc"])
+    assert best["trials"] == 4 and best["run_dir"] == winner["run_dir"] and best["value"] == winner["best_val_acc"]
+    assert f"best of 4 trials: optimizer.lr={winner['config']['optimizer']['lr']}" in result.stdout  # its own value
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -53,9 +53,10 @@ def batches(seed: int, count: int = 3, size: int = 8, device="cpu"):
 def assert_packed_equals_solo(runs, output_loss: str, variance: str = "neuron", device="cpu") -> set:
     """``runs``: (twin, seed, learning rate, step size) per member. Three batches packed against each member alone:
     weights, variances and every batch metric equal to 1e-10. Returns the steps each member used."""
-    floor = -1.0
     solos, members, packed_optimizers = [], [], []
     for twin, seed, lr, step in runs:
+        # a floor above 0 where the twin learns no variance: a pack must not raise that member's frozen log S = 0
+        floor = 0.5 if TWINS[twin]["variance"] is None else -1.0
         net, inference = solo_run(twin, seed, step, output_loss, variance, device)
         solos.append((PCEngine(net, inference, log_variance_min=floor), torch.optim.Adam(net.parameters(), lr=lr)))
         twin_net, _ = solo_run(twin, seed, step, output_loss, variance, device)

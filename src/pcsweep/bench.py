@@ -476,10 +476,11 @@ def run(args: argparse.Namespace) -> dict:
         f"{grid['batches_per_epoch']} batches, T = {grid['steps']}; time taken as linear in T)"
     )
     report["tuned_grid"] = tuned = tuned_grid_hours(report, args.steps)
+    advice = "pack.size=auto trains runs one by one on a CPU" if device.type == "cpu" else "set pack.size=1"
     print(
         f"tuned (tune=lr, {tuned['trials_per_family']} trials a family): {tuned['hours_one_by_one']:.1f} h one by one, "
         f"{tuned['hours_packed']:.1f} h with PC trials in packs of {max(args.packs or [1])} (measured speed-up)"
-        + ("; packs are slower here, so pack.size=auto trains runs one by one" if tuned["packs_slower"] else "")
+        + (f"; packs are slower here: {advice}" if tuned["packs_slower"] else "")
     )
     return report
 

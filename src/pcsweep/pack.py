@@ -59,7 +59,8 @@ def _own(key: str) -> bool:
 
 def pack_shape(settings: Settings) -> tuple:
     """What must be equal for runs to pack: every setting but the members' own (``MEMBER_KEYS``), and the learned
-    variance's shape (S = 1 packs beside either; per neuron and per layer do not mix)."""
+    variance's shape: per neuron and per layer do not mix, and S = 1 groups with per neuron (the twins' default;
+    the population would take it beside per layer too)."""
     shared = sorted((k, repr(v)) for k, v in flatten(dataclasses.asdict(settings)).items() if not _own(k))
     variance = "neuron" if settings.variance == "fixed" else settings.variance
     return tuple(shared), variance
