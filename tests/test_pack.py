@@ -1,5 +1,6 @@
-"""Packs (pcsweep.pack): runs that differ only in seed or learning rate trained side by side as one computation, each
-still the run it is alone (folder, summary, metrics, checkpoint), to float64 rounding."""
+"""Packs (pcsweep.pack): PC runs of one shape and schedule (seeds, learning rates, pc beside rc3, rc2 beside rc23)
+trained side by side as one computation, each still the run it is alone (folder, summary, metrics, checkpoint), to
+float64 rounding."""
 
 import dataclasses
 import json

@@ -531,21 +531,20 @@ class TrialLauncher(FilteringLauncher):
         entries = self.sweeper.manifest[first:]
         # one return per launched job, and a pack's job returns every member's summary (pcsweep.pack): each trial
         # finds its own by its folder; a trial without one was in a job that failed, and gets that job's failure
-        done: Dict[str, JobReturn] = {}
+        summaries: Dict[str, dict] = {}
         failed = [job for job in launched if job.status != JobStatus.COMPLETED]
         for job in launched:
             if job.status == JobStatus.COMPLETED:
                 value = job.return_value or {}
-                for summary in value.get("pack", [value]):
-                    done[summary.get("run_dir")] = finished_return(job.overrides or [], summary)
+                summaries.update((summary.get("run_dir"), summary) for summary in value.get("pack", [value]))
         by_run: Dict[str, JobReturn] = {}
         for entry in entries:
             if entry["status"] == "launched":
-                found = done.get(entry["run_dir"])
-                if found is None:
+                if entry["run_dir"] in summaries:
+                    by_run[entry["run_dir"]] = finished_return(entry["overrides"], summaries[entry["run_dir"]])
+                else:
                     assert failed, f"no result for {entry['run_dir']}"  # every launched trial is in some job
-                    found = failed[0]
-                by_run[entry["run_dir"]] = found
+                    by_run[entry["run_dir"]] = failed[0]
             elif entry["status"] == "finished":
                 summary = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / entry["run_dir"])
                 by_run[entry["run_dir"]] = finished_return(entry["overrides"], summary or {})
