@@ -10,7 +10,7 @@ from pcsweep.pc import Inference, PCEngine, activity_curvature, output_loss
 from pcsweep.pc import energy as pc_energy
 from pcsweep.pc import reference as ref
 from pcsweep.pc.energy import Network, energy
-from pcsweep.pc.engine import PREPACK_AVAILABLE, Tricks
+from pcsweep.pc.kernels import PREPACK_AVAILABLE, Tricks
 
 
 @pytest.fixture(autouse=True)
@@ -278,13 +278,14 @@ def test_weight_changes_made_outside_the_engine_reach_its_predictions():
     fresh.feedforward_init(x, y)
     fresh.recompute()
     assert torch.equal(engine.A, fresh.A) and torch.equal(engine.G, fresh.G)
-    engine._w_t_stack.fill_(float("nan"))  # a marker: only a recomputation would overwrite it
+    products = engine._products
+    products.w_t_copy.fill_(float("nan"))  # a marker: only a recomputation would overwrite it
     engine.refresh_parameters()
-    assert engine._w_t_version is not None and torch.isnan(engine._w_t_stack).all()  # nothing changed: not redone
+    assert products._copied_from is not None and torch.isnan(products.w_t_copy).all()  # nothing changed: not redone
     with torch.no_grad():
         net.weights[1].mul_(2.0)
     engine.refresh_parameters()
-    assert not torch.isnan(engine._w_t_stack).any()  # a weight changed: redone
+    assert not torch.isnan(products.w_t_copy).any()  # a weight changed: redone
 
 
 def test_wide_layers_balanced_over_threads_equal_the_reference():
@@ -300,7 +301,7 @@ def test_wide_layers_balanced_over_threads_equal_the_reference():
         reference = ref.ReferencePC(ref_net, Inference(steps=6, step_size=0.1, update_every=3), "autograd")
         for impl, network in ((engine, net), (reference, ref_net)):
             impl.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
-        assert engine._param_rows[0].balanced == 2
+        assert engine._products._from(0).balanced == 2
         for a, b in zip(net.parameters(), ref_net.parameters()):
             assert rel(a.detach(), b.detach()) <= 1e-10
     finally:
@@ -379,9 +380,9 @@ def test_each_speed_trick_switched_off_computes_the_same_training(width, trick):
         for a, b in zip(net.parameters(), off_net.parameters()):
             assert rel(a.detach(), b.detach()) <= 1e-12
         if trick == "transposed_copy":
-            assert on._w_t_stack is not None and off._w_t_stack is None
+            assert on._products.w_t_copy is not None and off._products.w_t_copy is None
         if trick == "thread_balance":
-            assert on._param_rows[0].balanced == 2 and off._param_rows[0].balanced == 0
+            assert on._products._from(0).balanced == 2 and off._products._from(0).balanced == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -405,7 +406,9 @@ def test_prepacked_weights_compute_the_same_training_within_float32_rounding():
             engine.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
             for engine, network in ((on, net), (off, off_net))
         ]
-        assert on._packed is not None and off._packed is None  # the trick was in use, and off when asked
+        assert (
+            on._products.packed is not None and off._products.packed is None
+        )  # the trick was in use, and off when asked
         assert torch.allclose(results[0].energy_end, results[1].energy_end, rtol=1e-4)
         for a, b in zip(net.parameters(), off_net.parameters()):
             assert rel(a.detach(), b.detach()) <= 1e-4  # float32 rounding (a wrong product is off by O(1))

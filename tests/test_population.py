@@ -1,4 +1,4 @@
-"""R runs of one shape as one computation (pcsweep.pc.population): each member equals its solo run."""
+"""R runs of one shape as one computation (PCEngine.of): each member equals its solo run."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from pcsweep.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, train_batch
-from pcsweep.pc.population import Member, PackError, Population, check_fits, pack_bytes
+from pcsweep.pc.members import Member, PackError, check_fits, pack_bytes
 
 # the PC twins' schedules (momentum, update interval, variance, convergence tolerance), as conf/twin/ sets them
 TWINS = {
@@ -62,13 +62,13 @@ def assert_packed_equals_solo(runs, output_loss: str, variance: str = "neuron", 
         twin_net, _ = solo_run(twin, seed, step, output_loss, variance, device)
         members.append(Member(twin_net, inference, log_variance_min=floor))
         packed_optimizers.append(torch.optim.Adam(twin_net.parameters(), lr=lr))
-    population = Population(members)
+    population = PCEngine.of(members)
     data = [list(batches(seed, device=device)) for _, seed, _, _ in runs]
     steps_used = set()
     for b in range(3):
         inputs = torch.stack([data[r][b][0] for r in range(len(runs))])
         target = torch.stack([data[r][b][1] for r in range(len(runs))])
-        packed = population.train_batch(inputs, target, [opt.step for opt in packed_optimizers], trace_energy=True)
+        packed = population.train_batches(inputs, target, [opt.step for opt in packed_optimizers], trace_energy=True)
         for r, (engine, optimizer) in enumerate(solos):
             alone = train_batch(engine, engine.inference, inputs[r], target[r], optimizer.step, trace_energy=True)
             assert packed[r].steps_used == alone.steps_used and packed[r].updates == alone.updates
@@ -118,15 +118,15 @@ def test_members_that_do_not_share_a_shape_or_a_schedule_are_refused_in_one_line
     a, inference = solo_run("pc", 0, 0.05)
     b, other = solo_run("pc_rc2", 1, 0.05)
     with pytest.raises(PackError, match="member 1 cannot pack with member 0"):
-        Population([Member(a, inference), Member(b, other)])
+        PCEngine.of([Member(a, inference), Member(b, other)])
     torch.manual_seed(0)
     wider = MLP(12, 11, 3, 4).double().as_pc_network(None, "mse")
     with pytest.raises(PackError, match="member 1 cannot pack with member 0"):
-        Population([Member(a, inference), Member(wider, inference)])
+        PCEngine.of([Member(a, inference), Member(wider, inference)])
     per_neuron, learned = solo_run("pc_rc3", 1, 0.05)
     per_layer, _ = solo_run("pc_rc3", 2, 0.05, variance="layer")
     with pytest.raises(PackError, match="per neuron and per layer do not mix"):
-        Population([Member(a, inference), Member(per_neuron, learned), Member(per_layer, learned)])
+        PCEngine.of([Member(a, inference), Member(per_neuron, learned), Member(per_layer, learned)])
 
 
 def test_a_pack_that_will_not_fit_is_refused_with_its_estimate():

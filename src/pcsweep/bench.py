@@ -32,7 +32,7 @@ from pcsweep.data import Dataset, Split
 from pcsweep.datamodule import TensorBatches, TensorDataModule
 from pcsweep.models import PCModule
 from pcsweep.pc import Inference, PCEngine, output_loss
-from pcsweep.pc.engine import NARROW_MAX_WIDTH, PREPACK_AVAILABLE, Tricks
+from pcsweep.pc.kernels import NARROW_MAX_WIDTH, PREPACK_AVAILABLE, Tricks
 from pcsweep.pc.reference import ReferencePC
 from pcsweep.peers.pcx_mlp import IN_DIM, OUT_DIM
 from pcsweep.run import quiet_lightning

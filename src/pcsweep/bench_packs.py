@@ -1,4 +1,4 @@
-"""``python -m pcsweep.bench``'s packing table: R runs of one shape trained as one computation (``pc.population``)
+"""``python -m pcsweep.bench``'s packing table: R runs of one shape trained as one computation (``PCEngine.of``)
 against the same R runs one after another (``PCEngine``, every trick on), and what that makes of the paper's grid."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 
 from pcsweep.bench_setup import Setup, make_batch, make_twin, median_seconds, sgd
 from pcsweep.pc import Inference, PCEngine
-from pcsweep.pc.population import Member, Population, check_fits
+from pcsweep.pc.members import Member, check_fits
 
 PACKS = (1, 4, 8, 16)
 RUN_BATCHES = 20 * 938  # one paper run: 20 MNIST epochs of 938 batches
@@ -26,7 +26,7 @@ def pack_timers(setup: Setup, twin: str, members: int):
         packed.append(Member(net, inference, log_variance_min=-2.0))
         packed_optimizers.append(sgd(mlp, log_vars))
         data.append(make_batch(setup, seed=r))
-    population = Population(packed)
+    population = PCEngine.of(packed)
     inputs, target = torch.stack([x for x, _ in data]), torch.stack([y for _, y in data])
     steps = [opt.step for opt in packed_optimizers]
 
@@ -35,7 +35,7 @@ def pack_timers(setup: Setup, twin: str, members: int):
             engine.train_batch(x, y, opt.step)
 
     def together() -> None:
-        population.train_batch(inputs, target, steps)
+        population.train_batches(inputs, target, steps)
 
     one_by_one()
     together()

@@ -53,7 +53,7 @@ def probe_condition2(
     until_update = replace(engine.inference, steps=at_step, update_every=None)
     reached = train_batch(engine, until_update, inputs, target, apply_update=lambda: None)
     start, at_t = float(reached.energy_start), float(reached.energy_end)
-    layers_at_t = engine.layer_error_energies().tolist()
+    layers_at_t = engine.layer_error_energies()[0].tolist()
     updates_at_t = _weight_updates(engine)
     steps, previous, current = reached.steps_used, at_t, at_t
     while steps < max_steps:
@@ -74,7 +74,7 @@ def probe_condition2(
         "steps_converged": steps,
         "gap": max(at_t - current, 0.0) / at_t if at_t > 0 else 0.0,
         "layer_energy_at_T": layers_at_t,  # where the error sits when the weights are updated
-        "layer_energy_converged": engine.layer_error_energies().tolist(),
+        "layer_energy_converged": engine.layer_error_energies()[0].tolist(),
         "cosine": [_cosine(a, b) for a, b in zip(updates_at_t, updates_at_end)],
         "norm_ratio": [
             float(a.norm() / b.norm()) if float(b.norm()) > 0 else 1.0 for a, b in zip(updates_at_t, updates_at_end)

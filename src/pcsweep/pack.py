@@ -26,14 +26,14 @@ from pcsweep.data import load_dataset
 from pcsweep.interruption import REQUEUE_SIGNALS, Interrupted, forwarding
 from pcsweep.models import PCModule
 from pcsweep.pc.gang import Gang
-from pcsweep.pc.population import check_fits
+from pcsweep.pc.members import check_fits
 from pcsweep.run import in_folder, prepare, skipped, train_owned
 from pcsweep.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # what a pack's members may differ in (dotted prefixes of the settings): each member keeps its own seed, optimizer and
-# learning rate, inference step size, momentum and tolerance, learned variance or none, and floor (pc.population);
+# learning rate, inference step size, momentum and tolerance, learned variance or none, and floor (pc.members);
 # everything else (shape, data, schedule, Trainer) is the pack's
 MEMBER_KEYS = (
     "seed",
@@ -60,7 +60,7 @@ def _own(key: str) -> bool:
 def pack_shape(settings: Settings) -> tuple:
     """What must be equal for runs to pack: every setting but the members' own (``MEMBER_KEYS``), and the learned
     variance's shape: per neuron and per layer do not mix, and S = 1 groups with per neuron (the twins' default;
-    the population would take it beside per layer too)."""
+    the engine would take it beside per layer too)."""
     shared = sorted((k, repr(v)) for k, v in flatten(dataclasses.asdict(settings)).items() if not _own(k))
     variance = "neuron" if settings.variance == "fixed" else settings.variance
     return tuple(shared), variance

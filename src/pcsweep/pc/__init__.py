@@ -2,13 +2,15 @@
 
 - ``energy``: the math, as plain functions a reader checks against ``shared/paper.md``;
 - ``schedule``: when inference steps and weight updates happen (one loop for every implementation);
-- ``engine``: the same math in preallocated layer-stacked buffers (speed only, measured by ``pcsweep.bench``);
+- ``engine``: the same math for R >= 1 runs at once in preallocated layer-stacked buffers (a solo run, or a pack);
+- ``kernels``: which kernel computes each of the engine's products (speed only, measured by ``pcsweep.bench``);
+- ``members``: which runs may share an engine, and what a pack costs;
 - ``reference``: the plain and the autograd implementations the engine is tested against.
 """
 
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES, Activation, Network, get_activation, output_loss
 from pcsweep.pc.engine import PCEngine, activity_curvature
-from pcsweep.pc.schedule import BatchResult, Inference, train_batch
+from pcsweep.pc.schedule import BatchResult, Inference, train_batch, train_batches
 
 __all__ = [
     "ACTIVATIONS",
@@ -22,4 +24,5 @@ __all__ = [
     "get_activation",
     "output_loss",
     "train_batch",
+    "train_batches",
 ]

@@ -201,11 +201,16 @@ def parameter_gradients(net: Network, xs: Sequence[Tensor], errs: Errors) -> lis
     B, L = xs[0].shape[0], net.num_layers
     weights = [-errs.g[l].t() @ xs[l] / B for l in range(L)]
     biases = [-errs.g[l].mean(dim=0) for l in range(L)]
-    variances = []
-    for l, log_s in enumerate(net.log_variances):
-        if log_s is not None:
-            per_neuron = 0.5 * (1 - (errs.e[l] * errs.eps[l]).mean(dim=0))
-            variances.append(
-                per_neuron if log_s.numel() == per_neuron.numel() else per_neuron.sum().reshape(log_s.shape)
-            )
+    variances = [
+        log_variance_gradient(errs.e[l], torch.exp(-log_s), log_s.shape[-1]).reshape(log_s.shape)
+        for l, log_s in enumerate(net.log_variances)
+        if log_s is not None
+    ]
     return weights + biases + variances
+
+
+def log_variance_gradient(e: Tensor, precision: Tensor, count: int) -> Tensor:
+    """dE/dlog S of the batch-mean energy, mean_batch 0.5 (1 - e^2 / S) (the batch on dim -2; ``precision`` = 1/S),
+    summed over the neurons that share one S when a layer has ``count`` = 1 of them."""
+    per_neuron = 0.5 - 0.5 * e.pow(2).mean(dim=-2) * precision
+    return per_neuron if per_neuron.shape[-1] == count else per_neuron.sum(-1, keepdim=True)

@@ -1,11 +1,11 @@
 """Runs of one pack trained side by side, each in its own thread with its own Lightning Trainer, callbacks, folder and
 checkpoints, their training batches computed together: each member's ``train_batch`` waits until every member still
-training has asked for one, and the last to ask runs them all as one ``Population`` batch.
+training has asked for one, and the last to ask runs them all as one batch of a ``PCEngine`` of R runs.
 
 Everything else a run does (evaluations, probes, checkpoints, W&B) it does alone, as it would solo; a member that
 ends (finished, diverged, failed) leaves the gang and the others go on without it. A member whose parameters were
 moved by its own engine (the probes and curvature measurements run on it) is re-stacked before the next packed batch,
-so the population always trains the values the member holds.
+so the pack always trains the values the member holds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pcsweep.pc.engine import PCEngine
-from pcsweep.pc.population import Member, Population
+from pcsweep.pc.members import Member
 from pcsweep.pc.schedule import BatchResult
 
 
@@ -30,7 +30,7 @@ class Gang:
         self.requests: dict[int, tuple] = {}
         self.results: dict[int, BatchResult] = {}
         self.failure: Optional[BaseException] = None  # a packed batch that raised: every member sees it
-        self.population: Optional[Population] = None
+        self.population: Optional[PCEngine] = None
         self.population_of: tuple = ()
         self.condition = threading.Condition()
 
@@ -84,15 +84,15 @@ class Gang:
         population.parameters_changed()  # the floors as they stand (the automatic floor follows the curvature)
         inputs = torch.stack([requests[i][0] for i in members])
         target = torch.stack([requests[i][1] for i in members])
-        results = population.train_batch(inputs, target, [requests[i][2] for i in members], requests[members[0]][3])
+        results = population.train_batches(inputs, target, [requests[i][2] for i in members], requests[members[0]][3])
         return dict(zip(members, results))
 
-    def _population(self, members: list[int]) -> Population:
+    def _population(self, members: list[int]) -> PCEngine:
         """The population of these members, re-stacked if the members changed or a member's parameters moved."""
         population = self.population
         if population is None or self.population_of != tuple(members) or not population.bound():
             engines = [self.engines[i] for i in members]
-            population = Population([Member(e.net, e.inference, e.log_variance_min) for e in engines])
+            population = PCEngine.of([Member(e.net, e.inference, e.log_variance_min) for e in engines])
             self.population, self.population_of = population, tuple(members)
         return population
 

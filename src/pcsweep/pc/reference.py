@@ -31,7 +31,7 @@ def autograd_parameter_gradients(net: Network, xs: Sequence[Tensor]) -> list[Ten
 
 
 class ReferencePC:
-    """A ``schedule.Stepper`` over per-layer lists (no buffers, nothing cached); heavy-ball inference included."""
+    """A ``schedule.Stepper`` of one run over per-layer lists (no buffers, nothing cached); heavy ball included."""
 
     def __init__(self, network: Network, inference: Inference = Inference(), gradients: str = "plain") -> None:
         if gradients not in ("plain", "autograd"):
@@ -39,13 +39,14 @@ class ReferencePC:
         if inference.fixed_predictions:
             raise ValueError("the reference implements PC's own predictions only (no FixedPred)")
         self.net, self.inference, self.gradients = network, inference, gradients
+        self.output_loss = network.output_loss
         self.xs: list[Tensor] = []
         self.velocity: list[Tensor] = []
 
     def start(self, inputs: Tensor, target: Tensor) -> Tensor:
-        self.xs, logits = pc.feedforward(self.net, inputs, target)
+        self.xs, logits = pc.feedforward(self.net, inputs[0], target[0])  # (1, B, n): one run
         self.velocity = [torch.zeros_like(x) for x in self.xs[1:-1]]
-        return logits
+        return logits[None]
 
     def step(self) -> None:
         if self.gradients == "plain":
@@ -59,8 +60,11 @@ class ReferencePC:
     def recompute(self) -> None:
         pass  # errors are computed from the activities when needed
 
-    def error_energy(self) -> Tensor:
-        return pc.energy(self.net, self.xs, log_variance_term=False).mean()
+    def error_energies(self) -> Tensor:
+        return pc.energy(self.net, self.xs, log_variance_term=False).mean().reshape(1)
+
+    def hold(self, moving) -> None:
+        pass  # one run: the loop ends when it stops
 
     def write_gradients(self) -> None:
         if self.gradients == "plain":
@@ -73,8 +77,8 @@ class ReferencePC:
     def parameters_changed(self) -> None:
         pass
 
-    def log_variance_energy(self) -> Tensor:
-        return pc.log_variance_energy(self.net)
+    def log_variance_energies(self) -> Tensor:
+        return pc.log_variance_energy(self.net).reshape(1)
 
     def train_batch(
         self, inputs: Tensor, target: Tensor, apply_update: Callable[[], None], trace_energy: bool = False

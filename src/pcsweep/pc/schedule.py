@@ -1,18 +1,19 @@
 """How one PC training batch is scheduled: T inference steps, weight updates on schedule (the paper's condition 2).
 
-One loop, ``train_batch``, drives any ``Stepper``: the fast engine (``pcsweep.pc.engine``) and the plain and autograd
-references (``pcsweep.pc.reference``) differ only in how they take a step, never in when.
+One loop, ``train_batches``, drives any ``Stepper`` of R >= 1 runs: the engine (``pcsweep.pc.engine``: a solo run, or a
+pack of runs computed together) and the plain and autograd references (``pcsweep.pc.reference``) differ only in how
+they take a step, never in when.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from pcsweep.pc.energy import Network, output_loss
+from pcsweep.pc.energy import output_loss
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,135 @@ class BatchResult:
 
 
 class Stepper(Protocol):
-    """What the loop needs of an implementation; errors are current after ``start``, ``step`` and ``recompute``."""
+    """What the loop needs of an implementation of R >= 1 runs: tensors carry the run on their leading dimension,
+    and errors are current after ``start``, ``step`` and ``recompute``."""
 
-    net: Network
+    output_loss: str
 
-    def start(self, inputs: Tensor, target: Tensor) -> Tensor: ...  # feedforward init + clamp; returns the logits
-    def step(self) -> None: ...  # one inference step on every hidden activity
+    def start(self, inputs: Tensor, target: Tensor) -> Tensor: ...  # feedforward init + clamp; the logits (R, B, n)
+    def step(self) -> None: ...  # one inference step on every hidden activity of every moving run
     def recompute(self) -> None: ...  # the errors, after the parameters changed
-    def error_energy(self) -> Tensor: ...  # mean error energy per sample (0-d)
+    def error_energies(self) -> Tensor: ...  # (R,) mean error energy per sample of each run
     def write_gradients(self) -> object: ...  # dE/dtheta into every parameter's .grad
-    def parameters_changed(self) -> None: ...  # after the optimizer stepped
-    def log_variance_energy(self) -> Tensor: ...
+    def parameters_changed(self) -> None: ...  # after the optimizers stepped
+    def log_variance_energies(self) -> Tensor: ...  # (R,)
+    def hold(self, moving: Sequence[bool]) -> None: ...  # runs that stopped keep their activities from now on
+
+
+@dataclass
+class _Runs:
+    """Each run's bookkeeping during one batch (R entries each; tensors stay on the device)."""
+
+    moving: list[bool]
+    updates: list[int]
+    steps_used: list[int]
+    tolerance_ref: Tensor
+    rise_ref: Tensor
+    energy_end: Tensor
+    rises: Tensor
+    log_variance_energy: list[Optional[Tensor]]
+
+    def mask(self, flags: Sequence[bool]) -> Tensor:
+        return torch.tensor(list(flags), dtype=torch.bool, device=self.rises.device)
 
 
 @torch.no_grad()
+def train_batches(
+    stepper: Stepper,
+    inferences: Sequence[Inference],
+    inputs: Tensor,
+    target: Tensor,
+    apply_updates: Sequence[Callable[[], None]],
+    trace_energy: bool = False,
+) -> list[BatchResult]:
+    """Feedforward init, clamp, T steps with weight updates on schedule, for R runs at once (``inputs`` (R, B, n_in),
+    ``inferences[r]`` and ``apply_updates[r]`` run r's; T, the update and the check interval are the first's).
+
+    ``apply_updates[r]`` is called once the gradients are in ``.grad`` (typically run r's ``optimizer.step``). Every
+    ``check_every`` steps each run's error energy is compared with its last check (rises are counted: a stability
+    watch) and, with a tolerance, a run stops once it plateaued: a last weight update is made from there and its
+    activities are held while the others go on. Each run stops, updates and counts as it would alone.
+    """
+    R, first = len(apply_updates), inferences[0]
+    steps, check_every, every = first.steps, first.check_every, first.update_every or first.steps
+    logits = stepper.start(inputs, target)
+    losses = [output_loss(logits[r], target[r], stepper.output_loss) for r in range(R)]
+    energy_start = stepper.error_energies()
+    trace = [energy_start] if trace_energy else None
+    runs = _Runs(
+        [True] * R,
+        [0] * R,
+        [steps] * R,
+        energy_start,
+        energy_start,
+        energy_start,
+        torch.zeros(R, dtype=torch.int64, device=energy_start.device),
+        [None] * R,
+    )
+    for t in range(1, steps + 1):
+        stepper.step()
+        if trace is not None:
+            trace.append(stepper.error_energies())
+        last, converged = t == steps, [False] * R
+        if t % check_every == 0 or last:
+            current = trace[-1] if trace is not None else stepper.error_energies()
+            converged = _check(runs, inferences, current, judge=t % check_every == 0 and not last)
+            ending = runs.mask([m and (last or c) for m, c in zip(runs.moving, converged)])
+            runs.energy_end = torch.where(ending, current, runs.energy_end)  # before the update changes it
+        due = [m and (t % every == 0 or c) for m, c in zip(runs.moving, converged)]
+        if any(due):
+            _update(stepper, runs, apply_updates, due, converged, last)
+        if any(converged):
+            energies = stepper.log_variance_energies()
+            for r in (r for r in range(R) if converged[r]):
+                runs.steps_used[r], runs.moving[r], runs.log_variance_energy[r] = t, False, energies[r]
+            if not any(runs.moving):
+                break
+            stepper.hold(runs.moving)
+    energies = stepper.log_variance_energies()
+    return [
+        BatchResult(
+            loss=losses[r],
+            logits=logits[r],
+            energy_start=energy_start[r],
+            energy_end=runs.energy_end[r],
+            updates=runs.updates[r],
+            energy_trace=None if trace is None else torch.stack([e[r] for e in trace[: runs.steps_used[r] + 1]]),
+            steps_used=runs.steps_used[r],
+            energy_rises=runs.rises[r],
+            log_variance_energy=energies[r] if runs.log_variance_energy[r] is None else runs.log_variance_energy[r],
+        )
+        for r in range(R)
+    ]
+
+
+def _check(runs: _Runs, inferences: Sequence[Inference], current: Tensor, judge: bool) -> list[bool]:
+    """A check: rises counted for the moving runs and, when ``judge``, which of them converged."""
+    moving = runs.mask(runs.moving)
+    runs.rises += (current > runs.rise_ref) & moving
+    runs.rise_ref = torch.where(moving, current, runs.rise_ref)
+    converged = [False] * len(runs.moving)
+    if judge:
+        for r, inference in enumerate(inferences):
+            if runs.moving[r] and inference.tolerance is not None:
+                converged[r] = bool(plateaued(runs.tolerance_ref[r], current[r], inference.tolerance))
+        runs.tolerance_ref = torch.where(moving, current, runs.tolerance_ref)
+    return converged
+
+
+def _update(stepper: Stepper, runs: _Runs, apply_updates, due: list[bool], converged: list[bool], last: bool) -> None:
+    """The weight updates due now; the runs that go on after theirs recount rises from the new errors."""
+    stepper.write_gradients()
+    for r in (r for r in range(len(due)) if due[r]):
+        apply_updates[r]()
+        runs.updates[r] += 1
+    stepper.parameters_changed()
+    again = [d and not c for d, c in zip(due, converged)]
+    if any(again) and not last:
+        stepper.recompute()
+        runs.rise_ref = torch.where(runs.mask(again), stepper.error_energies(), runs.rise_ref)
+
+
 def train_batch(
     stepper: Stepper,
     inference: Inference,
@@ -98,53 +214,5 @@ def train_batch(
     apply_update: Callable[[], None],
     trace_energy: bool = False,
 ) -> BatchResult:
-    """Feedforward init, clamp, ``inference.steps`` steps with weight updates on schedule.
-
-    ``apply_update`` is called once the gradients are in ``.grad`` (typically ``optimizer.step``). Every
-    ``check_every`` steps the error energy is compared with the last check (rises are counted: a stability watch)
-    and, with a tolerance, inference stops once it plateaued; a last weight update is then made from there.
-    """
-    logits = stepper.start(inputs, target)
-    loss = output_loss(logits, target, stepper.net.output_loss)
-    energy_start = stepper.error_energy()
-    trace = [energy_start] if trace_energy else None
-    every = inference.update_every or inference.steps
-    updates, steps_used = 0, inference.steps
-    tolerance_ref = rise_ref = energy_end = energy_start
-    rises = torch.zeros((), dtype=torch.int64, device=energy_start.device)
-    for t in range(1, inference.steps + 1):
-        stepper.step()
-        if trace is not None:
-            trace.append(stepper.error_energy())
-        last, converged = t == inference.steps, False
-        if t % inference.check_every == 0 or last:
-            current = trace[-1] if trace is not None else stepper.error_energy()
-            rises += current > rise_ref
-            rise_ref = current
-            if inference.tolerance is not None and t % inference.check_every == 0 and not last:
-                converged = bool(plateaued(tolerance_ref, current, inference.tolerance))
-                tolerance_ref = current
-        if last or converged:  # before the last weight update changes what the energy depends on
-            energy_end = trace[-1] if trace is not None else stepper.error_energy()
-        if t % every == 0 or converged:
-            stepper.write_gradients()
-            apply_update()
-            stepper.parameters_changed()
-            updates += 1
-            if not (last or converged):
-                stepper.recompute()
-                rise_ref = stepper.error_energy()  # rises are counted within inference, not across updates
-        if converged:
-            steps_used = t
-            break
-    return BatchResult(
-        loss=loss,
-        logits=logits,
-        energy_start=energy_start,
-        energy_end=energy_end,
-        updates=updates,
-        energy_trace=torch.stack(trace) if trace is not None else None,
-        steps_used=steps_used,
-        energy_rises=rises,
-        log_variance_energy=stepper.log_variance_energy(),
-    )
+    """``train_batches`` for a stepper of one run: ``inputs`` (B, n_in), ``target`` (B, n_out)."""
+    return train_batches(stepper, [inference], inputs[None], target[None], [apply_update], trace_energy)[0]
