@@ -1,6 +1,7 @@
 """The PC engine against the theory in shared/paper.md, in float64."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -222,20 +223,34 @@ def test_log_variance_floor_is_enforced():
 
 
 @pytest.mark.parametrize("update_every", [None, 8])
-def test_inference_tolerance_stops_early_and_still_updates(update_every):
+def test_inference_tolerance_stops_at_the_equilibrium_and_still_updates(update_every):
+    """The stop is on the relative residual |dE/dx| / |dE/dx|_0, checked every 8 steps: below the tolerance at the
+    stop and at the check before it, above it one check earlier; the last update is made from there."""
     _, _, net = make_net(depth=4)
     x, y = batch(size=16)
-    full = PCEngine(copy.deepcopy(net), Inference(steps=400, step_size=0.1, update_every=update_every))
-    early = PCEngine(net, Inference(steps=400, step_size=0.1, update_every=update_every, tolerance=1e-3, check_every=8))
-    assert full.train_batch(x, y, apply_update=lambda: None).steps_used == 400
-    updates = []
+    inference = Inference(steps=2000, step_size=0.1, momentum=0.9, update_every=update_every, check_every=8)
+    full = PCEngine(copy.deepcopy(net), inference)
+    assert full.train_batch(x, y, apply_update=lambda: None).steps_used == 2000
+    early = PCEngine(net, replace(inference, tolerance=1e-3))
+    updates, residuals = [], []
+    step = early.step
+
+    def step_and_watch():  # the residual at every check, as the stop sees it
+        step()
+        residuals.append(float(early.residuals()[0]))
+
+    early.step = step_and_watch
+    early.start(x[None], y[None])
+    r0 = float(early.residuals()[0])
+    residuals.clear()
     result = early.train_batch(x, y, apply_update=lambda: updates.append(1), trace_energy=True)
-    assert result.steps_used < 400 and result.steps_used % 8 == 0
-    assert len(result.energy_trace) == result.steps_used + 1 and len(updates) == result.updates >= 1
-    trace = result.energy_trace
-    last, before = trace[-1].item(), trace[-9].item()
-    assert abs(before - last) <= 1e-3 * abs(before)  # it stopped because the energy had settled ...
-    assert abs(trace[-17].item() - before) > 1e-3 * abs(trace[-17].item())  # ... and not a check earlier
+    t = result.steps_used
+    assert t < 2000 and t % 8 == 0 and len(updates) == result.updates >= 1
+    assert len(result.energy_trace) == t + 1
+    relative = [r / r0 for r in residuals]
+    assert relative[t - 1] < 1e-3 and relative[t - 9] < 1e-3  # below at the stop and the check before ...
+    assert relative[t - 17] >= 1e-3  # ... and not one check earlier
+    assert float(result.residual) == pytest.approx(relative[t - 1], rel=1e-9) and result.converged
 
 
 @pytest.mark.parametrize("twin", [(None, None), (4, None), (None, "neuron"), (4, "neuron")])

@@ -14,7 +14,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from pcsweep.config import settings_from_container
@@ -136,9 +136,7 @@ class TwinModule(L.LightningModule):
         predictions, labels, means = zip(*self._unrecorded)
         self.train_acc.update(torch.cat(predictions), torch.cat(labels))
         for name in means[0]:
-            cast(MeanMetric, self.train_means[name]).update(
-                torch.stack([m[name].detach() for m in means]).to(self.device)
-            )
+            cast(Metric, self.train_means[name]).update(torch.stack([m[name].detach() for m in means]).to(self.device))
         self._unrecorded.clear()
 
     def _train_metrics(self) -> dict:
@@ -166,7 +164,7 @@ class TwinModule(L.LightningModule):
     def epoch_train_metrics(self) -> dict[str, float]:
         """This epoch's training means so far (``train_loss``, ``train_acc``, ...): what ``on_train_epoch_end`` logs."""
         self._record_pending()
-        metrics: dict[str, Metric] = {f"train_{name}": cast(MeanMetric, m) for name, m in self.train_means.items()}
+        metrics: dict[str, Metric] = {f"train_{name}": cast(Metric, m) for name, m in self.train_means.items()}
         metrics["train_acc"] = self.train_acc
         return {name: float(m.compute()) for name, m in metrics.items() if m.update_count > 0}
 
@@ -228,6 +226,14 @@ class PCModule(TwinModule):
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
         self.train_means["energy_rises"] = batch_mean()  # checks per batch at which the error energy had risen
+        # |dE/dx| relative to its feedforward value where inference stopped, every batch: the distance to the
+        # equilibrium the weights were updated at (its mean and its worst), and the batches that ended at T without
+        # meeting inference.tolerance (a count and a share)
+        self.train_means["residual"] = batch_mean()
+        self.train_means["residual_max"] = MaxMetric(nan_strategy="disable")
+        if settings.inference.tolerance is not None:
+            self.train_means["unconverged_batches"] = SumMetric(nan_strategy="disable")
+            self.train_means["unconverged"] = batch_mean()
         if self.log_variances is not None:
             self.train_means["log_variance_energy"] = batch_mean()  # 0.5 sum log S: the rest of the energy
         self.trace_energy, self.alignment_every = tracking.energy_trace, tracking.alignment_every
@@ -310,6 +316,11 @@ class PCModule(TwinModule):
         assert result.energy_rises is not None  # schedule.train_batch always sets it (and log_variance_energy)
         self.energy_rose = bool(result.energy_rises > 0)  # the curvature is re-measured before the next batch
         extra = {} if self.log_variances is None else {"log_variance_energy": cast(Tensor, result.log_variance_energy)}
+        residual = cast(Tensor, result.residual)  # schedule.train_batch always sets it
+        extra.update(residual=residual, residual_max=residual)
+        if result.converged is not None:
+            unconverged = torch.tensor(0.0 if result.converged else 1.0)
+            extra.update(unconverged_batches=unconverged, unconverged=unconverged)
         self.record_train(
             batch_idx,
             result.loss,

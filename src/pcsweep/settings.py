@@ -75,8 +75,14 @@ class InferenceSettings:
     # heavy-ball inference (same fixed points); plain descent (0, the paper's literal reading) is far from converged
     # after T = 256 steps at the paper's sizes (see the README); the relaxed twins use 0 (conf/twin/)
     momentum: float = 0.95
-    tolerance: Optional[float] = None  # stop once the energy's relative change over check_every steps is below this
+    # stop at the equilibrium: the relative residual |dE/dx| / |dE/dx at the feedforward state| below this at two
+    # consecutive checks (every check_every steps); null: always T steps (the paper's literal schedule)
+    tolerance: Optional[float] = None
     check_every: int = Inference.check_every
+    # state: descent on the activities (the paper's dynamics; step_size, momentum); error: conjugate gradients on the
+    # prediction errors (the same equilibrium in a fraction of the steps; no step size). pc and rc3 default to error
+    # (conf/twin/); rc2 and rc23 must keep state: their weight updates during inference are the relaxation itself
+    solver: str = Inference.solver
 
     def __post_init__(self) -> None:
         # the rest is checked once, by what the engine runs (pc.schedule.Inference): Settings.__post_init__
@@ -205,6 +211,9 @@ class TrackingSettings:
     condition2_max_multiple: int = 16  # the probe runs inference up to this many times T (or to a 1e-6 change)
     condition2_max_gap: float = 0.05  # condition 2 held: (E_T - E_conv) / E_T at most this ...
     condition2_min_cosine: float = 0.95  # ... and every layer's update at T within this cosine of the converged one
+    # ... and, with inference.tolerance, at most this share of an epoch's batches ended at T short of it (every batch's
+    # residual is recorded: the probe sees one batch an epoch)
+    condition2_max_unconverged: float = 0.05
     group: Optional[str] = None  # W&B group; set by the sweeper to one id per multirun (stable when re-run)
 
     def __post_init__(self) -> None:
@@ -375,7 +384,7 @@ class Settings:
             )
         if self.algo == "pc":  # BP ignores inference
             try:
-                self.schedule()
+                self.schedule().check_steps(hidden_layers=self.depth)
             except ValueError as exc:
                 raise ConfigError(f"inference.{exc}") from None
 
@@ -395,4 +404,5 @@ class Settings:
             update_every=i.update_every,
             tolerance=i.tolerance,
             check_every=i.check_every,
+            solver=i.solver,
         )

@@ -43,10 +43,20 @@ def checks_text(checks: Optional[dict]) -> Optional[str]:
     if inference:
         gamma = inference.get("step_size_final")  # summaries before the automatic step size lack it
         used = inference.get("steps_used_per_epoch") or []  # summaries before the convergence stop lack it
+        error_solver = inference.get("solver") == "error"  # summaries before the solvers lack it: state
+        worst = (inference.get("residual_max_per_epoch") or [None])[-1]
+        misses = (inference.get("unconverged_batches_per_epoch") or [None])[-1]
         parts.append(
-            f"inference {inference['verdict']} (stiffness {inference['stiffness_worst']:.2f}/{inference['limit']:.2f}"
-            + (f", step {gamma:.3g}" if gamma is not None else "")
+            f"inference {inference['verdict']} ("
+            + (
+                "error solver"
+                if error_solver
+                else f"stiffness {inference['stiffness_worst']:.2f}/{inference['limit']:.2f}"
+            )
+            + (f", step {gamma:.3g}" if gamma is not None and not error_solver else "")
             + (f", T used {used[-1]:.0f}/{inference['steps']}" if inference.get("tolerance") and used else "")
+            + (f", residual <= {worst:.1e}" if worst is not None else "")
+            + (f", {misses:.0f} batches short of it" if misses else "")
             + ")"
         )
     variance = checks.get("variance")

@@ -11,15 +11,26 @@ from pcsweep.settings import Settings, TrackingSettings
 UNIFORM_SPREAD = 1e-3  # log S spread across a layer's neurons below which the variance is one number per layer
 
 
-def condition2_verdict(probes: Sequence[dict], relaxed: bool, limits: TrackingSettings) -> dict:
-    """``held`` / ``violated`` (or ``relaxed`` for relax 2 and 23, by design) from every epoch's probe, with the worst
-    numbers; ``not measured`` without probes."""
+def condition2_verdict(
+    probes: Sequence[dict], relaxed: bool, limits: TrackingSettings, history: Sequence[dict] = ()
+) -> dict:
+    """``held`` / ``violated`` (or ``relaxed`` for relax 2 and 23, by design) from every epoch's probe and every
+    batch's residual (``history``: the per-epoch training means), with the worst numbers; ``not measured`` without
+    probes. A run whose batches routinely ended at T short of ``inference.tolerance`` did not hold condition 2,
+    whatever its probe batch said."""
     if not probes:
         return {"verdict": "not measured"}
     worst_gap = max(p["gap"] for p in probes)
     worst_cosine = min(min(p["cosine"]) for p in probes)
-    held = worst_gap <= limits.condition2_max_gap and worst_cosine >= limits.condition2_min_cosine
+    shares = [r["train_unconverged"] for r in history if r.get("train_unconverged") is not None]
+    worst_share = max(shares, default=None)
+    held = (
+        worst_gap <= limits.condition2_max_gap
+        and worst_cosine >= limits.condition2_min_cosine
+        and (worst_share is None or worst_share <= limits.condition2_max_unconverged)
+    )
     verdict = "relaxed" if relaxed else ("held" if held else "violated")
+    residuals = [r["train_residual_max"] for r in history if r.get("train_residual_max") is not None]
     return {
         "verdict": verdict,
         "worst_gap": worst_gap,
@@ -27,6 +38,9 @@ def condition2_verdict(probes: Sequence[dict], relaxed: bool, limits: TrackingSe
         "max_gap": limits.condition2_max_gap,
         "min_cosine": limits.condition2_min_cosine,
         "probed_epochs": len(probes),
+        "worst_unconverged_share": worst_share,  # of an epoch's batches, ended at T short of the tolerance
+        "max_unconverged_share": limits.condition2_max_unconverged,
+        "worst_residual": max(residuals, default=None),  # the largest relative residual any batch stopped at
     }
 
 
@@ -51,7 +65,10 @@ def run_checks(settings: Settings, summary: dict, records: Optional[list], stabi
         return checks
     assert stability is not None  # measured for every PC run, the only runs with conditions
     checks["condition2"] = condition2_verdict(
-        [r["condition2"] for r in records], settings.inference.update_every is not None, settings.tracking
+        [r["condition2"] for r in records],
+        settings.inference.update_every is not None,
+        settings.tracking,
+        summary["history"],
     )
     checks["inference"] = inference_check(settings, summary["history"], records, stability)
     if stability["log_variance_min"] is not None and records and "variance" in records[-1]:
@@ -76,8 +93,14 @@ def inference_check(settings: Settings, history: list, records: list, stability:
         "energy_rises_per_batch": rises,
         # per epoch, the mean inference steps a batch ran: T, or fewer where inference.tolerance saw it converge
         "steps": settings.inference.steps,
+        "solver": settings.inference.solver,
         "tolerance": settings.inference.tolerance,
         "steps_used_per_epoch": used,
+        # per epoch, the relative residual |dE/dx| / |dE/dx|_0 where each batch stopped: mean, worst; and the batches
+        # that ended at T short of the tolerance
+        "residual_mean_per_epoch": [r.get("train_residual") for r in history],
+        "residual_max_per_epoch": [r.get("train_residual_max") for r in history],
+        "unconverged_batches_per_epoch": [r.get("train_unconverged_batches") for r in history],
     }
 
 

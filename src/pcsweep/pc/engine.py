@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from pcsweep.pc.energy import Network, log_variance_energy, log_variance_gradient, output_loss
+from pcsweep.pc.error_solver import ConjugateErrors
 from pcsweep.pc.kernels import HiddenProducts, Tricks, affine, batch_sum, outer
 from pcsweep.pc.members import Member, check_members
 from pcsweep.pc.schedule import BatchResult, Inference, train_batch, train_batches
@@ -87,9 +88,12 @@ class PCEngine:
         self.members, self.tricks = members, tricks
         net = members[0].network
         self.R, self.L, self.sizes = len(members), net.num_layers, net.sizes
-        self.H = self.L - 1
+        self.H = self.hidden_layers = self.L - 1
         self.activation, self.output_loss = net.activation, net.output_loss
         self.fixed_predictions = members[0].inference.fixed_predictions
+        self.solver = members[0].inference.solver  # one for all (members.check_members)
+        self._conjugate: Optional[ConjugateErrors] = None  # the error solver's search state
+        self.two_d = self.R == 1 and self.solver == "state"  # kernels.affine: a solo state run rounds as it always did
         self._buffers_for: Optional[tuple] = None
         self._bindings: list[tuple[Tensor, Tensor, Tensor]] = []
         self._products: Optional[HiddenProducts] = None
@@ -228,7 +232,7 @@ class PCEngine:
             return torch.zeros(*shape, dtype=like.dtype, device=like.device)
 
         self.X, self.A, self.MU, self.FP, self.E, self.G = (new(H, R, batch, n) for _ in range(6))
-        heavy_ball = any(m.inference.momentum for m in self.members)
+        heavy_ball = self.solver == "state" and any(m.inference.momentum for m in self.members)
         self.V = new(H, R, batch, n) if heavy_ball else None  # activity velocity
         self.EPS = new(H, R, batch, n) if self.s_hid is not None else self.E
         self.x0, self.target = new(R, batch, self.sizes[0]), new(R, batch, n_out)
@@ -237,7 +241,9 @@ class PCEngine:
         self.epsL = new(R, batch, n_out) if separate else self.eL
         self.feedback = new(max(H - 1, 1) * R, batch, n)  # g_{l+1} W_{l+1} when runs take different steps
         self.top_feedback = new(R, batch, n)
+        self.gradient = new(H, R, batch, n)  # dE/dx, for the residual
         self._buffers_for = key
+        self._conjugate = ConjugateErrors(self) if self.solver == "error" else None
         self._views_stale = True  # built by the refresh_parameters that follows
 
     def _build_views(self) -> None:
@@ -280,11 +286,11 @@ class PCEngine:
         """a_l, mu_l and f'(a_l) for every layer from the current activities (hidden rows below ``lo`` unchanged)."""
         rows = self._rows[lo]
         if not self._input_current:  # x_0 is clamped: a_1 changes only with W_1, b_1
-            affine(self.A[0], self.b_in, self.x0, self._w_in_t)
+            affine(self.A[0], self.b_in, self.x0, self._w_in_t, self.two_d)
             self._input_current = True
         assert self._products is not None
         self._products.predict(lo * self.R, rows.x_below, rows.a_above)
-        affine(self.aL, self.b_out, self.X[-1], self._w_out_t)
+        affine(self.aL, self.b_out, self.X[-1], self._w_out_t, self.two_d)
         self.activation.forward(rows.a, rows.mu)
         self.activation.derivative(rows.a, rows.mu, rows.fp)
 
@@ -300,6 +306,11 @@ class PCEngine:
             self._predict(lo)
         rows = self._rows[lo]
         torch.sub(rows.x, rows.mu, out=rows.e)
+        self._weighted_errors(lo)
+
+    def _weighted_errors(self, lo: int = 0) -> None:
+        """eps = e / S and g = f'(a) eps from the errors (hidden rows from ``lo`` up), and the output's errors."""
+        rows = self._rows[lo]
         if self._precision_rows is not None:
             torch.mul(rows.e, self._precision_rows[lo * self.R :], out=rows.eps)
         torch.mul(rows.fp, rows.eps, out=rows.g)
@@ -326,7 +337,7 @@ class PCEngine:
                 moved.mul_(beta)
             moved.add_(rows.eps, alpha=-gamma)
             products.feedback(lo * R, rows.g_above, moved_below, gamma)
-            if R == 1:
+            if self.two_d:
                 top[0].addmm_(self.epsL[0], self.w_out[0], alpha=gamma)
             else:
                 top.baddbmm_(self.epsL, self.w_out, alpha=gamma)
@@ -361,19 +372,33 @@ class PCEngine:
         )
         self._gamma_rows = gamma.view(1, -1, 1, 1).expand(self.H, -1, 1, 1).reshape(-1, 1, 1)
         self._beta_rows = beta.view(1, -1, 1, 1).expand(self.H, -1, 1, 1).reshape(-1, 1, 1)
+        if self._conjugate is not None:
+            self._conjugate.hold(torch.tensor(self._moving, dtype=like.dtype, device=like.device))
+
+    @torch.no_grad()
+    def residuals(self) -> Tensor:
+        """(R,) |dE/dx| over every hidden activity and sample of each run, dE/dx_l = eps_l - g_{l+1} W_{l+1}: the
+        distance to the equilibrium whatever the solver (zero there; the stop compares it with its feedforward
+        value). One batched product."""
+        grad, products = self.gradient, cast(HiddenProducts, self._products)
+        if self.H > 1:
+            products.feedback_into(0, _flat(self.G[1:]), _flat(grad[:-1]))
+        torch.bmm(self.epsL, self.w_out, out=grad[-1])
+        torch.sub(self.EPS, grad, out=grad)
+        return grad.pow(2).sum(dim=(0, 2, 3)).sqrt()
 
     # ----------------------------------------------------------------- measurements, per run (R,)
     def error_energies(self) -> Tensor:
         """(R,) mean error energy per sample of each run, sum_l e_l^2 / (2 S_l), from the current errors (e . eps,
         no temporary at R = 1): what inference lowers, comparable across twins (the log S term is constant in it)."""
         B = self.X.shape[2]
-        if self.R == 1:
+        if self.two_d:
             hidden = torch.dot(self.E.view(-1), self.EPS.view(-1)).reshape(1)
         else:
             hidden = (self.E * self.EPS).sum(dim=(0, 2, 3))
         if self.output_loss == "ce":
             return 0.5 * hidden / B + self._ce_losses()
-        if self.R == 1:
+        if self.two_d:
             return 0.5 * (hidden + torch.dot(self.eL.view(-1), self.epsL.view(-1))) / B
         return 0.5 * (hidden + (self.eL * self.epsL).sum(dim=(1, 2))) / B
 
@@ -421,21 +446,21 @@ class PCEngine:
         scale = -1.0 / self.X.shape[2]
         # FixedPred pairs each error with the feedforward activity below it, as backprop does
         below = self.MU if self.fixed_predictions else self.X
-        outer(self.gw_in, self.G[0], self.x0, scale)
-        batch_sum(self.gb_in, self.G[0], scale)
+        outer(self.gw_in, self.G[0], self.x0, scale, self.two_d)
+        batch_sum(self.gb_in, self.G[0], scale, self.two_d)
         if self.w_hid is not None:
             gw = _flat(self.gw_hid)
             torch.baddbmm(gw, _flat(self.G[1:]).transpose(1, 2), _flat(below[:-1]), beta=0.0, alpha=scale, out=gw)
             torch.sum(_flat(self.G[1:]), dim=1, out=_flat(self.gb_hid)).mul_(scale)
-        outer(self.gw_out, self.epsL, below[-1], scale)
-        batch_sum(self.gb_out, self.epsL, scale)
+        outer(self.gw_out, self.epsL, below[-1], scale, self.two_d)
+        batch_sum(self.gb_out, self.epsL, scale, self.two_d)
         if self.s_hid is not None:
             assert self._precision_rows is not None
             gs = _flat(self.gs_hid)
             gs.copy_(log_variance_gradient(_flat(self.E), self._precision_rows.squeeze(1), gs.shape[-1]))
         if self.s_out is not None:
             assert self.p_out is not None
-            if self.R == 1:
+            if self.two_d:
                 self.gs_out[0].copy_(log_variance_gradient(self.eL[0], self.p_out[0, 0], self.gs_out.shape[-1]))
             else:
                 self.gs_out.copy_(log_variance_gradient(self.eL, self.p_out.squeeze(1), self.gs_out.shape[-1]))
@@ -451,17 +476,17 @@ class PCEngine:
         self.refresh_parameters()  # cheap; catches parameters moved, cast or reloaded since the last batch
         self.x0.copy_(inputs)
         self.target.copy_(target)
-        affine(self.A[0], self.b_in, self.x0, self._w_in_t)
+        affine(self.A[0], self.b_in, self.x0, self._w_in_t, self.two_d)
         self._input_current = True
         act = self.activation
         for l in range(self.H):  # sequential: each layer needs the one below
             if l > 0:
                 w_hid, b_hid = cast(Tensor, self.w_hid), cast(Tensor, self.b_hid)
-                affine(self.A[l], b_hid[l - 1], self.X[l - 1], w_hid[l - 1].transpose(1, 2))
+                affine(self.A[l], b_hid[l - 1], self.X[l - 1], w_hid[l - 1].transpose(1, 2), self.two_d)
             act.forward(self.A[l], self.MU[l])
             self.X[l].copy_(self.MU[l])
         act.derivative(self.A, self.MU, self.FP)
-        affine(self.aL, self.b_out, self.X[-1], self._w_out_t)
+        affine(self.aL, self.b_out, self.X[-1], self._w_out_t, self.two_d)
         for buffer in (self.E, self.EPS, self.G):  # x_l = mu_l: the hidden errors are zero by construction
             buffer.zero_()
         if self.V is not None:
@@ -478,13 +503,18 @@ class PCEngine:
             self.hold([True] * self.R)  # every run moves, each with its own step size and momentum
         # the output's error (the hidden ones are exactly zero): the predictions are current from the feedforward pass
         self._errors(predict=False, lo=self.H - 1)
+        if self._conjugate is not None:
+            self._conjugate.start()
         return self.aL.clone()
 
     def step(self) -> None:
-        """One Jacobi step of gradient descent on all hidden activities at once; moves the error front down a row."""
+        """One inference step: a Jacobi step of descent on all hidden activities at once (``state``; moves the error
+        front down a row), or one conjugate-gradient step on the errors (``error``)."""
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.step()
+        if self._conjugate is not None:
+            return self._conjugate.step()
         self._front = max(self._front - 1, 0) if self.tricks.error_front else 0
         self._step(self._front)
         self.recompute()
@@ -493,6 +523,8 @@ class PCEngine:
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.recompute()
+        if self._conjugate is not None:
+            return self._conjugate.recompute()
         self._errors(not self.fixed_predictions, lo=min(self._front, self.H - 1))
 
     def parameters_changed(self) -> None:

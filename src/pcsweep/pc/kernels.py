@@ -1,7 +1,9 @@
 """The engine's speed machinery: which kernel computes a product, never what it computes.
 
-Every product takes R runs at once ((R, B, n) tensors, or flat (layers * R, B, n) rows of the hidden stacks). At
-R = 1 the in and out layers use the 2-d kernels a solo engine always used, so a solo run rounds as it always did.
+Every product takes R runs at once ((R, B, n) tensors, or flat (layers * R, B, n) rows of the hidden stacks). With
+``two_d`` (a solo run of state inference) the in and out layers use the 2-d kernels a solo engine always used, so it
+rounds as it always did; otherwise one batched kernel at any R, so that a pack's run rounds exactly as its solo run
+(error optimization's search amplifies any difference in rounding).
 The CPU tricks for the hidden stack, each switchable (``Tricks``) and measured by ``python -m pcsweep.bench``:
 
 - **transposed copy** (width <= ``NARROW_MAX_WIDTH``): narrow layers predict from a contiguous copy of W^T (x @ W^T
@@ -36,25 +38,25 @@ class Tricks:
     prepacked: bool = True  # CPU float32, wider: products through oneDNN from weights packed once per update
 
 
-def affine(out: Tensor, bias: Tensor, x: Tensor, w_t: Tensor) -> None:
+def affine(out: Tensor, bias: Tensor, x: Tensor, w_t: Tensor, two_d: bool) -> None:
     """out[r] = bias[r] + x[r] @ w_t[r] for every run (``bias`` (R, m))."""
-    if out.shape[0] == 1:
+    if two_d:
         torch.addmm(bias[0], x[0], w_t[0], out=out[0])
     else:
         torch.baddbmm(bias.unsqueeze(1), x, w_t, out=out)
 
 
-def outer(out: Tensor, a: Tensor, b: Tensor, scale: float) -> None:
+def outer(out: Tensor, a: Tensor, b: Tensor, scale: float, two_d: bool) -> None:
     """out[r] = scale * a[r]^T b[r] for every run: a weight gradient."""
-    if out.shape[0] == 1:
+    if two_d:
         torch.addmm(out[0], a[0].t(), b[0], beta=0.0, alpha=scale, out=out[0])
     else:
         torch.baddbmm(out, a.transpose(1, 2), b, beta=0.0, alpha=scale, out=out)
 
 
-def batch_sum(out: Tensor, a: Tensor, scale: float) -> None:
+def batch_sum(out: Tensor, a: Tensor, scale: float, two_d: bool) -> None:
     """out[r] = scale * sum_b a[r, b] for every run: a bias gradient."""
-    if out.shape[0] == 1:
+    if two_d:
         torch.sum(a[0], dim=0, out=out[0]).mul_(scale)
     else:
         torch.sum(a, dim=1, out=out).mul_(scale)

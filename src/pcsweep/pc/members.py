@@ -34,7 +34,13 @@ class Member:
 
 def _shape(member: Member) -> tuple:
     net, inference = member.network, member.inference
-    schedule = (inference.steps, inference.update_every, inference.check_every, inference.fixed_predictions)
+    schedule = (
+        inference.steps,
+        inference.update_every,
+        inference.check_every,
+        inference.fixed_predictions,
+        inference.solver,
+    )
     return tuple(net.sizes), net.activation.name, net.output_loss, schedule
 
 
@@ -54,7 +60,7 @@ def check_members(members: Sequence[Member]) -> None:
         if _shape(member) != first:
             raise PackError(
                 f"member {i} cannot pack with member 0: shape and schedule {_shape(member)} differ from {first} "
-                "(sizes, activation, output loss; T, update interval, check interval)"
+                "(sizes, activation, output loss; T, update interval, check interval, fixed predictions, solver)"
             )
     learned: dict[int, tuple] = {}
     for i, member in enumerate(members):

@@ -40,6 +40,7 @@ class ReferencePC:
             raise ValueError("the reference implements PC's own predictions only (no FixedPred)")
         self.net, self.inference, self.gradients = network, inference, gradients
         self.output_loss = network.output_loss
+        self.hidden_layers = network.num_layers - 1
         self.xs: list[Tensor] = []
         self.velocity: list[Tensor] = []
 
@@ -62,6 +63,10 @@ class ReferencePC:
 
     def error_energies(self) -> Tensor:
         return pc.energy(self.net, self.xs, log_variance_term=False).mean().reshape(1)
+
+    def residuals(self) -> Tensor:
+        grads = pc.activity_gradients(self.net, pc.errors(self.net, self.xs))
+        return torch.cat([g.flatten() for g in grads]).norm().reshape(1)
 
     def hold(self, moving) -> None:
         pass  # one run: the loop ends when it stops

@@ -15,16 +15,24 @@ from torch import Tensor
 
 from pcsweep.pc.energy import output_loss
 
+SOLVERS = ("state", "error")
+
 
 @dataclass(frozen=True)
 class Inference:
     """Inference and the update schedule of one batch.
 
     ``update_every=None`` is condition 2 enforced (one weight update after ``steps`` steps); an integer k updates the
-    weights every k steps from the current activities (relaxed). ``momentum`` (beta) makes the activity descent the
-    heavy ball, ``v <- beta v - step_size dE/dx; x <- x + v``: the same fixed points, stable while
-    ``step_size * lambda_max < 2 (1 + beta)``. ``tolerance`` (off: the paper's T is fixed) ends inference once the
-    error energy's relative change over ``check_every`` steps falls below it. ``fixed_predictions`` holds every
+    weights every k steps from the current activities (relaxed).
+
+    ``solver`` is how inference moves: ``state`` descends the energy over the hidden activities (the paper's
+    dynamics; ``momentum`` (beta) makes it the heavy ball ``v <- beta v - step_size dE/dx; x <- x + v``: the same fixed
+    points, stable while ``step_size * lambda_max < 2 (1 + beta)``); ``error`` optimizes over the prediction errors
+    (``pcsweep.pc.error_solver``: the same equilibrium, reached in a fraction of the steps; no step size to choose).
+
+    ``tolerance`` (off: the paper's T is fixed) ends inference at the equilibrium: once the relative residual
+    ``|dE/dx| / |dE/dx at the feedforward state|`` is below it at two consecutive checks (every ``check_every``
+    steps), with no rise of the energy at the second and not before ``min_steps``. ``fixed_predictions`` holds every
     prediction at its feedforward value (Rosenbaum's FixedPred: with step 1 and >= L steps, BP's gradients exactly).
     """
 
@@ -35,6 +43,7 @@ class Inference:
     tolerance: Optional[float] = None
     check_every: int = 8
     fixed_predictions: bool = False
+    solver: str = "state"
 
     def __post_init__(self) -> None:
         """Each error names its field (``pcsweep.settings`` prefixes ``inference.``: one check, one message)."""
@@ -50,10 +59,33 @@ class Inference:
             (0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum),
             (self.tolerance is None or self.tolerance > 0, "tolerance", "null or > 0", self.tolerance),
             (self.check_every >= 1, "check_every", ">= 1", self.check_every),
+            (self.solver in SOLVERS, "solver", f"one of {list(SOLVERS)}", self.solver),
+            (
+                self.solver == "state" or (self.update_every is None and not self.fixed_predictions),
+                "solver",
+                "state when the weights are updated during inference (update_every: relax 2 and 23, whose updates are "
+                "the relaxation itself) or with fixed predictions",
+                self.solver,
+            ),
         )
         for ok, key, rule, value in checks:
             if not ok:
                 raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+    def min_steps(self, hidden_layers: int) -> int:
+        """The earliest step at which inference may stop: state descent moves the error down one layer per step,
+        so not before it reached every layer and was checked once more (depth + check_every); error optimization
+        reaches every layer at its first step."""
+        return self.check_every + (hidden_layers if self.solver == "state" else 0)
+
+    def check_steps(self, hidden_layers: int) -> None:
+        """With a tolerance, T must leave room for two checks from ``min_steps`` (ValueError naming ``steps``)."""
+        need = self.min_steps(hidden_layers) + self.check_every
+        if self.tolerance is not None and self.steps < need:
+            raise ValueError(
+                f"steps must be >= {need} with a tolerance ({self.solver} inference reaches all {hidden_layers} "
+                f"hidden layers and checks twice by then), got {self.steps}"
+            )
 
 
 def plateaued(previous, current, tolerance: float):
@@ -74,6 +106,8 @@ class BatchResult:
     steps_used: int = 0  # inference steps run (fewer than T only when a tolerance stopped inference early)
     energy_rises: Optional[Tensor] = None  # checks (every check_every steps) at which the error energy had risen
     log_variance_energy: Optional[Tensor] = None  # 0.5 sum log S at the end: the constant the error energy leaves out
+    residual: Optional[Tensor] = None  # |dE/dx| relative to its feedforward value, where inference stopped
+    converged: Optional[bool] = None  # the tolerance was met (None: no tolerance, T steps by design)
 
 
 class Stepper(Protocol):
@@ -81,6 +115,7 @@ class Stepper(Protocol):
     and errors are current after ``start``, ``step`` and ``recompute``."""
 
     output_loss: str
+    hidden_layers: int
 
     def start(self, inputs: Tensor, target: Tensor) -> Tensor: ...  # feedforward init + clamp; the logits (R, B, n)
     def step(self) -> None: ...  # one inference step on every hidden activity of every moving run
@@ -89,6 +124,7 @@ class Stepper(Protocol):
     def write_gradients(self) -> object: ...  # dE/dtheta into every parameter's .grad
     def parameters_changed(self) -> None: ...  # after the optimizers stepped
     def log_variance_energies(self) -> Tensor: ...  # (R,)
+    def residuals(self) -> Tensor: ...  # (R,) |dE/dx| over every hidden activity of each run
     def hold(self, moving: Sequence[bool]) -> None: ...  # runs that stopped keep their activities from now on
 
 
@@ -99,11 +135,14 @@ class _Runs:
     moving: list[bool]
     updates: list[int]
     steps_used: list[int]
-    tolerance_ref: Tensor
     rise_ref: Tensor
     energy_end: Tensor
     rises: Tensor
     log_variance_energy: list[Optional[Tensor]]
+    residual_start: Tensor  # |dE/dx| at the feedforward state: what the relative residual is relative to
+    residual: Tensor  # relative, at the last check (at the stop once a run stopped)
+    below: list[bool]  # the last check was below the tolerance
+    converged: list[bool]
 
     def mask(self, flags: Sequence[bool]) -> Tensor:
         return torch.tensor(list(flags), dtype=torch.bool, device=self.rises.device)
@@ -123,25 +162,25 @@ def train_batches(
 
     ``apply_updates[r]`` is called once the gradients are in ``.grad`` (typically run r's ``optimizer.step``). Every
     ``check_every`` steps each run's error energy is compared with its last check (rises are counted: a stability
-    watch) and, with a tolerance, a run stops once it plateaued: a last weight update is made from there and its
-    activities are held while the others go on. Each run stops, updates and counts as it would alone.
+    watch) and, with a tolerance, a run stops at the equilibrium (``Inference``): a last weight update is made from
+    there and its activities are held while the others go on. Each run stops, updates and counts as it would alone;
+    each records the relative residual where it stopped.
     """
     R, first = len(apply_updates), inferences[0]
     steps, check_every, every = first.steps, first.check_every, first.update_every or first.steps
+    min_steps = first.min_steps(stepper.hidden_layers)
+    judging = any(i.tolerance is not None for i in inferences)
     logits = stepper.start(inputs, target)
     losses = [output_loss(logits[r], target[r], stepper.output_loss) for r in range(R)]
     energy_start = stepper.error_energies()
+    residual_start = stepper.residuals()
     trace = [energy_start] if trace_energy else None
+    device = energy_start.device
     runs = _Runs(
-        [True] * R,
-        [0] * R,
-        [steps] * R,
-        energy_start,
-        energy_start,
-        energy_start,
-        torch.zeros(R, dtype=torch.int64, device=energy_start.device),
-        [None] * R,
-    )
+        [True] * R, [0] * R, [steps] * R, energy_start, energy_start,
+        torch.zeros(R, dtype=torch.int64, device=device), [None] * R,
+        residual_start, torch.ones_like(residual_start), [False] * R, [False] * R,
+    )  # fmt: skip
     for t in range(1, steps + 1):
         stepper.step()
         if trace is not None:
@@ -149,9 +188,14 @@ def train_batches(
         last, converged = t == steps, [False] * R
         if t % check_every == 0 or last:
             current = trace[-1] if trace is not None else stepper.error_energies()
-            converged = _check(runs, inferences, current, judge=t % check_every == 0 and not last)
+            residual = _relative(stepper.residuals(), residual_start) if judging or last else None
+            converged = _check(runs, inferences, current, residual, judge=t % check_every == 0 and t >= min_steps)
+            if last:  # the runs that reach T: did they meet their tolerance all the same?
+                converged = [False] * R
             ending = runs.mask([m and (last or c) for m, c in zip(runs.moving, converged)])
             runs.energy_end = torch.where(ending, current, runs.energy_end)  # before the update changes it
+            if residual is not None:
+                runs.residual = torch.where(ending, residual, runs.residual)
         due = [m and (t % every == 0 or c) for m, c in zip(runs.moving, converged)]
         if any(due):
             _update(stepper, runs, apply_updates, due, converged, last)
@@ -159,37 +203,58 @@ def train_batches(
             energies = stepper.log_variance_energies()
             for r in (r for r in range(R) if converged[r]):
                 runs.steps_used[r], runs.moving[r], runs.log_variance_energy[r] = t, False, energies[r]
+                runs.converged[r] = True
             if not any(runs.moving):
                 break
             stepper.hold(runs.moving)
     energies = stepper.log_variance_energies()
     return [
-        BatchResult(
-            loss=losses[r],
-            logits=logits[r],
-            energy_start=energy_start[r],
-            energy_end=runs.energy_end[r],
-            updates=runs.updates[r],
-            energy_trace=None if trace is None else torch.stack([e[r] for e in trace[: runs.steps_used[r] + 1]]),
-            steps_used=runs.steps_used[r],
-            energy_rises=runs.rises[r],
-            log_variance_energy=energies[r] if runs.log_variance_energy[r] is None else runs.log_variance_energy[r],
-        )
-        for r in range(R)
+        _result(runs, r, inferences[r], losses[r], logits[r], energy_start[r], energies[r], trace) for r in range(R)
     ]
 
 
-def _check(runs: _Runs, inferences: Sequence[Inference], current: Tensor, judge: bool) -> list[bool]:
-    """A check: rises counted for the moving runs and, when ``judge``, which of them converged."""
+def _relative(residual: Tensor, start: Tensor) -> Tensor:
+    return torch.where(start > 0, residual / start.clamp_min(torch.finfo(start.dtype).tiny), torch.zeros_like(start))
+
+
+def _result(runs: _Runs, r: int, inference: Inference, loss, logits, energy_start, log_variance_energy, trace):
+    met = None
+    if inference.tolerance is not None:  # stopped at the equilibrium, or ended at T within the tolerance anyway
+        met = runs.converged[r] or bool(runs.residual[r] < inference.tolerance)
+    return BatchResult(
+        loss=loss,
+        logits=logits,
+        energy_start=energy_start,
+        energy_end=runs.energy_end[r],
+        updates=runs.updates[r],
+        energy_trace=None if trace is None else torch.stack([e[r] for e in trace[: runs.steps_used[r] + 1]]),
+        steps_used=runs.steps_used[r],
+        energy_rises=runs.rises[r],
+        log_variance_energy=log_variance_energy if runs.log_variance_energy[r] is None else runs.log_variance_energy[r],
+        residual=runs.residual[r],
+        converged=met,
+    )
+
+
+def _check(
+    runs: _Runs, inferences: Sequence[Inference], current: Tensor, residual: Optional[Tensor], judge: bool
+) -> list[bool]:
+    """A check: rises counted for the moving runs and, when ``judge`` (past ``min_steps``), which of them are at the
+    equilibrium: the relative residual below the tolerance at this check and the last, and the energy not risen since
+    the last."""
     moving = runs.mask(runs.moving)
-    runs.rises += (current > runs.rise_ref) & moving
+    rose = current > runs.rise_ref
+    runs.rises += rose & moving
     runs.rise_ref = torch.where(moving, current, runs.rise_ref)
     converged = [False] * len(runs.moving)
-    if judge:
-        for r, inference in enumerate(inferences):
-            if runs.moving[r] and inference.tolerance is not None:
-                converged[r] = bool(plateaued(runs.tolerance_ref[r], current[r], inference.tolerance))
-        runs.tolerance_ref = torch.where(moving, current, runs.tolerance_ref)
+    if residual is None:
+        return converged
+    residuals, rises = residual.tolist(), rose.tolist()  # one host sync a check
+    for r, inference in enumerate(inferences):
+        if runs.moving[r] and inference.tolerance is not None:
+            below = residuals[r] < inference.tolerance
+            converged[r] = judge and below and runs.below[r] and not rises[r]
+            runs.below[r] = below
     return converged
 
 
