@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pcsweep.bench_packs import PACKS, measure_packs
 from pcsweep.bench_setup import TWINS, Setup, make_batch, make_twin, median_seconds, sgd, sync
+from pcsweep.bench_solvers import measure_solvers
 from pcsweep.data import Dataset, Split
 from pcsweep.datamodule import TensorBatches, TensorDataModule
 from pcsweep.models import PCModule
@@ -435,6 +436,8 @@ def measure_width(width: int, args: argparse.Namespace, device: torch.device, re
         entry["pcx"] = measure_peers(setup, entry, repeats, args.peer_loop, args.peer_python)
     if args.packs:
         entry["packs"] = measure_packs(setup, args.twins[0], max(3, repeats // 2), args.packs)
+    if not args.no_solvers:
+        entry["solvers"] = measure_solvers(setup, args.solver_tolerance, max(3, repeats // 2))
     print()
     return entry
 
@@ -475,6 +478,12 @@ def run(args: argparse.Namespace) -> dict:
         f"at widths {', '.join(map(str, args.widths))}, on {grid['datasets']} datasets, {grid['epochs']} epochs of "
         f"{grid['batches_per_epoch']} batches, T = {grid['steps']}; time taken as linear in T)"
     )
+    if grid.get("hours_converged") is not None:
+        print(
+            f"  with pc and pc_rc3 at their default, converged inference (error optimization, the solvers table's ms per "
+            f"batch): {grid['hours_converged']:.1f} h; with state descent to the same residual: "
+            f"{grid['hours_state']:.1f} h"
+        )
     report["tuned_grid"] = tuned = tuned_grid_hours(report, args.steps)
     advice = "pack.size=auto trains runs one by one on a CPU" if device.type == "cpu" else "set pack.size=1"
     print(
@@ -493,12 +502,27 @@ def paper_grid_hours(report: dict, steps: int) -> dict:
     ms per batch, scaled from this run's T to the paper's (the work per step is constant, so time is ~linear in T)."""
     batches = PAPER_GRID["datasets"] * PAPER_GRID["epochs"] * PAPER_GRID["batches_per_epoch"]
     seconds, runs = 0.0, 0
+    by_solver = {"error": 0.0, "state": 0.0}  # pc and pc_rc3 at the solvers table's converged ms per batch
+    solvers_measured = all("solvers" in entry for entry in report["widths"].values())
     for entry in report["widths"].values():
         seconds += entry["bp_ms"] / 1e3 * batches
-        pc_ms = sum(row["ms_per_batch"] for row in entry["twins"].values())
-        seconds += pc_ms / 1e3 * batches * PAPER_GRID["steps"] / steps
+        for twin, row in entry["twins"].items():
+            at_t = row["ms_per_batch"] / 1e3 * batches * PAPER_GRID["steps"] / steps
+            seconds += at_t
+            converged = (entry.get("solvers") or {}).get(twin)
+            for solver in by_solver:
+                ms = converged["solvers"][solver]["ms_per_batch"] if converged else None
+                by_solver[solver] += at_t if ms is None else ms / 1e3 * batches
         runs += PAPER_GRID["datasets"] * (1 + len(entry["twins"]))
-    return {"hours": seconds / 3600, "runs": runs, **PAPER_GRID}
+    bp = sum(entry["bp_ms"] / 1e3 * batches for entry in report["widths"].values())
+    return {
+        "hours": seconds / 3600,
+        "runs": runs,
+        # the same grid with pc and pc_rc3 converged (each solver stopped at the table's residual), the rest as above
+        "hours_converged": (bp + by_solver["error"]) / 3600 if solvers_measured else None,
+        "hours_state": (bp + by_solver["state"]) / 3600 if solvers_measured else None,
+        **PAPER_GRID,
+    }
 
 
 TUNING_TRIALS = 7 * 2  # tune=lr's default: 7 candidates x 2 seeds for every family
@@ -559,6 +583,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--packs", type=int, nargs="*", default=list(PACKS), help="pack sizes R to time against one by one (none: skip)"
+    )
+    parser.add_argument("--no-solvers", action="store_true", help="skip the inference solvers table")
+    parser.add_argument(
+        "--solver-tolerance", type=float, default=3e-3, help="the relative residual every solver is stopped at"
     )
     parser.add_argument("--json", help="also write the results to this file")
     return parser.parse_args(argv)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional, cast
 import torch
 from torch import Tensor
 
-from pcsweep.pc.kernels import affine
+from pcsweep.pc.kernels import HiddenProducts, affine
 
 if TYPE_CHECKING:
     from pcsweep.pc.engine import PCEngine
@@ -60,14 +60,13 @@ class ConjugateErrors:
         """Every activity from the errors: x_l = f(W_l x_{l-1} + b_l) + e_l, l = 1..L-1, then a_L and the errors'
         precision-weighted forms (the errors themselves are the variables, never recomputed from x)."""
         eng = self.engine
-        act, w_hid, b_hid = eng.activation, eng.w_hid, eng.b_hid
+        act, products = eng.activation, cast(HiddenProducts, eng._products)
         if not eng._input_current:
             affine(eng.A[0], eng.b_in, eng.x0, eng._w_in_t, eng.two_d)
             eng._input_current = True
         for l in range(eng.H):
             if l > 0:
-                assert w_hid is not None and b_hid is not None  # H > 1
-                affine(eng.A[l], b_hid[l - 1], eng.X[l - 1], w_hid[l - 1].transpose(1, 2), eng.two_d)
+                products.layer_forward(l - 1, eng.X[l - 1], eng.A[l])
             act.forward(eng.A[l], eng.MU[l])
             torch.add(eng.MU[l], eng.E[l], out=eng.X[l])
         act.derivative(eng.A, eng.MU, eng.FP)
@@ -79,9 +78,10 @@ class ConjugateErrors:
         eng, D = self.engine, self.D
         torch.bmm(eng.epsL, eng.w_out, out=D[-1])
         D[-1].neg_()
+        products = cast(HiddenProducts, eng._products)
         for l in range(eng.H - 1, 0, -1):
             torch.mul(eng.FP[l], D[l], out=self.scratch)
-            torch.bmm(self.scratch, cast(Tensor, eng.w_hid)[l - 1], out=D[l - 1])
+            products.layer_backward(l - 1, self.scratch, D[l - 1])
         torch.add(eng.EPS, D, out=out)
 
     def _sample_energies(self) -> Tensor:
@@ -98,8 +98,9 @@ class ConjugateErrors:
         precision = eng.p_hid
         quad = _per_sample(p * p * precision if precision is not None else p * p)
         jp = p[0].clone()  # forward mode through the recursion: dx_l = f'(a_l) (dx_{l-1} W_l^T) + p_l
+        products = cast(HiddenProducts, eng._products)
         for l in range(1, eng.H):
-            torch.bmm(jp, cast(Tensor, eng.w_hid)[l - 1].transpose(1, 2), out=self.scratch)
+            products.layer_forward(l - 1, jp, self.scratch, bias=False)
             jp = self.scratch.mul(eng.FP[l]).add_(p[l])
         da = torch.bmm(jp, eng.w_out.transpose(1, 2))  # the output's change (R, B, n_out)
         if eng.output_loss == "ce":

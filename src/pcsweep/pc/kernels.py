@@ -174,8 +174,35 @@ class HiddenProducts:
 
     def feedback_into(self, row0: int, g_above: Tensor, out: Tensor) -> None:
         """out = g_above @ W for the flat rows from ``row0`` up (runs that take different steps scale it after)."""
-        if self.w is not None and g_above.shape[0]:
-            torch.bmm(g_above, _given(self.w)[row0:], out=out)
+        if self.w is None or not g_above.shape[0]:
+            return
+        if self.packed is not None:
+            linear = torch.ops.mkldnn._linear_pointwise
+            for i in range(g_above.shape[0]):
+                out[i].copy_(linear(g_above[i], self.packed[row0 + i][1], None, "none", [], ""))
+            return
+        torch.bmm(g_above, _given(self.w)[row0 : row0 + g_above.shape[0]], out=out)
+
+    # one hidden weight layer j (W_{j+2}) of every run at a time: error optimization's recursions go layer by layer
+    def layer_forward(self, j: int, x: Tensor, out: Tensor, bias: bool = True) -> None:
+        """out = b_j + x @ W_j^T (without b_j unless ``bias``) for every run: ``x``, ``out`` (R, B, n)."""
+        R, linear = x.shape[0], torch.ops.mkldnn._linear_pointwise
+        if self.packed is not None:
+            for r in range(R):
+                b = _given(self.b)[j * R + r] if bias else None
+                out[r].copy_(linear(x[r], self.packed[j * R + r][0], b, "none", [], ""))
+            return
+        rows = slice(j * R, (j + 1) * R)
+        w_t = _given(self.w)[rows].transpose(1, 2) if self.w_t_copy is None else self.w_t_copy[rows]
+        if bias:
+            torch.baddbmm(_given(self.b)[rows].unsqueeze(1), x, w_t, out=out)
+        else:
+            torch.bmm(x, w_t, out=out)
+
+    def layer_backward(self, j: int, g: Tensor, out: Tensor) -> None:
+        """out = g @ W_j for every run: ``g``, ``out`` (R, B, n)."""
+        R = g.shape[0]
+        self.feedback_into(j * R, g, out)
 
 
 def _given(t: Optional[Tensor]) -> Tensor:
