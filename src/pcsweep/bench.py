@@ -480,8 +480,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     if grid.get("hours_converged") is not None:
         print(
-            f"  with pc and pc_rc3 at their default, converged inference (error optimization, the solvers table's ms per "
-            f"batch): {grid['hours_converged']:.1f} h; with state descent to the same residual: "
+            f"  with pc and pc_rc3 at their default, converged inference (error optimization, the solvers table's "
+            f"ms per batch): {grid['hours_converged']:.1f} h; with state descent to the same residual: "
             f"{grid['hours_state']:.1f} h"
         )
     report["tuned_grid"] = tuned = tuned_grid_hours(report, args.steps)
