@@ -63,6 +63,9 @@ def assert_same_runs(packed_root, alone_root, atol=1e-10):
         steps = [s["checks"].get("inference", {}).get("steps_used_per_epoch") for s in (sa, sb)]
         assert steps[0] == steps[1]
         assert (packed[name] / "checkpoints" / "last.ckpt").is_file() and (packed[name] / "metrics.csv").is_file()
+        # a member's files hold its own weights, not its pack's stacks (torch.save writes a view's whole storage)
+        for file in ("weights.pt", "checkpoints/last.ckpt"):
+            assert (packed[name] / file).stat().st_size <= (alone[name] / file).stat().st_size + 4096, (name, file)
 
 
 @pytest.mark.slow

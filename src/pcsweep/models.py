@@ -66,6 +66,16 @@ class TwinModule(L.LightningModule):
     def forward(self, inputs: Tensor) -> Tensor:
         return self.mlp(inputs)
 
+    def state_dict(self, *args, **kwargs):
+        """Every tensor on storage of its own: the PC engine's parameters are views of its stacks (a pack's hold every
+        member's), and ``torch.save`` writes a view's whole storage, so a member's weights.pt and checkpoint would
+        hold its whole pack's weights."""
+        state = super().state_dict(*args, **kwargs)
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                state[key] = value.clone()
+        return state
+
     def configure_model(self) -> None:
         """The precision's dtype before anything is loaded: Lightning restores a checkpoint's weights before its
         precision plugin converts the module (``Trainer._run``), so a resumed ``trainer.precision=64-true`` run loaded
@@ -225,6 +235,7 @@ class PCModule(TwinModule):
         self.train_means["energy"] = batch_mean()  # after the last inference step: did inference converge?
         self.train_means["energy_start"] = batch_mean()  # right after the output is clamped
         self.train_means["inference_steps"] = batch_mean()  # T, or fewer with an inference tolerance
+        self.train_means["inference_steps_max"] = MaxMetric(nan_strategy="disable")  # the epoch's longest batch
         self.train_means["energy_rises"] = batch_mean()  # checks per batch at which the error energy had risen
         # |dE/dx| relative to its feedforward value where inference stopped, every batch: the distance to the
         # equilibrium the weights were updated at (its mean and its worst), and the batches that ended at T without
@@ -257,6 +268,12 @@ class PCModule(TwinModule):
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         self.step_scheduler("step", batch_step(self.trainer, batch_idx) + 1)  # batches, not optimizer steps (rc2)
+
+    def on_train_end(self) -> None:
+        """In a pack, leave it as soon as training ends: the others' batches do not wait while this run writes its
+        files and uploads to W&B (leaving again later, when the member's thread ends, changes nothing)."""
+        if self.seat is not None:
+            self.seat.leave()
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -329,6 +346,7 @@ class PCModule(TwinModule):
             energy=result.energy_end,
             energy_start=result.energy_start,
             inference_steps=torch.tensor(float(result.steps_used)),
+            inference_steps_max=torch.tensor(float(result.steps_used)),
             energy_rises=result.energy_rises.float(),
             **extra,
         )

@@ -96,6 +96,7 @@ def inference_check(settings: Settings, history: list, records: list, stability:
         "solver": settings.inference.solver,
         "tolerance": settings.inference.tolerance,
         "steps_used_per_epoch": used,
+        "steps_max_per_epoch": [r.get("train_inference_steps_max") for r in history],
         # per epoch, the relative residual |dE/dx| / |dE/dx|_0 where each batch stopped: mean, worst; and the batches
         # that ended at T short of the tolerance
         "residual_mean_per_epoch": [r.get("train_residual") for r in history],

@@ -3,7 +3,8 @@ checkpoints, their training batches computed together: each member's ``train_bat
 training has asked for one, and the last to ask runs them all as one batch of a ``PCEngine`` of R runs.
 
 Everything else a run does (evaluations, probes, checkpoints, W&B) it does alone, as it would solo; a member that
-ends (finished, diverged, failed) leaves the gang and the others go on without it. A member whose parameters were
+ends (finished, diverged, failed) leaves the gang and the others go on without it; what one member's update raises
+inside a packed batch fails that member alone. A member whose parameters were
 moved by its own engine (the probes and curvature measurements run on it) is re-stacked before the next packed batch,
 so the pack always trains the values the member holds.
 """
@@ -28,8 +29,7 @@ class Gang:
         self.active = set(range(size))
         self.engines: dict[int, PCEngine] = {}
         self.requests: dict[int, tuple] = {}
-        self.results: dict[int, BatchResult] = {}
-        self.failure: Optional[BaseException] = None  # a packed batch that raised: every member sees it
+        self.results: dict[int, BatchResult | BaseException] = {}  # each member's batch, or what it raised
         self.population: Optional[PCEngine] = None
         self.population_of: tuple = ()
         self.condition = threading.Condition()
@@ -47,16 +47,17 @@ class Gang:
             self.condition.notify_all()
 
     def train_batch(self, index: int, request: tuple) -> BatchResult:
+        """This member's batch, computed with the others'; what it raised (its own update, or the computation) is
+        raised to it alone."""
         with self.condition:
-            if self.failure is not None:
-                raise self.failure
             self.requests[index] = request
             self._run_if_complete()
             while index not in self.results:
-                if self.failure is not None:
-                    raise self.failure
                 self.condition.wait()
-            return self.results.pop(index)
+            result = self.results.pop(index)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _run_if_complete(self) -> None:
         """Run the packed batch once every active member has asked (under the condition's lock)."""
@@ -64,19 +65,35 @@ class Gang:
             return
         requests, self.requests = self.requests, {}
         try:
-            for index, result in self._compute(requests).items():
-                self.results[index] = result
-        except BaseException as exc:  # every waiting member sees it: no thread waits forever
-            self.failure = exc
+            self.results.update(self._compute(requests))
+        except BaseException as exc:  # the computation itself failed: each member of this batch sees it
+            self.population = None
+            self.results.update({index: exc for index in requests})
         self.condition.notify_all()
 
-    def _compute(self, requests: dict[int, tuple]) -> dict[int, BatchResult]:
+    def _compute(self, requests: dict[int, tuple]) -> dict[int, BatchResult | BaseException]:
         members = sorted(requests)
+        failures: dict[int, BaseException] = {}
+
+        def guarded(index: int, update: Callable[[], None]) -> Callable[[], None]:
+            """A member's own update (its optimizer, scheduler, hooks): what it raises fails that member alone."""
+
+            def run() -> None:
+                if index not in failures:
+                    try:
+                        update()
+                    except BaseException as exc:
+                        failures[index] = exc
+
+            return run
+
+        requests = {i: (r[0], r[1], guarded(i, r[2]), r[3]) for i, r in requests.items()}
         batch_sizes = {requests[i][0].shape[0] for i in members}
         traced = {requests[i][3] for i in members}
         if len(batch_sizes) > 1 or len(traced) > 1:  # not one shape this round (a resumed member): each alone
             self.population = None
-            return {i: self.engines[i].train_batch(*requests[i]) for i in members}
+            alone = {i: self.engines[i].train_batch(*requests[i]) for i in members}
+            return {i: failures.get(i, alone[i]) for i in members}
         population = self._population(members)
         for member, i in zip(population.members, members):  # the step size and floor each engine holds now
             engine = self.engines[i]
@@ -85,7 +102,7 @@ class Gang:
         inputs = torch.stack([requests[i][0] for i in members])
         target = torch.stack([requests[i][1] for i in members])
         results = population.train_batches(inputs, target, [requests[i][2] for i in members], requests[members[0]][3])
-        return dict(zip(members, results))
+        return {i: failures.get(i, result) for i, result in zip(members, results)}
 
     def _population(self, members: list[int]) -> PCEngine:
         """The population of these members, re-stacked if the members changed or a member's parameters moved."""
