@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -66,18 +66,34 @@ def pack_shape(settings: Settings) -> tuple:
     return tuple(shared), variance
 
 
-def pack_jobs(jobs: Sequence[Sequence[str]], settings: Sequence[Optional[Settings]], size: int) -> list[list[str]]:
+def job_has_gpu(settings: Settings, launcher: Mapping[str, Any]) -> bool:
+    """Whether a job will train on a GPU, decided where the sweep is planned: on SLURM by the GPUs each job requests
+    (``gpus_per_node``, ``gpus_per_task``), not by the login node's devices; elsewhere by this machine's."""
+    if "SlurmLauncher" not in str(launcher.get("_target_", "")):
+        return settings.trainer.on_cuda()
+    requested = int(launcher.get("gpus_per_node") or 0) + int(launcher.get("gpus_per_task") or 0)
+    return requested > 0 and settings.trainer.accelerator not in ("cpu",)
+
+
+def pack_jobs(
+    jobs: Sequence[Sequence[str]], settings: Sequence[Optional[Settings]], sizes: Sequence[int]
+) -> list[list[str]]:
     """The jobs to launch: PC jobs (those with ``settings``; None: BP or not to pack) of one ``pack_shape`` grouped
-    into packs of at most ``size``, each launched as its first member plus ``++pack.members`` (each member's
+    into packs of at most their group's size (``sizes[i]``: job i's ``pack.size``, one for a whole group, since
+    ``pack.size`` is part of the shape), each launched as its first member plus ``++pack.members`` (each member's
     settings where they differ from the first's); every other job as it is."""
     groups: dict[tuple, list[tuple[list[str], Settings]]] = {}
+    group_size: dict[tuple, int] = {}
     launched: list[list[str]] = []
-    for job, own in zip(jobs, settings):
+    for job, own, size in zip(jobs, settings, sizes):
         if own is None or size <= 1:
             launched.append(list(job))
             continue
-        groups.setdefault(pack_shape(own), []).append((list(job), own))
-    for members in groups.values():
+        shape = pack_shape(own)
+        groups.setdefault(shape, []).append((list(job), own))
+        group_size.setdefault(shape, size)
+    for shape, members in groups.items():
+        size = group_size[shape]
         for start in range(0, len(members), size):
             pack = members[start : start + size]
             first, first_settings = pack[0]

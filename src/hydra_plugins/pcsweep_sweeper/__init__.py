@@ -142,8 +142,11 @@ class FilteringLauncher(Launcher):
         return {**entry, "status": "launched"}
 
     def members_per_pack(self, settings: Any) -> int:
-        """``pack.size``: auto packs on a GPU (where one run leaves the device idle), not on a CPU."""
-        return int(settings.pack.members_per_pack(settings.trainer.on_cuda()))
+        """``pack.size``: auto packs on a GPU (where one run leaves the device idle), not on a CPU; on SLURM, the
+        GPUs each job requests decide, not the login node's (``pcsweep.pack.job_has_gpu``)."""
+        from pcsweep.pack import job_has_gpu
+
+        return int(settings.pack.members_per_pack(job_has_gpu(settings, self.sweeper.config.hydra.launcher)))
 
     def plan_all(self, job_overrides: Sequence[Sequence[str]]) -> List[dict]:
         """Every job's plan (``plan``), kept as ``self.entries``; a job planned by the last call is not planned
@@ -177,7 +180,7 @@ class FilteringLauncher(Launcher):
             from pcsweep.pack import pack_jobs
 
             plans = [self.packing[tuple(entry["overrides"])] for entry in launched]
-            to_launch = pack_jobs(to_launch, [plan[0] for plan in plans], plans[0][1])
+            to_launch = pack_jobs(to_launch, [plan[0] for plan in plans], [plan[1] for plan in plans])
         if not self.tuning:
             self.sweeper.manifest.extend(entries)
             self.sweeper.write_manifest()
