@@ -93,9 +93,21 @@ def test_a_bad_command_line_is_one_line_before_any_work(tmp_path, args, message)
         ),
         (
             ["callbacks=early_stopping"],
-            "callbacks.early_stopping.monitor=val/acc is not logged by this run; one of: "
-            "test/acc, test/loss, train/loss, train/acc",
+            "callbacks.early_stopping.monitor=val/acc is not logged by this run; one of: train/loss, train/acc",
         ),
+        (
+            ["callbacks=early_stopping", "callbacks.early_stopping.monitor=test/acc", "dataset.val_fraction=0.1"],
+            "callbacks.early_stopping.monitor=test/acc would let the test split decide: monitor val/acc or val/loss",
+        ),
+        (
+            ["lr_scheduler=step", "+lr_scheduler.monitor=test/loss"],
+            "lr_scheduler.monitor=test/loss would let the test split decide",
+        ),
+        (
+            ["lr_scheduler=step", "+lr_scheduler.monitor=val/acc"],
+            "lr_scheduler.monitor=val/acc is not logged by this run; one of: train/loss, train/acc",
+        ),
+        (["lr_scheduler=step", "+lr_scheduler.frequency=0"], "lr_scheduler.frequency must be a whole number >= 1"),
         (["+logger.tb._target_=lightning.pytorch.loggers.TensorBoardLoger"], "logger.tb._target_="),
         (["dataset.val_fraction=1"], "dataset.val_fraction must be in [0, 1), got 1.0"),
     ],

@@ -126,17 +126,30 @@ def settings_from(cfg: DictConfig) -> Settings:
     if settings.lr_scheduler is not None:
         node = {k: v for k, v in settings.lr_scheduler.items() if k not in SCHEDULER_KEYS}
         check_target("lr_scheduler", node)
+        check_monitor("lr_scheduler.monitor", settings.lr_scheduler.get("monitor"), settings)
+        frequency = settings.lr_scheduler.get("frequency", 1)
+        if not (isinstance(frequency, int) and not isinstance(frequency, bool) and frequency >= 1):
+            raise ConfigError(f"lr_scheduler.frequency must be a whole number >= 1, got {frequency!r}")
     for name, node in settings.logger.items():
         check_target(f"logger.{name}", node)
     for name, node in settings.callbacks.items():
         check_target(f"callbacks.{name}", node)
-        monitored = node.get("monitor")
-        if monitored is not None and monitored not in monitorable(settings):
-            raise ConfigError(
-                f"callbacks.{name}.monitor={monitored} is not logged by this run; one of: "
-                f"{', '.join(monitorable(settings))}"
-            )
+        check_monitor(f"callbacks.{name}.monitor", node.get("monitor"), settings)
     return settings
+
+
+def check_monitor(key: str, monitored: Any, settings: Settings) -> None:
+    """What a callback or scheduler watches must be logged by the run, and never a test metric: the test split
+    reports, it never decides (one line before any work)."""
+    if monitored is None:
+        return
+    if str(monitored).startswith("test/"):
+        raise ConfigError(
+            f"{key}={monitored} would let the test split decide: monitor val/acc or val/loss "
+            "(with dataset.val_fraction > 0), or a train/ metric"
+        )
+    if monitored not in monitorable(settings):
+        raise ConfigError(f"{key}={monitored} is not logged by this run; one of: {', '.join(monitorable(settings))}")
 
 
 def _trainer_arguments_apart(cfg: DictConfig) -> DictConfig:
@@ -174,9 +187,10 @@ def setting_value(settings: Settings, key: str) -> Any:
 
 
 def monitorable(settings: Settings) -> list[str]:
-    """What a callback can monitor: logged once per epoch by every run (val/* with a validation split)."""
+    """What a callback or scheduler can monitor: logged once per epoch by every run (val/* with a validation split),
+    never the test split's metrics."""
     val = ["val/acc", "val/loss"] if settings.dataset.val_fraction > 0 else []
-    return val + ["test/acc", "test/loss", "train/loss", "train/acc"]
+    return val + ["train/loss", "train/acc"]
 
 
 def locate(dotted: str) -> Any:

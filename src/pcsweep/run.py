@@ -42,7 +42,7 @@ from pcsweep.pc.stability import preflight_stability
 from pcsweep.run_folder import adopt_previous_folder, finished_summary
 from pcsweep.settings import TRAINER_OWNED, ConfigError, Settings
 from pcsweep.tuning import lr_origin, trial_score
-from pcsweep.verdicts import learned, run_checks
+from pcsweep.verdicts import judged_accuracy, learned, run_checks
 from pcsweep.wandb_run import AxesWandbLogger, log_final_artifacts, run_labels, run_summary
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _summary(settings: Settings, run_dir: Path, history: History, status: str, n
     last = records[-1] if records else {}
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
     val_accs = [r["val_acc"] for r in records if r.get("val_acc") is not None]
-    if status == "complete" and not learned(settings, last.get("test_acc"), num_classes):
+    if status == "complete" and not learned(settings, judged_accuracy(last), num_classes):
         status = "failed_to_learn"  # listed, never ranked: a time to 90% of chance means nothing
     t90 = time_to_fraction(history.curve or records, 0.9) if status == "complete" else None
     return {

@@ -44,19 +44,28 @@ def condition2_verdict(
     }
 
 
-def learned(settings: Settings, final_test_acc: Optional[float], num_classes: int) -> bool:
+def learned(settings: Settings, final_acc: Optional[float], num_classes: int) -> bool:
     """A final accuracy more than ``tracking.chance_margin`` above chance."""
-    return final_test_acc is not None and final_test_acc >= 1.0 / num_classes + settings.tracking.chance_margin
+    return final_acc is not None and final_acc >= 1.0 / num_classes + settings.tracking.chance_margin
+
+
+def judged_accuracy(record: dict) -> Optional[float]:
+    """The accuracy that decides whether a run learned: the validation split's where there is one (the tuning stage
+    and the claims exclude runs that failed to learn, so the test split must not decide it), else the test's."""
+    return record.get("val_acc") if record.get("val_acc") is not None else record.get("test_acc")
 
 
 def run_checks(settings: Settings, summary: dict, records: Optional[list], stability: Optional[dict]) -> dict:
     """Whether the run's assumptions held, each with a verdict and its numbers (the summary's ``checks``).
     ``records``: a PC run's per-epoch condition records (None for BP); ``stability``: its pre-flight."""
-    final = summary.get("final_test_acc")
+    on_validation = summary.get("final_val_acc") is not None
+    final = summary["final_val_acc"] if on_validation else summary.get("final_test_acc")
     checks: dict[str, Any] = {
         "learned": {
             "verdict": "learned" if learned(settings, final, summary["num_classes"]) else "failed to learn",
-            "final_test_acc": final,
+            "judged_on": "validation" if on_validation else "test (no validation split)",
+            "final_acc": final,
+            "final_test_acc": summary.get("final_test_acc"),
             "chance": 1.0 / summary["num_classes"],
             "margin": settings.tracking.chance_margin,
         }
