@@ -51,7 +51,7 @@ def test_the_best_mean_over_seeds_is_chosen_and_failed_candidates_never_are():
         (1e-2, 0): summary([0.90], condition2="violated"),
         (1e-2, 1): summary([0.90], status="diverged"),
     }
-    record = choose(family, [1e-4, 1e-3, 3e-3, 1e-2], seeds=2, last_evals=1)
+    record = choose(family, [1e-4, 1e-3, 3e-3, 1e-2], seeds=[0, 1], last_evals=1)
     assert record["chosen"] == 1e-3 and record["score"] == pytest.approx(0.80) and not record["edge"]
     assert record["spread"] == pytest.approx(statistics.stdev([0.95, 0.65]))
     statuses = {c["value"]: c["status"] for c in record["candidates"]}
@@ -64,10 +64,10 @@ def test_the_best_mean_over_seeds_is_chosen_and_failed_candidates_never_are():
 def test_a_choice_on_the_edge_is_flagged_and_no_valid_candidate_means_the_default_said_plainly():
     family = Family(["algo=bp"], name="bp", model="bp_24_3", twin="bp")
     family.trials = {(1e-4, 0): summary([0.5]), (1e-3, 0): summary([0.9])}
-    record = choose(family, [1e-4, 1e-3], seeds=1, last_evals=1)
+    record = choose(family, [1e-4, 1e-3], seeds=[0], last_evals=1)
     assert record["chosen"] == 1e-3 and record["edge"] and "on the edge of the searched range" in record["origin"]
     family.trials = {(1e-4, 0): summary([0.5], status="diverged"), (1e-3, 0): None}
-    record = choose(family, [1e-4, 1e-3], seeds=1, last_evals=1)
+    record = choose(family, [1e-4, 1e-3], seeds=[0], last_evals=1)
     assert record["chosen"] is None
     assert record["origin"] == "default (tuning found no valid candidate: diverged; no summary (failed or unfinished))"
     assert candidate_record(1e-3, {0: {**summary([]), "curve": []}}, 5)["status"] == "excluded: no validation score"
@@ -156,7 +156,8 @@ def test_a_tuned_sweep_trains_the_grid_at_the_validation_choice_and_a_rerun_trai
     assert cost and "projected" in cost[0]  # one line, before the first trial trains
     assert result.stdout.index(cost[0]) < result.stdout.index("[pcsweep] training ")
     record = json.loads((sweep / "tuning" / "tuning.json").read_text())
-    assert record["seeds"] == [0, 1] and record["candidates"] == [1e-3, 1e-2]
+    # the trials' seeds are not the grid's: the runs reported are not the runs that chose
+    assert record["seeds"] == [1000, 1001] and record["candidates"] == [1e-3, 1e-2] and not record["reuse_trials"]
     assert [f["model"] for f in record["families"]] == ["bp_24_3", "pc_24_3", "pc_24_3_rc2"]  # bp relax=2: none
     trials = [p for p in (sweep / "tuning").iterdir() if (p / "summary.json").is_file()]
     assert len(trials) == 12  # the same 2 candidates x 2 seeds for each of the 3 families
@@ -175,7 +176,7 @@ def test_a_tuned_sweep_trains_the_grid_at_the_validation_choice_and_a_rerun_trai
         for s in grid:
             assert s["lr"] == family["chosen"] and s["lr_origin"] == family["origin"]
             assert s["lr_origin"].startswith("tuned: ") and s["config"]["dataset"]["val_fraction"] == 0.1
-    assert result.stdout.count("trained by the tuning stage") == 6  # seeds 0 and 1 of each family: not again
+    assert "trained by the tuning stage" not in result.stdout  # every grid run trains: none is a trial
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert {r["lr_origin"][:6] for r in rows if r["status"] == "complete"} == {"tuned:"}
     assert "tuning (optimizer.lr, grid): 12 trials of 3 families" in result.stdout
@@ -187,6 +188,21 @@ def test_a_tuned_sweep_trains_the_grid_at_the_validation_choice_and_a_rerun_trai
     (lost / "summary.json").unlink()
     resumed = pcsweep(tmp_path, *TUNED, "seed=0,1,2")
     assert resumed.returncode == 0 and trained(resumed.stdout) == [lost.name]
+
+
+@pytest.mark.slow
+def test_reusing_trials_is_explicit_and_the_reused_rows_say_they_are_selection_biased(tmp_path):
+    """tune.reuse_trials=true: the trials take seeds 0 and 1, and the grid's runs at those seeds are the trials
+    themselves, copied; their lr_origin (the table's column) says so."""
+    result = pcsweep(tmp_path, *TUNED, "algo=bp", "relax=none", "seed=0,1,2", "tune.reuse_trials=true")
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "multirun" / "default"
+    assert json.loads((sweep / "tuning" / "tuning.json").read_text())["seeds"] == [0, 1]
+    assert result.stdout.count("trained by the tuning stage") == 2
+    rows = {int(r["run_dir"] and json.loads((sweep / r["run_dir"] / "summary.json").read_text())["config"]["seed"]): r
+            for r in csv.DictReader(open(sweep / "summary.csv"))}  # fmt: skip
+    assert all(rows[seed]["lr_origin"].endswith("[reused trial: selection-biased]") for seed in (0, 1))
+    assert "reused" not in rows[2]["lr_origin"]
 
 
 @pytest.mark.slow

@@ -234,6 +234,7 @@ class ReportSettings:
     claims: Dict[str, Any] = field(default_factory=dict)  # verdict thresholds: pcsweep.claims.ClaimRules
 
 
+TRIAL_SEED_BASE = 1000  # tuning trials' first seed (a grid's seeds are small numbers: seed=0,1,2)
 # tune=lr: a log grid in half-decade steps, wide enough for every twin (bp's best and pc's differ by a decade)
 HALF_DECADES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 SEARCHES = ("grid", "optuna")
@@ -270,7 +271,12 @@ class TuneSettings:
     search: str = "grid"  # grid: every candidate | optuna: `trials` values drawn by TPE between the candidates' ends
     candidates: List[float] = field(default_factory=lambda: list(HALF_DECADES))
     trials: int = 7  # search=optuna: values tried per family (the same for every family)
-    seeds: int = 2  # seeds per candidate: 0 .. seeds-1 (a grid run of one of these seeds at the chosen value is reused)
+    # seeds per candidate: TRIAL_SEED_BASE .. + seeds-1, disjoint from the grid's (the runs reported are not the runs
+    # that chose: their seed luck would lift the chosen value's scores twice)
+    seeds: int = 2
+    # true: the trials take seeds 0 .. seeds-1 and a grid run at one of them and the chosen value is the trial itself,
+    # copied (cheaper, selection-biased: its summary's lr_origin and the table say so)
+    reuse_trials: bool = False
     epochs: Optional[int] = None  # epochs per trial; null: the grid's
     last_evals: int = 5  # the score: mean validation accuracy of each trial's last N evaluations, then over seeds
     origin: Optional[str] = None  # set by the sweeper on each grid run: where its value came from (summary, W&B)

@@ -1,7 +1,8 @@
 """The tuning stage (``tune=lr``): every family of a sweep gets the same search, scored on validation data.
 
 A family is a grid job without its seed: everything that makes a run except the seed and the tuned key. Each family
-is trained at every candidate (or at ``tune.trials`` values Optuna draws) with seeds ``0 .. tune.seeds-1``, each trial
+is trained at every candidate (or at ``tune.trials`` values Optuna draws) with ``trial_seeds(tune)`` (disjoint from
+the grid's seeds unless ``tune.reuse_trials``: the runs reported are not the runs that chose), each trial
 an ordinary run folder under ``<sweep>/tuning/``. A trial's score is the mean validation accuracy of its last
 ``tune.last_evals`` evaluations (one evaluation is noise: PC curves swing by 0.1 between evaluations at large learning
 rates), a candidate's the mean over its seeds. A candidate whose runs failed for a reason the tool detects (diverged,
@@ -23,11 +24,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pcsweep.files import write_atomic
+from pcsweep.settings import TRIAL_SEED_BASE
 
 log = logging.getLogger(__name__)
 
 TUNING_DIR = "tuning"  # under the sweep folder: the trials' run folders and tuning.json
+REUSED = " [reused trial: selection-biased]"  # a grid run that is the trial that chose (tune.reuse_trials)
 RECORD = "tuning.json"
+
+
+def trial_seeds(tune: Any) -> list[int]:
+    """The seeds every candidate is trained at (``tune``: the tune settings, typed or a config node): from
+    ``TRIAL_SEED_BASE``, disjoint from a grid's, unless ``tune.reuse_trials``."""
+    base = 0 if tune.reuse_trials else TRIAL_SEED_BASE
+    return list(range(base, base + tune.seeds))
 
 
 def override_key(override: str) -> str:
@@ -120,11 +130,10 @@ def candidate_record(value: float, summaries: dict[int, Optional[dict]], last_ev
     }
 
 
-def choose(family: Family, values: Sequence[float], seeds: int, last_evals: int) -> dict:
+def choose(family: Family, values: Sequence[float], seeds: Sequence[int], last_evals: int) -> dict:
     """The family's record in tuning.json: every candidate, the best valid one and how to say where it came from."""
     candidates = [
-        candidate_record(v, {s: family.trials.get((v, s)) for s in range(seeds)}, last_evals)
-        for v in sorted(set(values))
+        candidate_record(v, {s: family.trials.get((v, s)) for s in seeds}, last_evals) for v in sorted(set(values))
     ]
     valid = [c for c in candidates if c["mean"] is not None]
     record: dict[str, Any] = {
@@ -192,7 +201,7 @@ def reuse_trial(run_dir: Path, trial_dir: Path, trial: Optional[dict], origin: O
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(trial_dir, partial, ignore=shutil.ignore_patterns(".hydra", "*.lock", "wandb"))
     if origin:
-        summary["lr_origin"] = origin
+        summary["lr_origin"] = origin + REUSED
         write_atomic(partial / "summary.json", json.dumps(summary, indent=1))
     run_dir.mkdir(parents=True, exist_ok=True)
     for child in partial.iterdir():  # a single run's folder may hold Hydra's record of this launch already

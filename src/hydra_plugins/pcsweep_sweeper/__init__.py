@@ -50,6 +50,7 @@ from pcsweep.tuning import (
     override_key,
     reuse_trial,
     trial_overrides,
+    trial_seeds,
 )
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class FilteringLauncher(Launcher):
         entry["run_dir"] = run_dir
         path = Path(cfg.hydra.sweep.dir) / run_dir  # a tuning trial's is <sweep>/tuning
         adopt_previous_folder(path, settings)
-        if not (path / "summary.json").exists():  # a grid run its tuning trained already is copied, not retrained
+        if settings.tune.reuse_trials and not (path / "summary.json").exists():  # the trial itself, copied (biased)
             trial_dir = Path(self.sweeper.config.hydra.sweep.dir) / TUNING_DIR / run_dir
             reuse_trial(path, trial_dir, finished_summary(trial_dir), settings.tune.origin)
         done = finished_summary(path)
@@ -245,7 +246,9 @@ class TuningStage:
             self.launch([(family, value) for family in families for value in values[family.key]], announce=True)
         else:
             values = self.optuna(families)
-        records = [choose(family, values[family.key], self.tune.seeds, self.tune.last_evals) for family in families]
+        records = [
+            choose(family, values[family.key], trial_seeds(self.tune), self.tune.last_evals) for family in families
+        ]
         self.save(records, families, time.perf_counter() - start)
         chosen = {family.key: record for family, record in zip(families, records)}
         tuned = []
@@ -263,7 +266,7 @@ class TuningStage:
         """Trains (or finds finished) every ``(family, value)`` at each seed; each summary lands in its family.
         ``announce``: first one line with the projected cost of the trials that still need training."""
         launcher = self.sweeper.launcher
-        seeds = range(self.tune.seeds)
+        seeds = trial_seeds(self.tune)
         jobs = [(family, value, seed) for family, value in trials for seed in seeds]
         overrides = [
             trial_overrides(family, self.tune.key, value, seed, family.epochs, family.val_fraction)
@@ -299,7 +302,7 @@ class TuningStage:
             for f in families
         }
         values: Dict[tuple, List[float]] = {family.key: [] for family in families}
-        every = [(f, None, seed) for f in families for _ in range(self.tune.trials) for seed in range(self.tune.seeds)]
+        every = [(f, None, seed) for f in families for _ in range(self.tune.trials) for seed in trial_seeds(self.tune)]
         self.announce([family for family, _, _ in every], every)  # drawn values are not known yet: all of them
         for _ in range(self.tune.trials):
             asked = {name: study.ask() for name, study in studies.items()}
@@ -311,7 +314,7 @@ class TuningStage:
             for family in families:
                 record = candidate_record(
                     drawn[family.key],
-                    {s: family.trials.get((drawn[family.key], s)) for s in range(self.tune.seeds)},
+                    {s: family.trials.get((drawn[family.key], s)) for s in trial_seeds(self.tune)},
                     self.tune.last_evals,
                 )
                 studies[family.key].tell(asked[family.key], record["mean"] if record["mean"] is not None else 0.0)
@@ -344,7 +347,8 @@ class TuningStage:
             "key": self.tune.key,
             "search": self.tune.search,
             "candidates": list(self.tune.candidates),
-            "seeds": list(range(self.tune.seeds)),
+            "seeds": trial_seeds(self.tune),  # disjoint from the grid's unless reuse_trials
+            "reuse_trials": self.tune.reuse_trials,
             "epochs": self.tune.epochs,  # null: each family's grid epochs (its record says how many)
             "score": f"mean validation accuracy of the last {self.tune.last_evals} evaluations, then over seeds",
             "wall_seconds": seconds,  # of the last invocation (a re-run finds finished trials)
