@@ -378,3 +378,19 @@ def test_the_curves_use_every_evaluation_and_say_which_lines_coincide(tuned_swee
     curves = markdown.split("## Curves (Fig 3)")[1].split("\n## ")[0]
     assert "pc_16_10_rc3 coincides with pc_16_10 (mean |Δ| 0.000, max 0.000)" in curves
     assert "pc_16_10_rc2 coincides" not in curves and "bp_16_10 coincides" not in curves
+
+
+def test_a_failed_seed_stays_in_the_depth_gap_as_what_it_was(tmp_path):
+    """pc's seed 1 failed to learn at depth 10: it is not dropped (which would shrink the gap), its accuracy counts,
+    and the row says 1 of 2 failed."""
+    sweep = tmp_path / "depths"
+    for depth in (3, 10):
+        for seed in (0, 1):
+            write_run(sweep, "bp", seed, 0.9, depth=depth, val=0.89, train=0.92)
+            failed = depth == 10 and seed == 1
+            status = {"status": "failed_to_learn"} if failed else {}
+            write_run(sweep, "pc", seed, 0.12 if failed else 0.85, depth=depth, val=0.84, train=0.9, **status)
+    groups = groups_of([run_fact(run) for run in load_sweep(sweep).runs])
+    row = depth_gap_frame(groups).set_index(["twin", "depth"]).loc[("pc", 10)]
+    assert row["seeds"] == 2 and row["PC - BP"] == pytest.approx(((0.85 - 0.9) + (0.12 - 0.9)) / 2)
+    assert row["failed"] == "1 of 2 (pc), 0 of 2 (bp)"

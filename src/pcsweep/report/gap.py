@@ -170,8 +170,9 @@ def figure_energy(frame: pd.DataFrame, out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ depth
-def _complete(runs: dict[int, dict]) -> dict[int, dict]:
-    return {seed: f for seed, f in runs.items() if f["status"] == "complete"}
+def _failed(runs: dict[int, dict]) -> int:
+    """Seeds that did not complete (diverged, failed to learn, unfinished): they stay in the gap as what they were."""
+    return sum(1 for f in runs.values() if f["status"] != "complete")
 
 
 def _accuracy_gap(pc: dict, bp: dict) -> Optional[float]:
@@ -180,14 +181,16 @@ def _accuracy_gap(pc: dict, bp: dict) -> Optional[float]:
 
 def depth_gap_frame(groups: dict[Setting, dict]) -> pd.DataFrame:
     """Per dataset, width, depth and PC twin: final test accuracy minus bp's, paired by seed (mean and 95%
-    t-interval), each twin in the configuration the claims take (chosen on validation, ``claims.groups_of``)."""
+    t-interval), each twin in the configuration the claims take (chosen on validation, ``claims.groups_of``). Every
+    seed counts: one that failed or diverged stays in the gap with the accuracy it ended at, and ``failed`` says how
+    many of the twin's and bp's seeds did not complete (a seed with no accuracy at all is in that count only)."""
     rows = []
     for (dataset, width, depth), group in groups.items():
         if depth is None:  # the sweep has one depth
             continue
         for twin in PC_TWINS:
-            chosen = _complete(group[twin])
-            gaps = paired(chosen, _complete(group["bp"]), _accuracy_gap)
+            chosen = group[twin]
+            gaps = paired(chosen, group["bp"], _accuracy_gap)
             ci = interval(gaps)
             if gaps:
                 rows.append(
@@ -198,6 +201,8 @@ def depth_gap_frame(groups: dict[Setting, dict]) -> pd.DataFrame:
                         "depth": depth,
                         "model": next(iter(chosen.values()))["label"],
                         "seeds": len(gaps),
+                        "failed": f"{_failed(chosen)} of {len(chosen)} ({twin}), "
+                        f"{_failed(group['bp'])} of {len(group['bp'])} (bp)",
                         "PC - BP": sum(gaps) / len(gaps),
                         "ci low": ci[0] if ci else math.nan,
                         "ci high": ci[1] if ci else math.nan,
