@@ -65,6 +65,20 @@ def test_claim1_holds_fails_and_is_inconclusive_for_the_right_reasons():
     assert claim(straddles, 1)["verdict"] == INCONCLUSIVE and "straddles" in claim(straddles, 1)["reason"]
 
 
+def test_a_comparison_at_untuned_learning_rates_gives_no_verdict():
+    """bp and pc at their hand defaults: claim 1 is "not tested: learning rates not tuned", with what would tune
+    them; tuned or given rates are tested (a run's lr_origin says which)."""
+    bp = [run("bp", s, 0.90 + NOISE[s], lr_origin="default") for s in range(3)]
+    pc = [run("pc", s, 0.895 + NOISE[s] / 2, lr_origin="default") for s in range(3)]
+    untuned = claim(evaluate(bp + pc), 1)
+    assert (
+        untuned["verdict"] == NOT_TESTED and "learning rates not tuned (bp, pc at hand defaults)" in untuned["reason"]
+    )
+    assert "tune=lr" in untuned["reason"]
+    tuned = [dict(f, lr_origin="tuned: 0.001 of 7 candidates") for f in pc]
+    assert claim(evaluate([dict(f, lr_origin="given") for f in bp] + tuned), 1)["verdict"] == HOLDS
+
+
 def test_claims_without_their_twins_are_not_tested():
     results = evaluate([run("bp", s) for s in range(2)] + [run("pc", s) for s in range(2)])
     assert {c["id"]: c["verdict"] for c in results if c["verdict"] == NOT_TESTED}.keys() == {3, 4, 5, 6, 7, 8}
@@ -229,6 +243,7 @@ def test_claims_smoke_preset_gets_a_claims_section_that_rebuilds_bit_for_bit(tmp
         "report.resolution=7",
         "report.samples=64",
         "tracking.chance_margin=-1",
+        "optimizer.lr=5e-4",  # given: a comparison at hand defaults would be "not tested: learning rates not tuned"
     )
     assert result.returncode == 0, result.stderr
     assert "the paper's claims" in result.stdout and "claim 8:" in result.stdout

@@ -132,6 +132,10 @@ def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tmp_path):
 def test_running_a_finished_sweep_again_trains_nothing(tmp_path):
     first = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc")
     assert first.returncode == 0, first.stderr
+    # twins compared at their hand-set default rates: the first lines and the table say so
+    untuned = [line for line in first.stdout.splitlines() if line.startswith("[pcsweep] not tuned: bp, pc, pc_rc2")]
+    assert untuned and first.stdout.index(untuned[0]) < first.stdout.index("[pcsweep] training ")
+    assert "\nnot tuned: bp_24_3, pc_24_3" in first.stdout and "add tune=lr" in first.stdout
     sweep = tmp_path / "multirun" / "default"
     before = {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in run_folders(sweep)}
     second = pcsweep(tmp_path, "-m", *SMALL, "algo=bp,pc")

@@ -228,12 +228,24 @@ def shape_ratios(runs: dict[int, dict], baseline: dict[int, dict], view: str, ke
     return paired(runs, baseline, lambda a, b: ratio(_shape(a, view, key), _shape(b, view, key)))
 
 
+UNTUNED = "learning rates not tuned"  # a comparison at hand defaults is no test of the twins (docs/tuning.md)
+TUNE_COMMAND = "add tune=lr to the sweep (every twin tuned alike on validation data), or give the rates yourself"
+
+
+def untuned(runs: dict[int, dict]) -> bool:
+    """Runs at their twin's hand default learning rate: neither tuned on this data nor given by the user."""
+    return any(f.get("lr_origin") == "default" for f in runs.values())
+
+
 def _need(
     group: dict[str, dict[int, dict]], twins: Sequence[str], condition2: Sequence[str] = ()
 ) -> Optional[tuple[str, str]]:
     missing = [t for t in twins if not group.get(t)]
     if missing:
         return NOT_TESTED, f"no {', '.join(missing)} runs"
+    at_defaults = [t for t in twins if untuned(group[t])]
+    if len(twins) > 1 and at_defaults:
+        return NOT_TESTED, f"{UNTUNED} ({', '.join(at_defaults)} at hand defaults): {TUNE_COMMAND}"
     for t in twins:
         reason = problems(group[t], t, t in condition2)
         if reason:

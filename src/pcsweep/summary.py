@@ -126,6 +126,18 @@ def tuning_line(sweep_dir: Path) -> str:
     )
 
 
+def untuned_line(rows: list[dict]) -> str:
+    """A line under the table when the twins it compares trained at hand-set default learning rates (not tuned on
+    this data, not given): such a comparison says more about the defaults than about the twins."""
+    models = sorted({str(r.get("model")) for r in rows if r.get("lr_origin") == "default"})
+    if len({r.get("model") for r in rows}) < 2 or not models:
+        return ""
+    return (
+        f"\nnot tuned: {', '.join(models)} trained at their hand-set default learning rates; a comparison of twins "
+        "needs each tuned alike on validation data (add tune=lr) or given on the command line"
+    )
+
+
 SECONDS = ("train_seconds", "time_to_90")
 
 

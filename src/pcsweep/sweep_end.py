@@ -12,7 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pcsweep.errors import UserError
 from pcsweep.files import read_json
-from pcsweep.summary import format_table, read_manifest, row_from_summary, sweep_rows, tuning_line, write_csv
+from pcsweep.summary import (
+    format_table,
+    read_manifest,
+    row_from_summary,
+    sweep_rows,
+    tuning_line,
+    untuned_line,
+    write_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +34,10 @@ class SweepSummaryCallback(Callback):
             return
         rows = sweep_rows(sweep_dir)
         write_csv(rows, sweep_dir / "summary.csv")
-        log.info(f"the sweep, also in {sweep_dir / 'summary.csv'}:\n{format_table(rows)}{tuning_line(sweep_dir)}")
+        table = format_table(rows)
+        log.info(
+            f"the sweep, also in {sweep_dir / 'summary.csv'}:\n{table}{tuning_line(sweep_dir)}{untuned_line(rows)}"
+        )
         if config.report.auto and any(row.get("status") == "complete" for row in rows):
             # the report's plotting libraries (matplotlib, seaborn: seconds) load only when a report is due; Hydra
             # builds this callback at the start of every command

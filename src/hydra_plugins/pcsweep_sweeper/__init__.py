@@ -47,6 +47,7 @@ from pcsweep.tuning import (
     choose,
     cost_line,
     families_of,
+    lr_origin,
     override_key,
     reuse_trial,
     trial_overrides,
@@ -113,6 +114,8 @@ class FilteringLauncher(Launcher):
             "overrides": list(overrides),
             "model": paper_name(settings),
             "dataset": settings.dataset.name,
+            "twin": settings.twin,
+            "lr_origin": lr_origin(settings),
         }
         self.check(label, settings)
         target, run_dir = duplicate_target(settings), run_dir_name(settings)
@@ -185,6 +188,13 @@ class FilteringLauncher(Launcher):
         if not self.tuning:
             self.sweeper.manifest.extend(entries)
             self.sweeper.write_manifest()
+            untuned = sorted({e["twin"] for e in entries if e.get("lr_origin") == "default"})
+            if len({e.get("twin") for e in entries}) > 1 and untuned:
+                log.info(
+                    f"not tuned: {', '.join(untuned)} train at their hand-set default learning rates; comparing twins "
+                    "needs each tuned alike on validation data (add tune=lr) or the rates given: the claims say "
+                    "'not tested' until then"
+                )
         if not to_launch:
             return []
         if not slurm:

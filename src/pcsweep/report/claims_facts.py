@@ -31,6 +31,7 @@ def run_fact(run: Run, shape: Optional[dict] = None) -> dict:
         "depth": run.config.get("depth"),
         "seed": run.config.get("seed"),
         "lr": run.lr,
+        "lr_origin": s.get("lr_origin"),
         "family": run.family,
         "weight_decay": run.config.get("weight_decay") or 0.0,
         "status": s["status"],
