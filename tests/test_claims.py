@@ -4,6 +4,7 @@ statistics they read (layer learning, landscape shape) against their definitions
 import json
 import math
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -52,6 +53,8 @@ def test_claim1_holds_fails_and_is_inconclusive_for_the_right_reasons():
     assert claim(similar, 1)["verdict"] == HOLDS
     group = claim(similar, 1)["groups"][0]
     assert group["n"] == 3 and group["ci"][0] < group["value"] < group["ci"][1]
+    differences = group["per_seed"]  # Cohen's d_z: the paired differences' mean over their standard deviation
+    assert group["effect_size"] == pytest.approx(statistics.fmean(differences) / statistics.stdev(differences))
     worse = evaluate(bp + [run("pc", s, 0.80 + NOISE[s]) for s in range(3)])
     assert claim(worse, 1)["verdict"] == FAILS
     one_seed = claim(evaluate(bp[:1] + [run("pc", 0, 0.895)]), 1)

@@ -58,7 +58,11 @@ def test_the_best_mean_over_seeds_is_chosen_and_failed_candidates_never_are():
     assert statuses[3e-3] == "excluded: inference unstable"
     assert statuses[1e-2] == "excluded: condition 2 violated, diverged"
     assert record["candidates"][0]["scores"] == {"0": 0.70, "1": 0.72}
-    assert record["origin"] == "tuned: 0.001 of 4 candidates, val 0.800 ± 0.212"
+    # 0.80 against the runner-up's 0.71 is within one spread over seeds (0.212): said, in the origin and the record
+    assert record["within_noise"] and record["runner_up"] == 1e-4
+    assert (
+        record["origin"] == "tuned: 0.001 of 4 candidates, val 0.800 ± 0.212 (within one spread of 0.0001: val 0.710)"
+    )
 
 
 def test_a_choice_on_the_edge_is_flagged_and_no_valid_candidate_means_the_default_said_plainly():
@@ -66,6 +70,7 @@ def test_a_choice_on_the_edge_is_flagged_and_no_valid_candidate_means_the_defaul
     family.trials = {(1e-4, 0): summary([0.5]), (1e-3, 0): summary([0.9])}
     record = choose(family, [1e-4, 1e-3], seeds=[0], last_evals=1)
     assert record["chosen"] == 1e-3 and record["edge"] and "on the edge of the searched range" in record["origin"]
+    assert not record["within_noise"] and "within one spread" not in record["origin"]  # 0.9 against 0.5: clear
     family.trials = {(1e-4, 0): summary([0.5], status="diverged"), (1e-3, 0): None}
     record = choose(family, [1e-4, 1e-3], seeds=[0], last_evals=1)
     assert record["chosen"] is None

@@ -121,6 +121,17 @@ class Estimate:
             return (math.exp(bounds[0]), math.exp(bounds[1])) if bounds else None
         return interval(self.values, confidence)
 
+    def effect_size(self) -> Optional[float]:
+        """Cohen's d_z of the per-seed paired values: their mean over their standard deviation (log ratios for a
+        ratio, so 0 means no effect); None under two seeds or without spread. How PC benchmarks with preregistered
+        protocols report a paired effect (FabricPC): the interval says whether, d how large against the seeds' noise."""
+        values = [math.log(v) for v in self.values] if self.log else list(self.values)
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return mean / sd if sd > 0 else None
+
 
 def decide(
     estimate: Estimate, rules: ClaimRules, holds: Callable[[float, float], bool], fails: Callable[[float, float], bool]
@@ -262,6 +273,7 @@ def _result(estimate: Optional[Estimate], verdict: str, reason: str, rules: Clai
         "ci": list(ci) if ci else None,
         "n": len(estimate.values),
         "per_seed": estimate.values,
+        "effect_size": estimate.effect_size(),  # Cohen's d_z on the per-seed paired values (log scale for ratios)
         "verdict": verdict,
         "reason": reason,
         **details,

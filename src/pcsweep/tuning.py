@@ -150,18 +150,28 @@ def choose(family: Family, values: Sequence[float], seeds: Sequence[int], last_e
     if not valid:
         reasons = sorted({c["status"].removeprefix("excluded: ") for c in candidates})
         origin = f"default (tuning found no valid candidate: {'; '.join(reasons)})"
-        return {**record, "chosen": None, "score": None, "spread": None, "edge": False, "origin": origin}
-    best = max(valid, key=lambda c: c["mean"])
+        none = {"chosen": None, "score": None, "spread": None, "edge": False, "runner_up": None, "within_noise": False}
+        return {**record, **none, "origin": origin}
+    ranked = sorted(valid, key=lambda c: c["mean"], reverse=True)
+    best = ranked[0]
     edge = best["value"] in (candidates[0]["value"], candidates[-1]["value"])
     origin = f"tuned: {best['value']:g} of {len(candidates)} candidates, val {best['mean']:.3f} ± {best['std']:.3f}"
+    # the runner-up within one spread over seeds (the larger of the two): the choice between them is seed noise
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    within_noise = runner_up is not None and best["mean"] - runner_up["mean"] <= max(best["std"], runner_up["std"])
     if edge:
         origin += " (on the edge of the searched range)"
+    if within_noise:
+        assert runner_up is not None
+        origin += f" (within one spread of {runner_up['value']:g}: val {runner_up['mean']:.3f})"
     return {
         **record,
         "chosen": best["value"],
         "score": best["mean"],
         "spread": best["std"],
         "edge": edge,
+        "runner_up": runner_up["value"] if runner_up else None,
+        "within_noise": within_noise,
         "origin": origin,
     }
 

@@ -84,6 +84,7 @@ def claims_frame(results: list[dict]) -> pd.DataFrame:
                     + (f", depth {group['depth']}" if group.get("depth") else ""),
                     "value": _fmt_value(group.get("value")),
                     "95% CI": ci_text(ci, group.get("n", 0)),
+                    "Cohen's d": _fmt_value(group.get("effect_size")),
                     "seeds": group.get("n", 0),
                     "verdict": group["verdict"],
                     "reason": group.get("reason") or "",

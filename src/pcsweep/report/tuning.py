@@ -26,6 +26,8 @@ def tuning_table(tuning: dict) -> pd.DataFrame:
             "val score": _plus_minus(f.get("score"), f.get("spread")),
             "origin": f.get("origin"),
             "edge": "yes" if f.get("edge") else "",
+            # the runner-up within one spread over seeds: the choice between the two is seed noise
+            "within noise": f"yes ({f['runner_up']:g})" if f.get("within_noise") else "",
         }
         for f in tuning["families"]
     ]
@@ -65,6 +67,11 @@ def tuning_notes(tuning: dict) -> list[str]:
         elif f.get("edge"):
             side = "smallest" if chosen <= min(c["value"] for c in f["candidates"]) else "largest"
             notes.append(f"{name}: {chosen:g} is the {side} candidate, the best value may lie outside the range")
+        if f.get("within_noise"):
+            notes.append(
+                f"{name}: {chosen:g} beat {f['runner_up']:g} by less than one spread over seeds: the choice is within "
+                "noise (more tuning seeds would separate them)"
+            )
     return notes
 
 
