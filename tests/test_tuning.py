@@ -19,8 +19,15 @@ def only_error_line(result):
 
 
 def trained(stdout):
-    """The runs a command trained (or resumed), from its ``training <run folder> (...)`` lines."""
-    return [line.split()[2] for line in stdout.splitlines() if line.startswith("[pcsweep] training ")]
+    """The runs a command trained (or resumed), from its ``training <run folder> (...)`` lines (a tuning trial's:
+    ``tuning trial k of N: training <run folder> (...)``)."""
+    runs = []
+    for line in stdout.splitlines():
+        if line.startswith("[pcsweep] training "):
+            runs.append(line.split()[2])
+        elif line.startswith("[pcsweep] tuning trial ") and ": training " in line:
+            runs.append(line.split(": training ")[1].split()[0])
+    return runs
 
 
 def summary(scores, status="complete", inference="stable", condition2="held"):
@@ -182,6 +189,12 @@ def test_a_tuned_sweep_trains_the_grid_at_the_validation_choice_and_a_rerun_trai
             assert s["lr"] == family["chosen"] and s["lr_origin"] == family["origin"]
             assert s["lr_origin"].startswith("tuned: ") and s["config"]["dataset"]["val_fraction"] == 0.1
     assert "trained by the tuning stage" not in result.stdout  # every grid run trains: none is a trial
+    # a tuning stage one can watch: a line per trial as it starts and ends, its validation score, never its test
+    # accuracy, and the time left; Hydra's own line per job stays out of it
+    ends = [line for line in result.stdout.splitlines() if "validation score" in line and "tuning trial" in line]
+    assert len(ends) == 12 and ends[-1].startswith("[pcsweep] tuning trial 12 of 12: ") and "min left" in ends[-1]
+    tuning_part = result.stdout[: result.stdout.index(ends[-1])]
+    assert "test accuracy" not in tuning_part and "[HYDRA] \t#" not in tuning_part
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert {r["lr_origin"][:6] for r in rows if r["status"] == "complete"} == {"tuned:"}
     assert "tuning (optimizer.lr, grid): 12 trials of 3 families" in result.stdout

@@ -41,7 +41,7 @@ from pcsweep.pc import output_loss
 from pcsweep.pc.stability import preflight_stability
 from pcsweep.run_folder import adopt_previous_folder, finished_summary
 from pcsweep.settings import TRAINER_OWNED, ConfigError, Settings
-from pcsweep.tuning import lr_origin, trial_score
+from pcsweep.tuning import lr_origin, trial_line, trial_score
 from pcsweep.verdicts import judged_accuracy, learned, run_checks
 from pcsweep.wandb_run import AxesWandbLogger, log_final_artifacts, run_labels, run_summary
 
@@ -286,7 +286,11 @@ def fit(
             log_every_n_steps=trainer_settings.log_every_n_steps,
             default_root_dir=run_dir,
         )
-        log.info(f"training {run_dir.name} ({settings.epochs} epochs on {trainer.strategy.root_device}{resume})")
+        where = f"({settings.epochs} epochs on {trainer.strategy.root_device}{resume})"
+        if settings.tune.progress:  # a tuning trial: which of how many (pcsweep.tuning.trial_line)
+            log.info(f"{trial_line(settings.tune.progress, settings, run_dir.name)} {where}")
+        else:
+            log.info(f"training {run_dir.name} {where}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
@@ -296,9 +300,11 @@ def fit(
                 raise Interrupted(trainer.current_epoch, 0, signal.SIGTERM) from None
 
 
-def announce(summary: dict, run_dir: Path, num_classes: int) -> None:
-    """One line on how the run ended."""
-    if summary["status"] == "diverged":
+def announce(summary: dict, run_dir: Path, num_classes: int, settings: Settings) -> None:
+    """One line on how the run ended (a tuning trial's: its validation score, never its test accuracy)."""
+    if settings.tune.progress:
+        log.info(trial_line(settings.tune.progress, settings, run_dir.name, summary))
+    elif summary["status"] == "diverged":
         log.info(f"{run_dir.name}: diverged ({summary['diverged_reason']}); marked, the sweep goes on")
     elif summary["status"] == "failed_to_learn":
         log.info(
@@ -451,5 +457,5 @@ def train_owned(
     finally:  # a failing run still closes its W&B run (marked failed), so the dashboard never shows it running
         if wandb_run is not None:
             wandb_run.finish(exit_code=0 if succeeded else 1)
-    announce(summary, run_dir, dataset.num_classes)
+    announce(summary, run_dir, dataset.num_classes, settings)
     return summary

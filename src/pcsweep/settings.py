@@ -280,6 +280,9 @@ class TuneSettings:
     epochs: Optional[int] = None  # epochs per trial; null: the grid's
     last_evals: int = 5  # the score: mean validation accuracy of each trial's last N evaluations, then over seeds
     origin: Optional[str] = None  # set by the sweeper on each grid run: where its value came from (summary, W&B)
+    # set by the sweeper on a tuning trial, "k/N/stage start (unix s)/tuned key": its start and end lines say which
+    # trial of how many, its validation score (never its test accuracy) and the time left
+    progress: Optional[str] = None
 
     def __post_init__(self) -> None:
         one_of("tune.search", self.search, SEARCHES)

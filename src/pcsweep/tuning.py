@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -87,6 +88,27 @@ def trial_overrides(family: Family, key: str, value: float, seed: int, epochs: i
         "tune": "none",
     }
     return [o for o in family.overrides if override_key(o) not in fixed] + [f"{k}={v}" for k, v in fixed.items()]
+
+
+def trial_line(progress: str, settings: Any, run_name: str, summary: Optional[dict] = None) -> str:
+    """A tuning trial's line as it starts (``summary`` None) and as it ends: trial k of N, its run folder, family,
+    candidate and seed; at the end its validation score (never its test accuracy), the stage's elapsed time and the
+    time left at the time per trial measured so far."""
+    from pcsweep.config import paper_name, setting_value
+
+    k, n, started, key = progress.split("/", 3)
+    value = setting_value(settings, key)
+    what = f"{paper_name(settings)} on {settings.dataset.name}, {key}={value:g}, seed {settings.seed}"
+    if summary is None:
+        return f"tuning trial {k} of {n}: training {run_name} ({what})"
+    elapsed = max(time.time() - float(started), 0.0)
+    left = elapsed / int(k) * (int(n) - int(k))
+    score = summary.get("val_score")
+    result = f"validation score {score:.3f}" if score is not None else "no validation score"
+    if summary.get("status") != "complete":
+        result += f" ({str(summary.get('status')).replace('_', ' ')})"
+    timing = f"{elapsed / 60:.1f} min elapsed, about {left / 60:.1f} min left"
+    return f"tuning trial {k} of {n}: {run_name} ({what}): {result}; {timing}"
 
 
 def trial_score(summary: Optional[dict], last_evals: int) -> Optional[float]:

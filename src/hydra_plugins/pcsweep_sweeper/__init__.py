@@ -179,7 +179,12 @@ class FilteringLauncher(Launcher):
             )
         entries = self.plan_all(job_overrides)
         launched = [entry for entry in entries if entry["status"] == "launched"]
-        to_launch = [list(entry["overrides"]) + [f"++tracking.group={self.sweeper.sweep_id}"] for entry in launched]
+        group = f"++tracking.group={self.sweeper.sweep_id}"  # a tuning trial comes with its family's
+        to_launch = [
+            list(entry["overrides"])
+            + ([] if any(o.startswith("++tracking.group=") for o in entry["overrides"]) else [group])
+            for entry in launched
+        ]
         if launched:  # PC runs of one shape and schedule train as packs (pcsweep.pack)
             from pcsweep.pack import pack_jobs
 
@@ -278,12 +283,20 @@ class TuningStage:
         launcher = self.sweeper.launcher
         seeds = trial_seeds(self.tune)
         jobs = [(family, value, seed) for family, value in trials for seed in seeds]
+        started = time.time()
         overrides = [
             trial_overrides(family, self.tune.key, value, seed, family.epochs, family.val_fraction)
-            + [f"hydra.sweep.dir='{self.folder}'"]
-            for family, value, seed in jobs
+            + [
+                f"hydra.sweep.dir='{self.folder}'",
+                f"++tune.progress='{k}/{len(jobs)}/{started:.0f}/{self.tune.key}'",  # its start and end lines
+                f"++tracking.group={self.sweeper.sweep_id}-tuning-{family.name}",  # W&B: a family's trials together
+            ]
+            for k, (family, value, seed) in enumerate(jobs, start=1)
         ]
         launcher.tuning = True
+        hydra_log = logging.getLogger("hydra")
+        level = hydra_log.level
+        hydra_log.setLevel(logging.WARNING)  # Hydra's line per launched job would drown the trials' own
         try:
             if announce:
                 entries = launcher.plan_all(overrides)
@@ -291,6 +304,7 @@ class TuningStage:
             returns = launcher.launch(overrides, initial_job_idx=0)
         finally:
             launcher.tuning = False
+            hydra_log.setLevel(level)
         for job in returns:
             _ = job.return_value  # a trial that raised stops the sweep, as a grid job does
         from pcsweep.run_folder import finished_summary
