@@ -138,6 +138,11 @@ def test_claims_5_6_8_read_the_landscape_shape():
     ]
     results = evaluate(pc + rc2 + rc23 + decayed)
     assert [claim(results, n)["verdict"] for n in (5, 6, 8)] == [HOLDS, HOLDS, HOLDS]
+    assert claim(results, 8)["groups"][0]["learning_rate"] == 1e-3  # both arms at one rate, which it says
+    # one effect at a time: arms at different rates leave the effect of decay mixed with a change of rate
+    other_rate = evaluate(pc + rc2 + rc23 + [dict(f, lr=3e-4) for f in decayed])
+    assert claim(other_rate, 8)["verdict"] == NOT_TESTED
+    assert "different learning rates (0.0003, 0.001)" in claim(other_rate, 8)["reason"]
     rc23_convex = [run("pc_rc23", s, shape=shape(0.6 + 0.005 * s)) for s in range(3)]  # as convex as pc's
     results = evaluate(pc + rc2 + rc23_convex + decayed)
     assert claim(results, 6)["verdict"] == FAILS and claim(results, 8)["verdict"] == FAILS

@@ -72,6 +72,26 @@ def test_the_best_mean_over_seeds_is_chosen_and_failed_candidates_never_are():
     )
 
 
+def test_the_decayed_arm_of_a_comparison_takes_the_undecayed_arms_choice():
+    """pc_rc23 with and without weight decay (claim 8) are one effect apart only at one learning rate: the decayed
+    family is not searched, it follows the undecayed family's choice and says so."""
+    from pcsweep.config import family_name, paper_name
+    from pcsweep.tuning import decayed_arms, follow
+
+    def family(*overrides):
+        settings = compose_settings("algo=pc", "relax=23", *overrides)
+        return Family(list(overrides), name=family_name(settings), model=paper_name(settings), settings=settings)
+
+    plain, decayed, other = family(), family("weight_decay=1e-4", "variance_weight_decay=1e-4"), family("width=32")
+    assert {k: f.name for k, f in decayed_arms([plain, decayed, other]).items()} == {decayed.key: plain.name}
+    assert decayed_arms([decayed, other]) == {}  # no undecayed arm in the sweep: tuned on its own
+    plain.trials = {(1e-4, 0): summary([0.5]), (1e-3, 0): summary([0.9]), (1e-2, 0): summary([0.7])}
+    base = choose(plain, [1e-4, 1e-3, 1e-2], seeds=[0], last_evals=1)
+    record = follow(decayed, base)
+    assert record["chosen"] == 1e-3 and record["follows"] == plain.name and record["candidates"] == []
+    assert record["origin"].endswith("[the undecayed arm's choice: one rate for both arms]")
+
+
 def test_a_choice_on_the_edge_is_flagged_and_no_valid_candidate_means_the_default_said_plainly():
     family = Family(["algo=bp"], name="bp", model="bp_24_3", twin="bp")
     family.trials = {(1e-4, 0): summary([0.5]), (1e-3, 0): summary([0.9])}

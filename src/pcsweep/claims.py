@@ -504,6 +504,15 @@ def claim8(group, rules):
         reason = problems(runs, t)
         if reason:
             return _result(None, INCONCLUSIVE, reason, rules)
+    rates = sorted({f["lr"] for f in plain.values()} | {f["lr"] for f in decayed.values()})
+    if len(rates) > 1:  # the effect of decay would include a change of learning rate
+        return _result(
+            None,
+            NOT_TESTED,
+            f"the arms trained at different learning rates ({', '.join(f'{r:g}' for r in rates)}): one effect at a "
+            "time needs one rate for both (a tuned sweep gives the decayed arm the undecayed arm's choice)",
+            rules,
+        )
     need = _landscape_missing(list(plain.values()) + list(decayed.values()))
     if need:
         return _result(None, *need, rules)
@@ -533,6 +542,9 @@ def claim8(group, rules):
         rules,
         gaussian_distance_change=gauss.mean() if gauss.values else None,
         mean_log_variance_per_layer=variance,
+        # both arms at one rate, and where it came from (the undecayed arm's tuning, its default, or given)
+        learning_rate=rates[0] if rates else None,
+        learning_rate_origin=next(iter(plain.values())).get("lr_origin"),
     )
 
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -194,6 +194,42 @@ def choose(family: Family, values: Sequence[float], seeds: Sequence[int], last_e
         "edge": edge,
         "runner_up": runner_up["value"] if runner_up else None,
         "within_noise": within_noise,
+        "origin": origin,
+    }
+
+
+def decayed_arms(families: Sequence[Family]) -> dict[tuple[str, ...], Family]:
+    """Families that differ from another of the sweep only in weight decay (claim 8's arms), each with the family
+    without it: a decayed arm trains at its undecayed arm's choice, so comparing the two changes one thing."""
+    from pcsweep.config import family_name
+
+    plain = {f.name: f for f in families if not (f.settings.weight_decay or f.settings.variance_weight_decay)}
+    arms = {}
+    for family in families:
+        s = family.settings
+        if s.weight_decay or s.variance_weight_decay:
+            base = plain.get(family_name(replace(s, weight_decay=0.0, variance_weight_decay=0.0)))
+            if base is not None:
+                arms[family.key] = base
+    return arms
+
+
+def follow(family: Family, base: dict) -> dict:
+    """A decayed arm's record: its undecayed arm's choice (no trials of its own), and that said in its origin."""
+    origin = (
+        f"{base['origin']} [the undecayed arm's choice: one rate for both arms]" if base["chosen"] else base["origin"]
+    )
+    return {
+        **base,
+        "family": family.name,
+        "model": family.model,
+        "twin": family.twin,
+        "candidates": [],  # no trials of its own: the score, spread and edge are its base's, in the base's record
+        "score": None,
+        "spread": None,
+        "edge": False,
+        "within_noise": False,
+        "follows": base["family"],
         "origin": origin,
     }
 

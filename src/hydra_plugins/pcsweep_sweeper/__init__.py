@@ -46,7 +46,9 @@ from pcsweep.tuning import (
     candidate_record,
     choose,
     cost_line,
+    decayed_arms,
     families_of,
+    follow,
     lr_origin,
     override_key,
     reuse_trial,
@@ -255,15 +257,19 @@ class TuningStage:
         if given is not None:
             fail(f"tune.key={key} is what tuning chooses, and the command sets {given}: drop one of them")
         families = [family for family in families_of(jobs) if self.describe(family)]
+        arms = decayed_arms(families)  # one effect at a time: a decayed arm takes its undecayed arm's choice
+        searched = [family for family in families if family.key not in arms]
         start = time.perf_counter()
         if self.tune.search == "grid":
-            values = {family.key: list(self.tune.candidates) for family in families}
-            self.launch([(family, value) for family in families for value in values[family.key]], announce=True)
+            values = {family.key: list(self.tune.candidates) for family in searched}
+            self.launch([(family, value) for family in searched for value in values[family.key]], announce=True)
         else:
-            values = self.optuna(families)
-        records = [
-            choose(family, values[family.key], trial_seeds(self.tune), self.tune.last_evals) for family in families
-        ]
+            values = self.optuna(searched)
+        own = {
+            family.key: choose(family, values[family.key], trial_seeds(self.tune), self.tune.last_evals)
+            for family in searched
+        }
+        records = [own[f.key] if f.key not in arms else follow(f, own[arms[f.key].key]) for f in families]
         self.save(records, families, time.perf_counter() - start)
         chosen = {family.key: record for family, record in zip(families, records)}
         tuned = []

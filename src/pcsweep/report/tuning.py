@@ -101,7 +101,8 @@ def _tuning_panel(ax, family: dict, key: str) -> None:
             ax.plot(family["chosen"], family["score"], "*", ms=15, color="gold", mec="k", label="chosen", zorder=4)
     if all(c["value"] > 0 for c in family["candidates"]):
         ax.set_xscale("log")
-    ax.set_title(f"{family['model']}, {family['dataset']}" + (" (edge)" if family.get("edge") else ""), fontsize=9)
+    note = " (edge)" if family.get("edge") else " (the undecayed arm's choice)" if family.get("follows") else ""
+    ax.set_title(f"{family['model']}, {family['dataset']}{note}", fontsize=9)
     ax.set_xlabel(key)
     ax.set_ylabel("validation score")
 
