@@ -139,6 +139,12 @@ def test_claims_5_6_8_read_the_landscape_shape():
     results = evaluate(pc + rc2 + rc23 + decayed)
     assert [claim(results, n)["verdict"] for n in (5, 6, 8)] == [HOLDS, HOLDS, HOLDS]
     assert claim(results, 8)["groups"][0]["learning_rate"] == 1e-3  # both arms at one rate, which it says
+    assert claim(results, 6)["groups"][0]["learning_rates"] == "not tested: one learning rate"  # the grid's only
+    # a tuned sweep: claim 6 reads every rate its tuning tried for rc23 (the grid trains at one)
+    family = {"twin": "pc_rc23", "dataset": "digits", "width": 64, "depth": None}
+    candidates = [{"value": 1e-3, "status": "ok"}, {"value": 1e-2, "status": "excluded: diverged"}]
+    tuned = evaluate(pc + rc2 + rc23 + decayed, tuning={"families": [{**family, "candidates": candidates}]})
+    assert claim(tuned, 6)["groups"][0]["learning_rates"] == {"0.001": ["ok"], "0.01": ["excluded: diverged"]}
     # one effect at a time: arms at different rates leave the effect of decay mixed with a change of rate
     other_rate = evaluate(pc + rc2 + rc23 + [dict(f, lr=3e-4) for f in decayed])
     assert claim(other_rate, 8)["verdict"] == NOT_TESTED

@@ -436,12 +436,14 @@ def claim6(group, rules):
     verdict, reason = decide(est, rules, lambda lo, hi: hi < rules.convex_kept, lambda lo, hi: lo >= rules.convex_kept)
     if verdict == HOLDS and zoomed is not None and zoomed < rules.convex_fraction:
         verdict, reason = FAILS, f"pc_rc23 is not convex near the minimum either (zoomed {zoomed:.2f})"
+    trials = group.get("_rc23_trials")  # a tuned sweep's candidates: every rate tried, and what became of it
     lrs = sorted({f.get("lr") for f in group.get("_all_rc23", [])} - {None})
-    stability = (
-        "not tested: one learning rate"
-        if len(lrs) < 2
-        else {str(lr): sorted({f["status"] for f in group["_all_rc23"] if f.get("lr") == lr}) for lr in lrs}
-    )
+    if trials:
+        stability = {f"{value:g}": [status] for value, status in sorted(trials.items())}
+    elif len(lrs) < 2:
+        stability = "not tested: one learning rate"
+    else:
+        stability = {str(lr): sorted({f["status"] for f in group["_all_rc23"] if f.get("lr") == lr}) for lr in lrs}
     return _result(est, verdict, reason, rules, zoomed_convex_fraction=zoomed, learning_rates=stability)
 
 
@@ -583,9 +585,10 @@ def _overall(groups: list[dict]) -> tuple[str, str]:
 Setting = tuple[str, Any, Optional[int]]  # dataset, width, depth (None when the sweep has one depth)
 
 
-def groups_of(facts: Sequence[dict]) -> dict[Setting, dict[str, Any]]:
+def groups_of(facts: Sequence[dict], tuning: Optional[dict] = None) -> dict[Setting, dict[str, Any]]:
     """The runs the claims read, per dataset x width (x depth when the sweep spans depths: depth is architecture,
-    never a configuration to choose): one configuration per twin (``twin_runs``). Raises ``SelectionError`` before
+    never a configuration to choose): one configuration per twin (``twin_runs``); with the sweep's ``tuning``
+    record, undecayed pc_rc23's candidates there (claim 6 reads every rate tried). Raises ``SelectionError`` before
     any work when only the test split could choose."""
     several_depths = len({f.get("depth") for f in facts}) > 1
     settings = sorted(
@@ -602,6 +605,15 @@ def groups_of(facts: Sequence[dict]) -> dict[Setting, dict[str, Any]]:
         group: dict[str, Any] = {t: twin_runs(members, t) for t in ("bp",) + PC_TWINS}
         group["pc_rc23+wd"] = twin_runs(members, "pc_rc23", decayed=True)
         group["_all_rc23"] = [f for f in members if f["twin"] == "pc_rc23" and not f.get("weight_decay")]
+        group["_rc23_trials"] = {
+            c["value"]: c["status"]
+            for family in (tuning or {}).get("families", [])
+            if family.get("twin") == "pc_rc23"
+            and not family.get("follows")  # the decayed arm's record holds no trials of its own
+            and (family.get("dataset"), family.get("width")) == (dataset, width)
+            and (depth is None or family.get("depth") == depth)
+            for c in family.get("candidates", [])
+        }
         groups[(dataset, width, depth)] = group
     return groups
 
@@ -623,11 +635,11 @@ def _depth(depth: Optional[int]) -> dict:
     return {"depth": depth} if depth is not None else {}
 
 
-def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None) -> list[dict]:
+def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None, tuning: Optional[dict] = None) -> list[dict]:
     """Every claim on every dataset x width (x depth, when there are several; claim 2: every dataset, across widths)
-    of ``facts`` (``report.run_facts``)."""
+    of ``facts`` (``report.run_facts``); ``tuning``: the sweep's tuning record, if it was tuned."""
     rules = rules or ClaimRules()
-    groups = groups_of(facts)
+    groups = groups_of(facts, tuning)
     results = []
     for number, (claim, statistic) in CLAIMS.items():
         rows = _claim_rows(number, groups, rules)

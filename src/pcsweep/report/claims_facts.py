@@ -95,7 +95,7 @@ def claims_frame(results: list[dict]) -> pd.DataFrame:
 
 def write_claims(sweep: Sweep, out: Path, rules: ClaimRules, shapes: dict[Path, dict]) -> tuple[list[dict], Path]:
     """The verdicts, and ``<out>/claims.json`` written atomically (a reader never sees half of it)."""
-    results = evaluate(run_facts(sweep, shapes), rules)
+    results = evaluate(run_facts(sweep, shapes), rules, sweep.tuning)
     path = out / "claims.json"
     write_atomic(path, json.dumps(claims_document(results, rules), indent=1, sort_keys=True))
     return results, path
