@@ -92,6 +92,34 @@ def test_the_decayed_arm_of_a_comparison_takes_the_undecayed_arms_choice():
     assert record["origin"].endswith("[the undecayed arm's choice: one rate for both arms]")
 
 
+def test_widening_at_the_edge_adds_the_next_half_decade_until_the_choice_is_interior_or_the_new_one_fails():
+    from pcsweep.tuning import beyond, to_widen
+
+    assert [beyond(v, True) for v in (1e-2, 3e-2)] == [3e-2, 1e-1] and beyond(1e-5, False) == 3e-6
+    edge_high = {"chosen": 1e-2, "edge": True}
+    assert to_widen(edge_high, [1e-3, 1e-2], widened=0, limit=4) == 3e-2
+    assert to_widen(edge_high, [1e-3, 1e-2], widened=4, limit=4) is None  # the budget of widenings is spent
+    assert to_widen({"chosen": 1e-3, "edge": False}, [1e-4, 1e-3, 1e-2], 0, 4) is None  # interior
+    # 3e-2 was added and failed (excluded): the choice stays at 1e-2, on the edge of what works: no further
+    assert to_widen(edge_high, [1e-3, 1e-2, 3e-2], widened=1, limit=4) is None
+    assert to_widen({"chosen": 1e-3, "edge": True}, [1e-3, 1e-2], 0, 4) == 3e-4  # the low edge: downwards
+
+
+@pytest.mark.slow
+def test_a_choice_on_the_edge_widens_the_search(tmp_path):
+    """bp at two tiny rates chooses the larger, on the edge: the stage adds 1e-4, then 3e-4 (tune.widen=2), each
+    projected and trained at both seeds, and the table says so."""
+    command = [*TUNED, "algo=bp", "relax=none", "tune.candidates=[1e-5,3e-5]", "tune.widen=2"]
+    result = pcsweep(tmp_path, *command)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "multirun" / "default" / "tuning" / "tuning.json").read_text())
+    (family,) = record["families"]
+    assert family["widened"] == [1e-4, 3e-4] and [c["value"] for c in family["candidates"]] == [1e-5, 3e-5, 1e-4, 3e-4]
+    assert family["chosen"] == 3e-4 and family["edge"]
+    assert result.stdout.count("widening at the edge: bp_24_3 (digits) tries") == 2
+    assert result.stdout.count("[pcsweep] tuning: ") == 3  # a projected cost before each round
+
+
 def test_a_choice_on_the_edge_is_flagged_and_no_valid_candidate_means_the_default_said_plainly():
     family = Family(["algo=bp"], name="bp", model="bp_24_3", twin="bp")
     family.trials = {(1e-4, 0): summary([0.5]), (1e-3, 0): summary([0.9])}
@@ -174,6 +202,7 @@ TUNED = [
     "tracking.condition2_min_cosine=0",
     "tune=lr",
     "tune.candidates=[1e-3,1e-2]",
+    "tune.widen=0",  # test_a_choice_on_the_edge_widens_the_search tests the widening
     "report.auto=false",
     "logger=csv",
 ]

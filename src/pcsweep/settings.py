@@ -279,6 +279,9 @@ class TuneSettings:
     reuse_trials: bool = False
     epochs: Optional[int] = None  # epochs per trial; null: the grid's
     last_evals: int = 5  # the score: mean validation accuracy of each trial's last N evaluations, then over seeds
+    # search=grid: a choice on the edge of the candidates gets the next half-decade beyond it, until it is interior or
+    # the new candidate fails, at most this many times a family (0: never)
+    widen: int = 4
     origin: Optional[str] = None  # set by the sweeper on each grid run: where its value came from (summary, W&B)
     # set by the sweeper on a tuning trial, "k/N/stage start (unix s)/tuned key": its start and end lines say which
     # trial of how many, its validation score (never its test accuracy) and the time left
@@ -305,6 +308,7 @@ class TuneSettings:
         check(self.seeds >= 1, "tune.seeds", ">= 1", self.seeds)
         check(self.epochs is None or self.epochs >= 1, "tune.epochs", "null or >= 1", self.epochs)
         check(self.last_evals >= 1, "tune.last_evals", ">= 1", self.last_evals)
+        check(self.widen >= 0, "tune.widen", ">= 0", self.widen)
 
 
 @dataclass

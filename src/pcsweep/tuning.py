@@ -152,8 +152,16 @@ def candidate_record(value: float, summaries: dict[int, Optional[dict]], last_ev
     }
 
 
-def choose(family: Family, values: Sequence[float], seeds: Sequence[int], last_evals: int) -> dict:
-    """The family's record in tuning.json: every candidate, the best valid one and how to say where it came from."""
+def choose(
+    family: Family,
+    values: Sequence[float],
+    seeds: Sequence[int],
+    last_evals: int,
+    bounds: Optional[tuple[float, float]] = None,
+) -> dict:
+    """The family's record in tuning.json: every candidate, the best valid one and how to say where it came from.
+    ``bounds``: a search's range (Optuna's), against which "on the edge" is judged (within a quarter decade of an
+    end); without, the tried values' own ends."""
     candidates = [
         candidate_record(v, {s: family.trials.get((v, s)) for s in seeds}, last_evals) for v in sorted(set(values))
     ]
@@ -176,7 +184,10 @@ def choose(family: Family, values: Sequence[float], seeds: Sequence[int], last_e
         return {**record, **none, "origin": origin}
     ranked = sorted(valid, key=lambda c: c["mean"], reverse=True)
     best = ranked[0]
-    edge = best["value"] in (candidates[0]["value"], candidates[-1]["value"])
+    if bounds is None:
+        edge = best["value"] in (candidates[0]["value"], candidates[-1]["value"])
+    else:
+        edge = best["value"] <= bounds[0] * 10**0.25 or best["value"] >= bounds[1] / 10**0.25
     origin = f"tuned: {best['value']:g} of {len(candidates)} candidates, val {best['mean']:.3f} ± {best['std']:.3f}"
     # the runner-up within one spread over seeds (the larger of the two): the choice between them is seed noise
     runner_up = ranked[1] if len(ranked) > 1 else None
@@ -196,6 +207,30 @@ def choose(family: Family, values: Sequence[float], seeds: Sequence[int], last_e
         "within_noise": within_noise,
         "origin": origin,
     }
+
+
+def beyond(value: float, up: bool) -> float:
+    """The next half-decade past ``value`` on the 1, 3, 10 ladder the candidates use (1e-2 -> 3e-2 -> 1e-1 up,
+    1e-5 -> 3e-6 -> 1e-6 down)."""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    mantissa = value / 10**exponent
+    if up:
+        return float(f"{3 * 10**exponent if mantissa < 2 else 10 ** (exponent + 1):.0e}")
+    return float(f"{10**exponent if mantissa > 2 else 3 * 10 ** (exponent - 1):.0e}")
+
+
+def to_widen(record: dict, tried: Sequence[float], widened: int, limit: int) -> Optional[float]:
+    """Widen at the edge: the next half-decade beyond a choice on the edge of what was tried, or None (the choice
+    is interior, nothing was chosen, the candidate last added there failed, or ``limit`` (``tune.widen``) were
+    added). The same rule for every family."""
+    chosen = record.get("chosen")
+    if chosen is None or not record.get("edge") or widened >= limit:
+        return None
+    up = chosen >= max(tried)
+    last = max(tried) if up else min(tried)
+    if last != chosen:  # the candidate beyond the choice was tried and failed (excluded): the edge is real
+        return None
+    return beyond(chosen, up)
 
 
 def decayed_arms(families: Sequence[Family]) -> dict[tuple[str, ...], Family]:

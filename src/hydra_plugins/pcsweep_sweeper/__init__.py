@@ -52,6 +52,7 @@ from pcsweep.tuning import (
     lr_origin,
     override_key,
     reuse_trial,
+    to_widen,
     trial_overrides,
     trial_seeds,
 )
@@ -260,15 +261,15 @@ class TuningStage:
         arms = decayed_arms(families)  # one effect at a time: a decayed arm takes its undecayed arm's choice
         searched = [family for family in families if family.key not in arms]
         start = time.perf_counter()
+        seeds, last_evals = trial_seeds(self.tune), self.tune.last_evals
         if self.tune.search == "grid":
             values = {family.key: list(self.tune.candidates) for family in searched}
             self.launch([(family, value) for family in searched for value in values[family.key]], announce=True)
+            own = self.widen(searched, values)
         else:
             values = self.optuna(searched)
-        own = {
-            family.key: choose(family, values[family.key], trial_seeds(self.tune), self.tune.last_evals)
-            for family in searched
-        }
+            bounds = (min(self.tune.candidates), max(self.tune.candidates))
+            own = {f.key: choose(f, values[f.key], seeds, last_evals, bounds) for f in searched}
         records = [own[f.key] if f.key not in arms else follow(f, own[arms[f.key].key]) for f in families]
         self.save(records, families, time.perf_counter() - start)
         chosen = {family.key: record for family, record in zip(families, records)}
@@ -282,6 +283,31 @@ class TuningStage:
                 ]
             tuned.append(list(job) + extra)
         return tuned
+
+    def widen(self, families: List[Family], values: Dict[tuple, List[float]]) -> Dict[tuple, dict]:
+        """Widen at the edge (``pcsweep.tuning.to_widen``): a family whose choice lies on the edge of its candidates
+        gets the next half-decade beyond it, round after round, until the choice is interior or the new candidate
+        fails; each round's trials are projected (one line) and trained like the first."""
+        seeds, last_evals = trial_seeds(self.tune), self.tune.last_evals
+        widened: Dict[tuple, int] = {f.key: 0 for f in families}
+        while True:
+            records = {f.key: choose(f, values[f.key], seeds, last_evals) for f in families}
+            extra = []
+            for family in families:
+                value = to_widen(records[family.key], values[family.key], widened[family.key], self.tune.widen)
+                if value is not None:
+                    values[family.key].append(value)
+                    widened[family.key] += 1
+                    extra.append((family, value))
+            if not extra:
+                for family in families:
+                    records[family.key]["widened"] = sorted(set(values[family.key]) - set(self.tune.candidates))
+                return records
+            log.info(
+                "widening at the edge: "
+                + ", ".join(f"{family.model} ({family.dataset}) tries {value:g}" for family, value in extra)
+            )
+            self.launch(extra, announce=True)
 
     def launch(self, trials: List[tuple], announce: bool = False) -> None:
         """Trains (or finds finished) every ``(family, value)`` at each seed; each summary lands in its family.

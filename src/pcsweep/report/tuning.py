@@ -26,6 +26,8 @@ def tuning_table(tuning: dict) -> pd.DataFrame:
             "val score": _plus_minus(f.get("score"), f.get("spread")),
             "origin": f.get("origin"),
             "edge": "yes" if f.get("edge") else "",
+            # candidates added beyond the edge (tune.widen): each trained at every seed, in the budget line too
+            "widened to": ", ".join(f"{v:g}" for v in f.get("widened") or []),
             # the runner-up within one spread over seeds: the choice between the two is seed noise
             "within noise": f"yes ({f['runner_up']:g})" if f.get("within_noise") else "",
         }
