@@ -381,6 +381,9 @@ class PCEngine:
         distance to the equilibrium whatever the solver (zero there; the stop compares it with its feedforward
         value). One batched product."""
         grad, products = self.gradient, cast(HiddenProducts, self._products)
+        if self._front >= self.H:  # the feedforward state: every hidden error is zero, only the top layer's is not
+            torch.bmm(self.epsL, self.w_out, out=grad[-1])
+            return grad[-1].pow(2).sum(dim=(1, 2)).sqrt()
         if self.H > 1:
             products.feedback_into(0, _flat(self.G[1:]), _flat(grad[:-1]))
         torch.bmm(self.epsL, self.w_out, out=grad[-1])
@@ -514,6 +517,7 @@ class PCEngine:
             with torch.no_grad():
                 return self.step()
         if self._conjugate is not None:
+            self._front = 0  # every error moves at once: no front
             return self._conjugate.step()
         self._front = max(self._front - 1, 0) if self.tricks.error_front else 0
         self._step(self._front)

@@ -242,10 +242,14 @@ def _check(
     """A check: rises counted for the moving runs and, when ``judge`` (past ``min_steps``), which of them are at the
     equilibrium: the relative residual below the tolerance at this check and the last, and the energy not risen since
     the last."""
-    moving = runs.mask(runs.moving)
     rose = current > runs.rise_ref
-    runs.rises += rose & moving
-    runs.rise_ref = torch.where(moving, current, runs.rise_ref)
+    if all(runs.moving):  # every run moves (a solo run always): no mask to build
+        runs.rises += rose
+        runs.rise_ref = current
+    else:
+        moving = runs.mask(runs.moving)
+        runs.rises += rose & moving
+        runs.rise_ref = torch.where(moving, current, runs.rise_ref)
     converged = [False] * len(runs.moving)
     if residual is None:
         return converged
