@@ -497,30 +497,33 @@ def run(args: argparse.Namespace) -> dict:
 PAPER_GRID = {"datasets": 2, "epochs": 20, "batches_per_epoch": 938, "steps": 256}  # MNIST/FashionMNIST, batch 64
 
 
+def twin_seconds(entry: dict, twin: str, steps: int, solver: Optional[str] = None) -> float:
+    """Seconds a batch of ``twin`` takes at the paper's schedule: from this run's ms per batch scaled from its T to
+    the paper's (the work per step is constant), or, for pc and pc_rc3 with ``solver``, the solvers table's converged
+    ms per batch (inference stopped at the table's residual)."""
+    converged = (entry.get("solvers") or {}).get(twin)
+    if solver is not None and converged is not None:
+        return converged["solvers"][solver]["ms_per_batch"] / 1e3
+    return entry["twins"][twin]["ms_per_batch"] / 1e3 * PAPER_GRID["steps"] / steps
+
+
 def paper_grid_hours(report: dict, steps: int) -> dict:
     """Wall time of the paper's grid (every measured width x twin, BP included, on both datasets) from this run's
-    ms per batch, scaled from this run's T to the paper's (the work per step is constant, so time is ~linear in T)."""
+    ms per batch: every PC twin at T = 256 (``hours``), and with pc and pc_rc3 at converged inference by each solver
+    (``hours_converged``: error optimization, the default; ``hours_state``), when the solvers table was measured."""
     batches = PAPER_GRID["datasets"] * PAPER_GRID["epochs"] * PAPER_GRID["batches_per_epoch"]
-    seconds, runs = 0.0, 0
-    by_solver = {"error": 0.0, "state": 0.0}  # pc and pc_rc3 at the solvers table's converged ms per batch
-    solvers_measured = all("solvers" in entry for entry in report["widths"].values())
-    for entry in report["widths"].values():
-        seconds += entry["bp_ms"] / 1e3 * batches
-        for twin, row in entry["twins"].items():
-            at_t = row["ms_per_batch"] / 1e3 * batches * PAPER_GRID["steps"] / steps
-            seconds += at_t
-            converged = (entry.get("solvers") or {}).get(twin)
-            for solver in by_solver:
-                ms = converged["solvers"][solver]["ms_per_batch"] if converged else None
-                by_solver[solver] += at_t if ms is None else ms / 1e3 * batches
-        runs += PAPER_GRID["datasets"] * (1 + len(entry["twins"]))
-    bp = sum(entry["bp_ms"] / 1e3 * batches for entry in report["widths"].values())
+    widths = report["widths"].values()
+    bp = sum(entry["bp_ms"] / 1e3 * batches for entry in widths)
+
+    def total(solver: Optional[str]) -> float:
+        return bp + sum(twin_seconds(e, twin, steps, solver) * batches for e in widths for twin in e["twins"])
+
+    measured = all("solvers" in entry for entry in widths)
     return {
-        "hours": seconds / 3600,
-        "runs": runs,
-        # the same grid with pc and pc_rc3 converged (each solver stopped at the table's residual), the rest as above
-        "hours_converged": (bp + by_solver["error"]) / 3600 if solvers_measured else None,
-        "hours_state": (bp + by_solver["state"]) / 3600 if solvers_measured else None,
+        "hours": total(None) / 3600,
+        "runs": sum(PAPER_GRID["datasets"] * (1 + len(entry["twins"])) for entry in widths),
+        "hours_converged": total("error") / 3600 if measured else None,
+        "hours_state": total("state") / 3600 if measured else None,
         **PAPER_GRID,
     }
 
@@ -535,7 +538,8 @@ def tuned_grid_hours(report: dict, steps: int) -> dict:
     alone = packed = 0.0
     for entry in report["widths"].values():
         bp = entry["bp_ms"] / 1e3 * batches
-        pc = sum(row["ms_per_batch"] for row in entry["twins"].values()) / 1e3 * batches * PAPER_GRID["steps"] / steps
+        solver = "error" if "solvers" in entry else None  # pc and pc_rc3 at their default, converged inference
+        pc = sum(twin_seconds(entry, twin, steps, solver) for twin in entry["twins"]) * batches
         packs = entry.get("packs") or {}
         speedup = packs[max(packs, key=int)]["speedup"] if packs else 1.0
         alone += (1 + TUNING_TRIALS) * (bp + pc)  # both datasets (in ``batches``), every twin of the width
