@@ -13,6 +13,7 @@ from pcsweep.claims import SelectionError, evaluate, groups_of, twin_runs
 from pcsweep.errors import UserError
 from pcsweep.report import (
     accuracy_curve_frame,
+    benchmark_frame,
     build_report,
     coinciding,
     depth_gap_frame,
@@ -394,3 +395,6 @@ def test_a_failed_seed_stays_in_the_depth_gap_as_what_it_was(tmp_path):
     row = depth_gap_frame(groups).set_index(["twin", "depth"]).loc[("pc", 10)]
     assert row["seeds"] == 2 and row["PC - BP"] == pytest.approx(((0.85 - 0.9) + (0.12 - 0.9)) / 2)
     assert row["failed"] == "1 of 2 (pc), 0 of 2 (bp)"
+    # the benchmark figure's accuracy bars keep it too (and its title counts it)
+    bars = benchmark_frame(load_sweep(sweep))
+    assert len(bars[(bars["model"] == "pc_16_10") & (bars["status"] == "failed_to_learn")]) == 1

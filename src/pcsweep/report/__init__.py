@@ -32,7 +32,7 @@ from pcsweep.claims import ClaimRules, groups_of
 from pcsweep.errors import exit_with
 from pcsweep.report.claims_facts import claims_frame, run_fact, write_claims
 from pcsweep.report.documents import write_documents
-from pcsweep.report.figures import coinciding
+from pcsweep.report.figures import benchmark_frame, coinciding
 from pcsweep.report.gap import (
     depth_gap_frame,
     energy_share_frame,
@@ -57,6 +57,7 @@ __all__ = [  # what pcsweep.summary, the console script and the tests use; the r
     "Run",
     "Sweep",
     "accuracy_curve_frame",
+    "benchmark_frame",
     "build_report",
     "claims_overview",
     "cli",

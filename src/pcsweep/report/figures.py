@@ -39,10 +39,17 @@ COINCIDE = 0.01  # mean |difference| of two mean curves (accuracy) under which o
 LAYER_COLUMNS = ("relative change", "distance from Gaussian", "error energy at T")
 
 
-def figure_benchmark(sweep: Sweep, out: Path) -> list[Path]:
-    """Fig 2: final accuracy and time to 90% of it, per model; one figure per dataset and width."""
+def benchmark_frame(sweep: Sweep) -> pd.DataFrame:
+    """What Fig 2 draws: every finished run with a final accuracy. Every seed counts: a run that failed to learn or
+    diverged stays in the accuracy bars with the accuracy it ended at (it has no time to 90%)."""
     frame = summary_frame(sweep)
-    frame = frame[frame["status"] == "complete"]
+    return frame[frame["status"].isin(["complete", "failed_to_learn", "diverged"]) & frame["final acc"].notna()]
+
+
+def figure_benchmark(sweep: Sweep, out: Path) -> list[Path]:
+    """Fig 2: final accuracy and time to 90% of it, per model; one figure per dataset and width; the title says how
+    many of each model's seeds failed (``benchmark_frame``)."""
+    frame = benchmark_frame(sweep)
     paths = []
     for (dataset, width), part in frame.groupby(["dataset", "width"]):
         order = model_order(part["model"])
@@ -57,7 +64,9 @@ def figure_benchmark(sweep: Sweep, out: Path) -> list[Path]:
             )
             ax.set_title(title)
             ax.set_ylabel("accuracy" if column == "final acc" else "training wall time [s]")
-        fig.suptitle(seeds_title(f"{dataset}, width {width}", part))
+        failed = part[part["status"] != "complete"].groupby("model").size()
+        counts = "; ".join(f"{m}: {n} of {(part['model'] == m).sum()} failed" for m, n in failed.items())
+        fig.suptitle(seeds_title(f"{dataset}, width {width}", part) + (f" ({counts})" if counts else ""))
         fig.tight_layout()
         paths.append(save(fig, out / f"benchmark_{dataset}_{width}.png"))
     return paths
