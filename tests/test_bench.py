@@ -90,8 +90,15 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
     packs = width["packs"]
     assert set(packs) == {"1", "3"} and all(row["packed_ms"] > 0 and row["one_by_one_ms"] > 0 for row in packs.values())
     assert packs["3"]["speedup"] == pytest.approx(packs["3"]["one_by_one_ms"] / packs["3"]["packed_ms"])
+    # the solvers table: pc and pc_rc3 with each solver stopped at one residual; the grid with them converged
+    solvers = width["solvers"]
+    assert set(solvers) == {"pc", "pc_rc3"} and all(set(t["solvers"]) == {"state", "error"} for t in solvers.values())
+    converged = {t: solvers[t]["solvers"]["error"]["ms_per_batch"] for t in solvers}
+    at_t = {t: r["ms_per_batch"] * 256 / 8 for t, r in width["twins"].items() if t not in solvers}
+    expected = (width["bp_ms"] + sum(converged.values()) + sum(at_t.values())) / 1e3 * batches
+    assert grid["hours_converged"] == pytest.approx(expected / 3600)
     tuned = report["tuned_grid"]
-    assert tuned["hours_one_by_one"] == pytest.approx(grid["hours"] * 15)  # 14 trials + the run, every family
+    assert tuned["hours_one_by_one"] == pytest.approx(grid["hours_converged"] * 15)  # 14 trials + the run, each family
     assert grid["hours"] < tuned["hours_packed"] < tuned["hours_one_by_one"] or packs["3"]["speedup"] < 1
     assert tuned["packs_slower"] == (packs["3"]["speedup"] < 1)  # then the line says pack.size=auto leaves them
 

@@ -33,7 +33,7 @@ def test_a_setting_added_later_with_a_default_keeps_every_old_run_where_it_is(mo
     new["inference"]["new_option"] = 0.25  # ... and a run that sets it differently is another run
     assert config.config_hash(old) != config.config_hash(new)
     # keys an old release did not have at all (the dataset fields of the schema) do not count either
-    del old["dataset"]["train_size"], old["dataset"]["mirrors"], old["inference"]["check_every"]
+    del old["dataset"]["train_size"], old["dataset"]["mirrors"], old["inference"]["auto_stiffness"]
     assert config.config_hash(old) == config.config_hash(container("algo=pc", "relax=3", "width=24"))
 
 

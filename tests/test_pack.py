@@ -106,7 +106,7 @@ def test_every_pc_twin_packed_equals_its_runs_alone(tmp_path):
 def test_tuning_trains_its_candidates_in_packs_and_a_diverging_one_stops_alone(tmp_path):
     """tune=lr's trials at two learning rates train as one pack; the one at 10 diverges and is marked so, the other
     trains on to the end, equal to the same trial trained alone."""
-    tune = ["-m", "algo=pc", "relax=2", "tune=lr", "tune.candidates=[0.001,10.0]", "tune.seeds=1", *RUN]
+    tune = ["-m", "algo=pc", "relax=2", "tune=lr", "tune.candidates=[0.001,10.0]", "tune.seeds=1", "tune.widen=0", *RUN]
     (tmp_path / "packed").mkdir()
     (tmp_path / "alone").mkdir()
     packed = pcsweep(tmp_path / "packed", *tune, "pack.size=2")

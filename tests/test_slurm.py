@@ -113,7 +113,7 @@ def test_a_sweep_through_slurm_completes_every_run(tmp_path, slurm):
 
 
 def test_tuning_trials_run_as_slurm_jobs_like_any_other(tmp_path, slurm):
-    tuned = ["algo=bp", "tune=lr", "tune.candidates=[1e-3,1e-2]", "tune.seeds=1"]
+    tuned = ["algo=bp", "tune=lr", "tune.candidates=[1e-3,1e-2]", "tune.seeds=1", "tune.widen=0"]
     result = pcsweep(tmp_path, "-m", *SMALL, *JOB, *tuned, env=slurm)
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"

@@ -47,7 +47,9 @@ def matmul_shapes(setup: Setup, updates: int) -> list[tuple[int, int, int]]:
     Feedforward: every layer once. Each step: predictions of layers 2..L (x_0 is clamped, so W_1 x_0 is reused
     until W_1 changes) and feedbacks into layers 1..L-1 (W_1^T is never needed); until the first update, only
     those above the error front (step t moves the top t hidden layers). Each update: the L weight gradients,
-    then the predictions again (the weights changed), W_1 x_0 included unless it was the last step.
+    then the predictions again (the weights changed), W_1 x_0 included unless it was the last step. The residual
+    the batch records (without a tolerance: at the feedforward state, the top layer's alone, and at the last step,
+    every feedback and the top).
     """
     s, B = setup.sizes, setup.batch
     L = len(s) - 1
@@ -60,6 +62,8 @@ def matmul_shapes(setup: Setup, updates: int) -> list[tuple[int, int, int]]:
         shapes += [(B, s[l + 1], s[l]) for l in range(lo + 1, L - 1)] + [(B, s[L], s[L - 1])]  # nonzero feedbacks
     grads = [(s[l], B, s[l - 1]) for l in range(1, L + 1)]
     shapes += updates * grads + (updates - 1) * forward_all  # re-predict after every update but the last
+    top = (B, s[L], s[L - 1])
+    shapes += [top] + [(B, s[l + 1], s[l]) for l in range(1, L - 1)] + [top]  # the residual, first and last
     return shapes
 
 
