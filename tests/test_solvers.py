@@ -145,7 +145,7 @@ def test_the_stop_needs_two_checks_below_and_no_rise():
     inferences = [Inference(tolerance=1e-3)] * 4
     zeros = torch.zeros(4)
     runs = _Runs([True] * 4, [0] * 4, [256] * 4, zeros, zeros, torch.zeros(4, dtype=torch.int64), [None] * 4,
-                 torch.ones(4), torch.ones(4), [True, False, True, True], [False] * 4)  # fmt: skip
+                 torch.ones(4), [True, False, True, True], [False] * 4)  # fmt: skip
     runs.rise_ref = torch.tensor([1.0, 1.0, 1.0, 1.0])
     energy = torch.tensor([0.9, 0.9, 1.1, 0.9])  # run 2's energy rose
     residual = torch.tensor([1e-4, 1e-4, 1e-4, 2e-3])  # run 3 is above the tolerance

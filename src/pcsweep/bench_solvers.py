@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from pcsweep.bench_setup import Setup, make_batch, make_twin, median_seconds, sgd
 from pcsweep.data import load_digits28
-from pcsweep.pc import Inference, PCEngine, activity_curvature
+from pcsweep.pc import Inference, PCEngine
+from pcsweep.pc.stability import preflight_stability
 from pcsweep.settings import AUTO_STEP_FRACTION
 
 CONVERGED_TWINS = ("pc", "pc_rc3")
@@ -42,12 +43,10 @@ def solver_batch(setup: Setup, twin: str, solver: str, tolerance: float, batch: 
     mlp, log_vars, net, _ = make_twin(setup, twin)
     inference = replace(SOLVERS[solver], tolerance=tolerance)
     engine = PCEngine(net, inference, log_variance_min=-2.0)
-    if solver == "state":  # inference.step_size=auto, as the pre-flight sets it
-        engine.feedforward_init(*batch)
-        stiffness = AUTO_STEP_FRACTION * 2 * (1 + inference.momentum)
-        engine.inference = replace(inference, step_size=stiffness / float(activity_curvature(engine).max()))
-    opt = sgd(mlp, log_vars)
     inputs, target = batch
+    if solver == "state":  # inference.step_size=auto, set by the run's own pre-flight
+        preflight_stability(engine, inputs, target, None, False, "auto", AUTO_STEP_FRACTION)
+    opt = sgd(mlp, log_vars)
     return (lambda: engine.train_batch(inputs, target, opt.step)), engine
 
 

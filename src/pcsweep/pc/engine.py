@@ -360,20 +360,17 @@ class PCEngine:
         on, until the next batch starts."""
         self._moving = list(moving)
         like = self.X
-        gamma = torch.tensor(
-            [m.inference.step_size if go else 0.0 for m, go in zip(self.members, moving)],
-            dtype=like.dtype,
-            device=like.device,
-        )
-        beta = torch.tensor(
-            [m.inference.momentum if go else 0.0 for m, go in zip(self.members, moving)],
-            dtype=like.dtype,
-            device=like.device,
-        )
-        self._gamma_rows = gamma.view(1, -1, 1, 1).expand(self.H, -1, 1, 1).reshape(-1, 1, 1)
-        self._beta_rows = beta.view(1, -1, 1, 1).expand(self.H, -1, 1, 1).reshape(-1, 1, 1)
+
+        def per_run(values: Sequence[float]) -> Tensor:
+            return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+
+        def rows(values: Sequence[float]) -> Tensor:  # one value a run, on every flat hidden row
+            return per_run(values).view(1, -1, 1, 1).expand(self.H, -1, 1, 1).reshape(-1, 1, 1)
+
+        self._gamma_rows = rows([m.inference.step_size if go else 0.0 for m, go in zip(self.members, moving)])
+        self._beta_rows = rows([m.inference.momentum if go else 0.0 for m, go in zip(self.members, moving)])
         if self._conjugate is not None:
-            self._conjugate.hold(torch.tensor(self._moving, dtype=like.dtype, device=like.device))
+            self._conjugate.hold(per_run(self._moving))
 
     @torch.no_grad()
     def residuals(self) -> Tensor:

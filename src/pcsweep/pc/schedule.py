@@ -139,7 +139,6 @@ class _Runs:
     energy_end: Tensor
     rises: Tensor
     log_variance_energy: list[Optional[Tensor]]
-    residual_start: Tensor  # |dE/dx| at the feedforward state: what the relative residual is relative to
     residual: Tensor  # relative, at the last check (at the stop once a run stopped)
     below: list[bool]  # the last check was below the tolerance
     converged: list[bool]
@@ -179,7 +178,7 @@ def train_batches(
     runs = _Runs(
         [True] * R, [0] * R, [steps] * R, energy_start, energy_start,
         torch.zeros(R, dtype=torch.int64, device=device), [None] * R,
-        residual_start, torch.ones_like(residual_start), [False] * R, [False] * R,
+        torch.ones_like(residual_start), [False] * R, [False] * R,
     )  # fmt: skip
     for t in range(1, steps + 1):
         stepper.step()
