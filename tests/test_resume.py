@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,4 +173,27 @@ def test_a_float64_run_resumes_bitwise_too(tmp_path):
     resumed = pcsweep(tmp_path, *float64, "sweep_name=stopped")
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run_dir / "weights.pt")["mlp.layers.0.weight"].dtype == torch.float64
+    same_result(reference.parent, run_dir, 3)
+
+
+STORED = Path(__file__).parent / "data" / "run_written_by_01a8790"
+
+
+@pytest.mark.slow
+def test_a_run_folder_written_before_the_rooms_moved_still_resumes(tmp_path, reference):
+    """tests/data/run_written_by_01a8790: SIGNAL_CFG stopped by SIGINT in epoch 1 by commit 01a8790, before the flat
+    modules moved into rooms; its config.yaml names ``pcsweep.wandb_run.wandb_logger``. Its identity is still this
+    command's (it resumes, not set aside), its old target still imports, and the rerun ends as an uninterrupted run."""
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
+
+    stored = OmegaConf.load(STORED / "config.yaml")
+    assert stored.logger.wandb._target_ == "pcsweep.wandb_run.wandb_logger"
+    assert callable(get_method(stored.logger.wandb._target_))
+    run_dir = tmp_path / "multirun" / "stopped" / "pc_32_3_rc2_digits-f341cd16"  # as it was written
+    shutil.copytree(STORED, run_dir)
+    cfg = [c for c in SIGNAL_CFG if c != "logger=csv"]  # as it was launched (W&B disabled, as in start())
+    resumed = pcsweep(tmp_path, *cfg, "sweep_name=stopped")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # resumed in place, nothing set aside
     same_result(reference.parent, run_dir, 3)
