@@ -167,3 +167,75 @@ def test_a_signal_stops_every_member_at_a_checkpoint_and_the_rerun_resumes_each(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     assert_same_runs(tmp_path / "stopped", tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_the_whole_pack_now_and_the_rerun_resumes_every_member(tmp_path):
+    """Ctrl-C twice inside a pack of two, within one (long) batch: each member stops at that batch's end without
+    saving, the process ends in one line, exit 130, with no member looking finished; the same command again resumes
+    both members from their epoch checkpoints and finishes them. (A batch takes about half a second here.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    long_batches = ["width=128", "depth=4", "inference.steps=256", "batch_size=256"]
+    grid = ["-m", "algo=pc", "relax=2", "seed=0,1", "pack.size=2", *RUN, *long_batches]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pcsweep", *grid],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sweep = tmp_path / "multirun" / "s"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:
+        time.sleep(0.02)
+    time.sleep(0.3)  # inside a batch of epoch 1
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the pack trained on after a second Ctrl-C")
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("pcsweep:")]
+    assert len(lines) == 1 and lines[0].startswith("pcsweep: stopped (a second SIGINT)"), err[-2000:]
+    assert "Traceback" not in err
+    assert not list(sweep.glob("*/summary.json"))  # no member looks finished
+    resumed = pcsweep(tmp_path, *grid)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("resuming") == 2, resumed.stdout
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert [s["epochs"] for s in summaries] == [2, 2]
+
+
+def test_a_signal_caught_while_a_member_sets_up_reaches_it_when_it_starts_training(tmp_path):
+    """A pack's main thread forwards signals to its members: one caught before a member started training (it was
+    setting up) is not lost; a second Ctrl-C stops the members without saving; a third ends the main thread."""
+    import signal
+    import threading
+
+    from pcsweep.interruption import _FOLLOWERS, MidEpochCheckpoints, forwarding
+
+    member = MidEpochCheckpoints(tmp_path / "last.ckpt", 0)
+    try:
+        with forwarding():
+            signal.raise_signal(signal.SIGINT)
+            thread = threading.Thread(target=member.on_train_start, args=(None, None))
+            thread.start()
+            thread.join()
+            assert member.signum == signal.SIGINT and not member.stop_now
+            signal.raise_signal(signal.SIGINT)
+            assert member.stop_now
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        _FOLLOWERS.discard(member)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -24,14 +24,15 @@ REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # whoever handled these befo
 
 
 class Interrupted(Exception):
-    """A run stopped by a signal after checkpointing; re-running the same command resumes it."""
+    """A run stopped by a signal after checkpointing (``saved``), or at once by a second Ctrl-C (a pack's member:
+    what it trained since its last checkpoint is lost); re-running the same command resumes it."""
 
-    def __init__(self, epoch: int, batch: int, signum: int) -> None:
-        self.epoch, self.batch, self.signum = epoch, batch, signum
-        super().__init__(
-            f"interrupted ({signal.Signals(signum).name}) in epoch {epoch} at batch {batch}; "
-            "re-run the same command to resume"
-        )
+    def __init__(self, epoch: int, batch: int, signum: int, saved: bool = True) -> None:
+        self.epoch, self.batch, self.signum, self.saved = epoch, batch, signum, saved
+        name = signal.Signals(signum).name
+        what = f"interrupted ({name})" if saved else f"stopped (a second {name})"
+        lost = "" if saved else ", unsaved since its last checkpoint"
+        super().__init__(f"{what} in epoch {epoch} at batch {batch}{lost}; re-run the same command to resume")
 
 
 class MidEpochCheckpoints(L.Callback):
@@ -41,6 +42,7 @@ class MidEpochCheckpoints(L.Callback):
     def __init__(self, checkpoint: Path, every_minutes: float) -> None:  # checkpoint.every_minutes: its default
         self.checkpoint, self.every_seconds = Path(checkpoint), 60.0 * every_minutes
         self.signum: Optional[int] = None
+        self.stop_now = False  # a pack's member after a second Ctrl-C: stop at the next batch, without saving
         self.previous: dict[int, Any] = {}
         self.last_save = time.monotonic()
         self._saving: Optional[dict] = None  # set while this callback saves: what the checkpoint is
@@ -62,15 +64,28 @@ class MidEpochCheckpoints(L.Callback):
         self.signum = signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum = None
+        self.signum, self.stop_now = None, False
         if threading.current_thread() is not threading.main_thread():
-            _FOLLOWERS.add(self)  # only the main thread may install handlers: a pack's forwards them (forwarding)
+            # only the main thread may install handlers: a pack's forwards them, and what came before this member
+            # started training (while it set up) reaches it now
+            _FOLLOWERS.add(self)
+            self.signum, self.stop_now = _FORWARDED["signum"], bool(_FORWARDED["stop_now"])
             return
         for signum in SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if self.stop_now:
+            self._stop_now(trainer, batch_idx)
+
+    def _stop_now(self, trainer: L.Trainer, batches: int) -> None:
+        self.restore()
+        raise Interrupted(trainer.current_epoch, batches, signal.SIGINT, saved=False)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         assert trainer.train_dataloader is not None  # set while training
+        if self.stop_now:
+            self._stop_now(trainer, batch_idx + 1)
         trainer.train_dataloader.trained = (trainer.current_epoch, batch_idx + 1)  # what a checkpoint resumes after
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         if last_batch:
@@ -82,6 +97,8 @@ class MidEpochCheckpoints(L.Callback):
             self._save(trainer, batch_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stop_now:
+            self._stop_now(trainer, cast(int, trainer.num_training_batches))
         if self.signum is not None:  # a signal during the epoch's last batch or its end: save the epoch's checkpoint
             trainer.save_checkpoint(self.checkpoint)  # (ModelCheckpoint, which Lightning calls last, would be too late)
             self._stop(trainer, cast(int, trainer.num_training_batches))
@@ -110,21 +127,32 @@ class MidEpochCheckpoints(L.Callback):
 
 
 _FOLLOWERS: set[MidEpochCheckpoints] = set()  # runs training in threads of this process (a pack's members)
+_FORWARDED: dict[str, Any] = {"signum": None, "stop_now": False}  # what a pack's main thread has caught so far
 
 
 @contextlib.contextmanager
 def forwarding() -> Iterator[dict[int, Any]]:
-    """In a pack's main thread while its members train in threads: a signal reaches every member (each checkpoints
-    and stops at its next batch end, as alone). Yields the handlers it replaced: after the members stopped, the
-    caller hands a requeue signal on to them (submitit's requeue)."""
+    """In a pack's main thread while its members train in threads: a signal reaches every member, those training
+    and those still setting up (each checkpoints and stops at its next batch end, as alone). A second Ctrl-C stops
+    every member at its next batch without saving; a third raises KeyboardInterrupt here (the members are daemon
+    threads: the process ends). Yields the handlers it replaced: after the members stopped, the caller hands a
+    requeue signal on to them (submitit's requeue)."""
 
     def handle(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and _FORWARDED["stop_now"]:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and _FORWARDED["signum"] is not None:
+            _FORWARDED["stop_now"] = True
+        _FORWARDED["signum"] = _FORWARDED["signum"] or signum
         for follower in list(_FOLLOWERS):
-            follower._handle(signum, frame)
+            follower.signum = follower.signum or signum
+            follower.stop_now = bool(_FORWARDED["stop_now"])
 
+    _FORWARDED.update(signum=None, stop_now=False)
     previous: dict[int, Any] = {signum: signal.signal(signum, handle) for signum in SIGNALS}
     try:
         yield previous
     finally:
+        _FORWARDED.update(signum=None, stop_now=False)
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -166,8 +166,9 @@ def train_pack(settings: Settings, run_dir: Path) -> dict[str, Any]:
                 seat.leave()
 
     threads = [
-        threading.Thread(target=train_member, args=(slot, *job), name=f"pack-{job[0]}") for slot, job in enumerate(todo)
-    ]
+        threading.Thread(target=train_member, args=(slot, *job), name=f"pack-{job[0]}", daemon=True)
+        for slot, job in enumerate(todo)
+    ]  # daemons: a third Ctrl-C ends the process at once (checkpoints are written atomically: kill -9 is safe too)
     # Lightning's 64-bit precision sets torch's default dtype (process-wide) around every step: members in threads can
     # leave it changed, and the next pack's models would be drawn in another dtype (the metrics pin theirs: models.py)
     default_dtype = torch.get_default_dtype()
@@ -184,8 +185,9 @@ def train_pack(settings: Settings, run_dir: Path) -> dict[str, Any]:
 
 
 def _raise_first(failures: dict[int, BaseException], previous: dict[int, Any]) -> None:
-    """A member's failure, once all have stopped: a signal first (handed on to whoever requeues), then any other."""
-    interrupted = [exc for exc in failures.values() if isinstance(exc, Interrupted)]
+    """A member's failure, once all have stopped: a signal first (handed on to whoever requeues; a stop without a
+    save before one with), then any other."""
+    interrupted = sorted((exc for exc in failures.values() if isinstance(exc, Interrupted)), key=lambda e: e.saved)
     if interrupted:
         signum = interrupted[0].signum
         handler = previous.get(signum)
