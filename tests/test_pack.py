@@ -203,7 +203,7 @@ def test_a_second_ctrl_c_stops_the_whole_pack_now_and_the_rerun_resumes_every_me
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the pack trained on after a second Ctrl-C")
+        raise AssertionError("the pack trained on after a second Ctrl-C") from None
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("pcsweep:")]
     assert len(lines) == 1 and lines[0].startswith("pcsweep: stopped (a second SIGINT)"), err[-2000:]
