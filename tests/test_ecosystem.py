@@ -243,3 +243,44 @@ def test_a_bad_study_is_one_line_before_any_trial_trains(tmp_path, args, message
     command = [*STUDY, "hydra.sweeper.n_trials=2", *args]
     assert only_error_line(pcsweep(tmp_path, *command)).endswith(message)
     assert not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_a_failed_optuna_trial_is_given_its_own_failure_and_a_finished_pack_mate_its_own_summary(tmp_path):
+    """Three trials launched in one batch: trial a's job fails with its own error, b and c train as one pack whose job
+    failed (c raised) though b finished. a gets a's failure, c gets its pack's, b is scored by its own summary."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.pcsweep_sweeper import TrialLauncher
+
+    entries = [{"status": "launched", "run_dir": name, "overrides": [f"seed={i}"]} for i, name in enumerate("abc")]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text(
+        json.dumps({"status": "complete", "run_dir": "b", "best_val_acc": 0.5})
+    )
+    failures = [ValueError("a's own"), RuntimeError("the pack's")]
+    inner = SimpleNamespace(
+        launch=lambda jobs, initial_job_idx: [JobReturn(status=JobStatus.FAILED, _return_value=e) for e in failures]
+    )
+    sweeper = SimpleNamespace(
+        manifest=[],
+        trials=[],
+        objective="best_val_acc",
+        write_manifest=lambda: None,
+        sweep_id="s",
+        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "launcher": {"_target_": "local"}}}),
+    )
+    launcher = TrialLauncher(inner, sweeper)
+    launcher.plan_all = lambda overrides: entries
+    launcher.packing = {("seed=0",): (None, 1), ("seed=1",): ("b", 2), ("seed=2",): ("c", 2)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pcsweep.pack.pack_shape", lambda settings: "one shape")
+        patch.setattr("pcsweep.pack.settings_difference", lambda base, other: {})
+        returns = launcher.launch([e["overrides"] for e in entries], initial_job_idx=0)
+    with pytest.raises(ValueError, match="a's own"):
+        _ = returns[0].return_value
+    assert returns[1].status == JobStatus.COMPLETED and returns[1].return_value == 0.5
+    with pytest.raises(RuntimeError, match="the pack's"):
+        _ = returns[2].return_value

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -78,31 +78,41 @@ def job_has_gpu(settings: Settings, launcher: Mapping[str, Any]) -> bool:
 def pack_jobs(
     jobs: Sequence[Sequence[str]], settings: Sequence[Optional[Settings]], sizes: Sequence[int]
 ) -> list[list[str]]:
-    """The jobs to launch: PC jobs (those with ``settings``; None: BP or not to pack) of one ``pack_shape`` grouped
-    into packs of at most their group's size (``sizes[i]``: job i's ``pack.size``, one for a whole group, since
-    ``pack.size`` is part of the shape), each launched as its first member plus ``++pack.members`` (each member's
-    settings where they differ from the first's); every other job as it is."""
-    groups: dict[tuple, list[tuple[list[str], Settings]]] = {}
+    """The jobs to launch, one per ``pack_groups`` group: a job alone as it is, a pack as its first member plus
+    ``++pack.members`` (each member's settings where they differ from the first's)."""
+    launched = []
+    for group in pack_groups(settings, sizes):
+        first = list(jobs[group[0]])
+        if len(group) == 1:
+            launched.append(first)
+            continue
+        base = settings[group[0]]
+        assert base is not None  # only PC jobs with settings are grouped
+        differences = [settings_difference(base, cast(Settings, settings[i])) for i in group]
+        launched.append(first + [f"++pack.members='{encode(differences)}'"])
+    return launched
+
+
+def pack_groups(settings: Sequence[Optional[Settings]], sizes: Sequence[int]) -> list[list[int]]:
+    """Which jobs each launched job trains, as indices, in launch order: PC jobs (those with ``settings``; None: BP
+    or not to pack) of one ``pack_shape`` grouped into packs of at most their group's size (``sizes[i]``: job i's
+    ``pack.size``, one for a whole group, since ``pack.size`` is part of the shape); every other job alone, first."""
+    groups: dict[tuple, list[int]] = {}
     group_size: dict[tuple, int] = {}
-    launched: list[list[str]] = []
-    for job, own, size in zip(jobs, settings, sizes):
+    alone: list[list[int]] = []
+    for index, (own, size) in enumerate(zip(settings, sizes)):
         if own is None or size <= 1:
-            launched.append(list(job))
+            alone.append([index])
             continue
         shape = pack_shape(own)
-        groups.setdefault(shape, []).append((list(job), own))
+        groups.setdefault(shape, []).append(index)
         group_size.setdefault(shape, size)
-    for shape, members in groups.items():
-        size = group_size[shape]
-        for start in range(0, len(members), size):
-            pack = members[start : start + size]
-            first, first_settings = pack[0]
-            if len(pack) == 1:
-                launched.append(first)
-                continue
-            differences = [settings_difference(first_settings, own) for _, own in pack]
-            launched.append(first + [f"++pack.members='{encode(differences)}'"])
-    return launched
+    packs = [
+        members[start : start + group_size[shape]]
+        for shape, members in groups.items()
+        for start in range(0, len(members), group_size[shape])
+    ]
+    return alone + packs
 
 
 def settings_difference(base: Settings, other: Settings) -> dict[str, Any]:

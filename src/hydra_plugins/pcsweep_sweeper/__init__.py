@@ -84,6 +84,7 @@ class FilteringLauncher(Launcher):
         self.stability = StabilityPreflight()
         self.tuning = False  # launching a tuning stage's trials (they are not the sweep's runs)
         self.entries: List[dict] = []  # the last launch's plan, one entry per job
+        self.launched_groups: List[List[int]] = []  # which of the launched entries each launched job trains
         self.packing: Dict[tuple, tuple] = {}  # a planned job's overrides -> (its settings if PC, members per pack)
 
     def setup(self, **kwargs: Any) -> None:  # pragma: no cover - the inner launcher is already set up
@@ -188,11 +189,14 @@ class FilteringLauncher(Launcher):
             + ([] if any(o.startswith("++tracking.group=") for o in entry["overrides"]) else [group])
             for entry in launched
         ]
+        self.launched_groups = [[i] for i in range(len(launched))]
         if launched:  # PC runs of one shape and schedule train as packs (pcsweep.pack)
-            from pcsweep.pack import pack_jobs
+            from pcsweep.pack import pack_groups, pack_jobs
 
             plans = [self.packing[tuple(entry["overrides"])] for entry in launched]
-            to_launch = pack_jobs(to_launch, [plan[0] for plan in plans], [plan[1] for plan in plans])
+            own, sizes = [plan[0] for plan in plans], [plan[1] for plan in plans]
+            self.launched_groups = pack_groups(own, sizes)
+            to_launch = pack_jobs(to_launch, own, sizes)
         if not self.tuning:
             self.sweeper.manifest.extend(entries)
             self.sweeper.write_manifest()
@@ -593,9 +597,12 @@ class TrialLauncher(FilteringLauncher):
         launched = super().launch(job_overrides, initial_job_idx)
         entries = self.sweeper.manifest[first:]
         # one return per launched job, and a pack's job returns every member's summary (pcsweep.pack): each trial
-        # finds its own by its folder; a trial without one was in a job that failed, and gets that job's failure
+        # finds its own by its folder; a trial without one was in a job that failed: it finished all the same (another
+        # member failed the pack's job), or it gets the failure of the job it was in
         summaries: Dict[str, dict] = {}
-        failed = [job for job in launched if job.status != JobStatus.COMPLETED]
+        trained = [entry for entry in entries if entry["status"] == "launched"]
+        job_of = {trained[i]["run_dir"]: job for job, group in zip(launched, self.launched_groups) for i in group}
+        sweep_dir = Path(self.sweeper.config.hydra.sweep.dir)
         for job in launched:
             if job.status == JobStatus.COMPLETED:
                 value = job.return_value or {}
@@ -606,10 +613,12 @@ class TrialLauncher(FilteringLauncher):
                 if entry["run_dir"] in summaries:
                     by_run[entry["run_dir"]] = finished_return(entry["overrides"], summaries[entry["run_dir"]])
                 else:
-                    assert failed, f"no result for {entry['run_dir']}"  # every launched trial is in some job
-                    by_run[entry["run_dir"]] = failed[0]
+                    summary = finished_summary(sweep_dir / entry["run_dir"])
+                    by_run[entry["run_dir"]] = (
+                        finished_return(entry["overrides"], summary) if summary else job_of[entry["run_dir"]]
+                    )
             elif entry["status"] == "finished":
-                summary = finished_summary(Path(self.sweeper.config.hydra.sweep.dir) / entry["run_dir"])
+                summary = finished_summary(sweep_dir / entry["run_dir"])
                 by_run[entry["run_dir"]] = finished_return(entry["overrides"], summary or {})
         returns = []
         for entry, overrides in zip(entries, job_overrides):
