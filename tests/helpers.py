@@ -33,7 +33,7 @@ def compose(*overrides: str, hydra_node: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pcsweep.config import register_resolvers
+    from pcsweep.config.compose import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -41,7 +41,7 @@ def compose(*overrides: str, hydra_node: bool = False):
 
 
 def compose_settings(*overrides: str):
-    """``compose`` as typed, validated settings (pcsweep.settings.Settings)."""
-    from pcsweep.config import settings_from
+    """``compose`` as typed, validated settings (pcsweep.config.settings.Settings)."""
+    from pcsweep.config.compose import settings_from
 
     return settings_from(compose(*overrides))

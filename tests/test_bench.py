@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pcsweep import bench
+from pcsweep.bench import floor, peers
+from pcsweep.bench import tables as bench
+from pcsweep.bench.setup import TWINS, Setup, make_batch, make_twin, sgd
 from pcsweep.pc import Inference, PCEngine
 
 
@@ -30,18 +32,18 @@ class MatmulFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("twin", list(bench.TWINS))
+@pytest.mark.parametrize("twin", list(TWINS))
 def test_floor_counts_exactly_the_engines_matmul_flops(twin):
-    setup = bench.Setup(width=32, depth=4, batch=8, steps=16, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
-    mlp, log_vars, net, every = bench.make_twin(setup, twin)
+    setup = Setup(width=32, depth=4, batch=8, steps=16, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
+    mlp, log_vars, net, every = make_twin(setup, twin)
     engine = PCEngine(net, Inference(steps=setup.steps, step_size=0.05, update_every=every))
-    opt = bench.sgd(mlp, log_vars)
-    x, y = bench.make_batch(setup)
+    opt = sgd(mlp, log_vars)
+    x, y = make_batch(setup)
     engine.train_batch(x, y, opt.step)  # warm: buffers allocated
     with MatmulFlops() as counter:
         result = engine.train_batch(x, y, opt.step)
     assert counter.flops > 0
-    assert counter.flops == bench.flops(bench.matmul_shapes(setup, result.updates))
+    assert counter.flops == floor.flops(floor.matmul_shapes(setup, result.updates))
 
 
 def test_bench_quick_run_reports_every_measure(tmp_path):
@@ -71,7 +73,7 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["machine"]["best_matmul_gflops"] > 0
     width = report["widths"]["16"]
-    assert width["bp_ms"] > 0 and set(width["twins"]) == set(bench.TWINS)
+    assert width["bp_ms"] > 0 and set(width["twins"]) == set(TWINS)
     for row in width["twins"].values():
         assert row["ms_per_batch"] > 0 and 0 < row["floor_ms"] and row["efficiency"] > 0
         assert row["speedup_vs_autograd"] > 0 and row["pc_bp_flops"] > 1
@@ -104,7 +106,7 @@ def test_bench_quick_run_reports_every_measure(tmp_path):
 
 
 def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypatch, capsys):
-    setup = bench.Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
+    setup = Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
     runs = {
         "": {"pcx_version": "0.6.3", "jax_version": "0.4.38", "ms_per_batch": {"converged": 30.0, "every": 12.0}},
         "--xla_cpu_use_thunk_runtime=false": {
@@ -113,19 +115,19 @@ def test_peer_figure_is_the_best_xla_runtime_and_failures_are_one_line(monkeypat
             "ms_per_batch": {"converged": 20.0, "every": 40.0},
         },
     }
-    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags, python: runs[flags])
-    peer = bench.time_pcx(setup, 2, 3, "scan")
+    monkeypatch.setattr(peers, "run_pcx", lambda setup, threads, repeats, loop, flags, python: runs[flags])
+    peer = peers.time_pcx(setup, 2, 3, "scan")
     assert peer["best"] == {
         "converged": {"ms_per_batch": 20.0, "runtime": "legacy"},
         "every": {"ms_per_batch": 12.0, "runtime": "default"},
     }
-    monkeypatch.setattr(bench, "run_pcx", lambda *args: {"error": "pcx missing"})
-    assert bench.time_pcx(setup, 2, 3, "scan")["error"] == "pcx missing"
-    other = bench.Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
-    assert "784 inputs" in bench.time_pcx(other, 2, 3, "scan")["error"]
+    monkeypatch.setattr(peers, "run_pcx", lambda *args: {"error": "pcx missing"})
+    assert peers.time_pcx(setup, 2, 3, "scan")["error"] == "pcx missing"
+    other = Setup(width=16, depth=2, batch=8, steps=8, every=4, n_in=20, n_out=10, device=torch.device("cpu"))
+    assert "784 inputs" in peers.time_pcx(other, 2, 3, "scan")["error"]
 
     # in the report: each schedule's best beside the twin that does the same work
-    monkeypatch.setattr(bench, "run_pcx", lambda setup, threads, repeats, loop, flags, python: runs[flags])
+    monkeypatch.setattr(peers, "run_pcx", lambda setup, threads, repeats, loop, flags, python: runs[flags])
     report = bench.main(
         [
             "--widths",
@@ -156,9 +158,9 @@ def test_real_pcx_peer_runs_and_agrees_with_plain_jax():
     pytest.importorskip("pcx", reason="the peer library is an optional extra: pip install 'pcsweep[peers]'")
     import subprocess
 
-    check = subprocess.run([sys.executable, "-m", "pcsweep.peers.pcx_mlp", "--check"], capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "pcsweep.bench.pcx_mlp", "--check"], capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr
-    setup = bench.Setup(width=32, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
-    peer = bench.run_pcx(setup, threads=1, repeats=2, loop="scan", xla_flags="", python=sys.executable)
+    setup = Setup(width=32, depth=2, batch=8, steps=8, every=4, n_in=784, n_out=10, device=torch.device("cpu"))
+    peer = peers.run_pcx(setup, threads=1, repeats=2, loop="scan", xla_flags="", python=sys.executable)
     assert peer["pcx_version"] == "0.6.3" and peer["width"] == 32
     assert set(peer["ms_per_batch"]) == {"converged", "every"} and min(peer["ms_per_batch"].values()) > 0

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from helpers import pcsweep
-from pcsweep.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_TESTED, ClaimRules, evaluate, interval
-from pcsweep.landscape import Objective, hessian_extremes, output_loss, plane_convexity, sharpness
-from pcsweep.layers import gaussian_distance, relative_change, wasserstein1
 from pcsweep.report import build_report
 from pcsweep.report import main as report_main
+from pcsweep.report.claim_rules import FAILS, HOLDS, INCONCLUSIVE, NOT_TESTED, ClaimRules, interval
+from pcsweep.report.claims import evaluate
+from pcsweep.report.landscape_math import Objective, hessian_extremes, output_loss, plane_convexity, sharpness
+from pcsweep.track.layers import gaussian_distance, relative_change, wasserstein1
 
 
 def run(twin, seed, acc=0.9, width=64, **extra):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from helpers import SMALL, compose_settings, pcsweep
-from pcsweep.conditions import probe_condition2, variance_statistics
-from pcsweep.data import load_digits
-from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.config.settings import AUTO_STEP_FRACTION
+from pcsweep.data.datasets import load_digits
+from pcsweep.model.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature
 from pcsweep.pc.stability import AUTO_FLOOR_STIFFNESS, curvature_due, follow_curvature, preflight_stability
-from pcsweep.settings import AUTO_STEP_FRACTION
+from pcsweep.track.conditions import probe_condition2, variance_statistics
 
 
 def digits_batch(size=64):
@@ -199,8 +199,8 @@ def test_an_unstable_job_stops_a_sweep_before_any_job_trains(tmp_path):
 def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdict):
     from types import SimpleNamespace
 
-    from pcsweep.summary import checks_text
-    from pcsweep.verdicts import run_checks
+    from pcsweep.sweep.table import checks_text
+    from pcsweep.track.verdicts import run_checks
 
     layers = [{"mean": -0.3, "std": s, "min": -0.4, "max": -0.2, "at_floor": at_floor} for s in stds]
     probe = {"gap": 0.01, "cosine": [0.99, 0.99]}

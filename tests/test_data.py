@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import SMALL, pcsweep
-from pcsweep import data
-from pcsweep.data import DatasetError, load_idx_dataset, read_idx, write_idx
+from pcsweep.data import datasets as data
+from pcsweep.data.datasets import DatasetError, load_idx_dataset, read_idx, write_idx
 
 
 def make_idx_dataset(folder, n_train=300, n_test=100, compress=True, seed=0):

@@ -114,7 +114,7 @@ def test_a_bad_command_line_is_one_line_before_any_work(tmp_path, args, message)
 )
 def test_callbacks_and_loggers_that_cannot_be_built_are_rejected_with_the_settings(args, message):
     """The same check as above (settings_from, which the command line runs first), without a process each."""
-    from pcsweep.settings import ConfigError
+    from pcsweep.config.settings import ConfigError
 
     with pytest.raises(ConfigError) as error:
         compose_settings(*args)
@@ -123,7 +123,7 @@ def test_callbacks_and_loggers_that_cannot_be_built_are_rejected_with_the_settin
 
 @pytest.mark.slow
 def test_callbacks_from_the_command_line_and_a_checkpoint_that_rebuilds_its_module(tmp_path):
-    from pcsweep.models import PCModule
+    from pcsweep.model.twins import PCModule
 
     result = pcsweep(
         tmp_path,
@@ -156,11 +156,11 @@ def test_callbacks_from_the_command_line_and_a_checkpoint_that_rebuilds_its_modu
     assert step_size != 0.1
     # the log file holds every line the terminal showed, with time, logger and level
     log_text = (run_dir / "pcsweep.log").read_text()
-    assert "[pcsweep.run][INFO] - training pc_16_2_rc2" in log_text and "test accuracy" in log_text
+    assert "[pcsweep.run.task][INFO] - training pc_16_2_rc2" in log_text and "test accuracy" in log_text
 
 
 def test_the_validation_split_is_held_out_of_training_and_the_same_for_every_run():
-    from pcsweep.data import load_dataset
+    from pcsweep.data.datasets import load_dataset
 
     whole = load_dataset(compose_settings().dataset)
     held = load_dataset(compose_settings("dataset.val_fraction=0.25", "seed=3", "width=8").dataset)
@@ -203,7 +203,8 @@ def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing
 
 @pytest.mark.slow
 def test_optuna_trials_asked_together_train_as_a_pack_and_each_is_scored_by_its_own_run(tmp_path):
-    """n_jobs=2 with pack.size=2: the two trials of each ask train as one pack (pcsweep.pack), whose job returns both
+    """n_jobs=2 with pack.size=2: the two trials of each ask train as one pack (pcsweep.run.pack), whose job returns
+    both
     members' summaries; each trial is scored by its own run's objective, not its pack-mate's."""
     result = pcsweep(tmp_path, *STUDY, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "pack.size=2")
     assert result.returncode == 0, result.stderr
@@ -276,8 +277,8 @@ def test_a_failed_optuna_trial_is_given_its_own_failure_and_a_finished_pack_mate
     launcher.plan_all = lambda overrides: entries
     launcher.packing = {("seed=0",): (None, 1), ("seed=1",): ("b", 2), ("seed=2",): ("c", 2)}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("pcsweep.pack.pack_shape", lambda settings: "one shape")
-        patch.setattr("pcsweep.pack.settings_difference", lambda base, other: {})
+        patch.setattr("pcsweep.run.pack.pack_shape", lambda settings: "one shape")
+        patch.setattr("pcsweep.run.pack.settings_difference", lambda base, other: {})
         returns = launcher.launch([e["overrides"] for e in entries], initial_job_idx=0)
     with pytest.raises(ValueError, match="a's own"):
         _ = returns[0].return_value

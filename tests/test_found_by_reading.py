@@ -7,7 +7,7 @@ from helpers import compose_settings
 
 
 def test_where_a_run_trains_is_not_part_of_what_it_is():
-    from pcsweep.config import config_hash
+    from pcsweep.config.compose import config_hash
 
     assert config_hash(compose_settings("trainer.accelerator=cpu")) == config_hash(
         compose_settings()
@@ -19,7 +19,7 @@ def test_where_a_run_trains_is_not_part_of_what_it_is():
 
 def test_with_a_cross_entropy_output_every_variance_is_a_hidden_one():
     """make_log_variances gives a ce network no output variance: the last entry is the last hidden layer."""
-    from pcsweep.verdicts import run_checks
+    from pcsweep.track.verdicts import run_checks
 
     layers = [{"mean": -0.1, "std": 0.1, "min": -0.2, "max": 0.0, "at_floor": f} for f in (1.0, 0.0)]
     conditions = SimpleNamespace(
@@ -54,7 +54,7 @@ def test_claims_json_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_the_mid_epoch_checkpoint_interval_has_one_default():
-    from pcsweep.interruption import MidEpochCheckpoints
+    from pcsweep.run.interruption import MidEpochCheckpoints
 
     assert inspect.signature(MidEpochCheckpoints).parameters["every_minutes"].default is inspect.Parameter.empty
     assert compose_settings().checkpoint.every_minutes == 5.0  # the setting states it

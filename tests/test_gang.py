@@ -5,8 +5,8 @@ import threading
 import torch
 
 from helpers import compose_settings
-from pcsweep.mlp import MLP
-from pcsweep.models import PCModule
+from pcsweep.model.mlp import MLP
+from pcsweep.model.twins import PCModule
 from pcsweep.pc import Inference, PCEngine
 from pcsweep.pc.gang import Gang
 

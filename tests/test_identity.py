@@ -6,8 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import SMALL, compose, compose_settings, pcsweep
-from pcsweep import config
-from pcsweep.settings import ConfigError
+from pcsweep.config import compose as config
+from pcsweep.config.settings import ConfigError
 
 
 def container(*overrides):

@@ -4,7 +4,7 @@ import threading
 import time
 
 from helpers import CONF_DIR, SMALL, pcsweep
-from pcsweep.devices import gpu_slot
+from pcsweep.run.devices import gpu_slot
 
 
 def test_gpu_slots_are_exclusive_and_released(tmp_path):
@@ -33,7 +33,7 @@ def test_paper_preset_adds_the_decayed_rc23_to_every_dataset_width_and_seed():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from hydra_plugins.pcsweep_sweeper import PcsweepSweeper
-    from pcsweep.config import register_resolvers
+    from pcsweep.config.compose import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import compose_settings
-from pcsweep.models import BPModule, PCModule
-from pcsweep.run import build_model
+from pcsweep.model.twins import BPModule, PCModule
+from pcsweep.run.task import build_model
 
 
 def twin_cfg(algo, relax="none"):

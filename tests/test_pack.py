@@ -1,4 +1,4 @@
-"""Packs (pcsweep.pack): PC runs of one shape and schedule (seeds, learning rates, pc beside rc3, rc2 beside rc23)
+"""Packs (pcsweep.run.pack): PC runs of one shape and schedule (seeds, learning rates, pc beside rc3, rc2 beside rc23)
 trained side by side as one computation, each still the run it is alone (folder, summary, metrics, checkpoint), to
 float64 rounding."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import compose_settings, pcsweep
-from pcsweep.config import run_dir_name
-from pcsweep.pack import encode, job_has_gpu, member_settings, pack_jobs
+from pcsweep.config.compose import run_dir_name
+from pcsweep.run.pack import encode, job_has_gpu, member_settings, pack_jobs
 
 TINY = ["width=16", "depth=2", "epochs=2", "inference.steps=16", "batch_size=128", "tracking.chance_margin=-1"]
 RUN = [*TINY, "logger=csv", "report.auto=false", "sweep_name=s", "trainer.precision=64-true"]
@@ -222,7 +222,7 @@ def test_a_signal_caught_while_a_member_sets_up_reaches_it_when_it_starts_traini
     import signal
     import threading
 
-    from pcsweep.interruption import _FOLLOWERS, MidEpochCheckpoints, forwarding
+    from pcsweep.run.interruption import _FOLLOWERS, MidEpochCheckpoints, forwarding
 
     member = MidEpochCheckpoints(tmp_path / "last.ckpt", 0)
     try:

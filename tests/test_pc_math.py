@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.model.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature, output_loss
 from pcsweep.pc import energy as pc_energy
 from pcsweep.pc import reference as ref
@@ -380,7 +380,7 @@ def test_heavy_ball_inference_reaches_a_fixed_point_of_the_same_energy_in_fewer_
 
 @pytest.mark.parametrize("width,trick", [(9, "error_front"), (9, "transposed_copy"), (514, "thread_balance")])
 def test_each_speed_trick_switched_off_computes_the_same_training(width, trick):
-    """pcsweep.bench times the engine with each trick off; the numbers must not depend on it (float64, 1e-12)."""
+    """pcsweep.bench.tables times the engine with each trick off; the numbers must not depend on it (float64, 1e-12)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.model.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, train_batch
 from pcsweep.pc.members import Member, PackError, check_fits, pack_bytes
 

@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import SMALL, compose, compose_settings, pcsweep
-from pcsweep import files
-from pcsweep.config import run_dir_name, settings_from
+from pcsweep.config.compose import run_dir_name, settings_from
+from pcsweep.run import files
 
 RUN = [*SMALL, "algo=bp", "logger=csv", "report.auto=false", "sweep_name=s"]
 
@@ -80,7 +80,7 @@ def test_a_run_another_live_process_owns_is_skipped_and_a_dead_owners_lock_is_no
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from pcsweep.files import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+            "from pcsweep.run.files import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
             " print('held', flush=True); time.sleep(60)",
             str(run_dir),
         ],
@@ -126,8 +126,8 @@ def test_two_identical_sweeps_at_once_train_each_run_once_and_keep_every_log_int
 
 
 def test_a_full_disk_is_one_line_naming_the_run_and_the_file_and_a_rerun_finishes(tmp_path, monkeypatch):
-    from pcsweep import run as run_module
-    from pcsweep.errors import UserError
+    from pcsweep.config.errors import UserError
+    from pcsweep.run import task as run_module
 
     cfg = compose(*RUN)
     run_dir = tmp_path / run_dir_name(settings_from(cfg))
@@ -213,8 +213,8 @@ def test_a_signal_in_an_epochs_last_batch_lets_the_epoch_finish_and_checkpoints_
 
     import torch
 
-    from pcsweep import interruption
-    from pcsweep import run as run_module
+    from pcsweep.run import interruption
+    from pcsweep.run import task as run_module
 
     straight = run_module.train(compose(*RUN), tmp_path / "straight")
     original = interruption.MidEpochCheckpoints.on_train_batch_end

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import SMALL, pcsweep
-from pcsweep.landscape import Objective, batched_losses, directions, landscape
-from pcsweep.mlp import MLP
+from pcsweep.model.mlp import MLP
 from pcsweep.pc import output_loss
 from pcsweep.report import build_report
+from pcsweep.report.landscape_math import Objective, batched_losses, directions, landscape
 
 
 def trained_like(seed=0):

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pcsweep.claims import SelectionError, evaluate, groups_of, twin_runs
-from pcsweep.errors import UserError
+from pcsweep.config.errors import UserError
 from pcsweep.report import (
     accuracy_curve_frame,
     benchmark_frame,
@@ -26,13 +25,15 @@ from pcsweep.report import (
     summary_frame,
 )
 from pcsweep.report import main as report_main
+from pcsweep.report.claim_runs import SelectionError, twin_runs
+from pcsweep.report.claims import evaluate, groups_of
 
 T_975_1 = 12.706204736174707  # Student's t, 97.5% quantile, 1 degree of freedom: two seeds
 EPOCHS, EVALS = 2, 10  # each run: two epochs of 10 batches, one evaluation per batch
 
 
 def write_run(sweep, twin, seed, test, *, depth=3, lr=1e-3, val=None, train=None, folder=None, energy=None, **extra):
-    """One finished run's folder: summary.json with the fields pcsweep.run writes, and a small weights.pt."""
+    """One finished run's folder: summary.json with the fields pcsweep.run.task writes, and a small weights.pt."""
     algo, _, relax = twin.partition("_rc")
     name = f"{algo}_16_{depth}" + (f"_rc{relax}" if relax else "")
     config = {

@@ -182,13 +182,13 @@ STORED = Path(__file__).parent / "data" / "run_written_by_01a8790"
 @pytest.mark.slow
 def test_a_run_folder_written_before_the_rooms_moved_still_resumes(tmp_path, reference):
     """tests/data/run_written_by_01a8790: SIGNAL_CFG stopped by SIGINT in epoch 1 by commit 01a8790, before the flat
-    modules moved into rooms; its config.yaml names ``pcsweep.wandb_run.wandb_logger``. Its identity is still this
+    modules moved into rooms; its config.yaml names ``pcsweep.track.wandb_run.wandb_logger``. Its identity is still this
     command's (it resumes, not set aside), its old target still imports, and the rerun ends as an uninterrupted run."""
     from hydra.utils import get_method
     from omegaconf import OmegaConf
 
     stored = OmegaConf.load(STORED / "config.yaml")
-    assert stored.logger.wandb._target_ == "pcsweep.wandb_run.wandb_logger"
+    assert stored.logger.wandb._target_ == "pcsweep.track.wandb_run.wandb_logger"
     assert callable(get_method(stored.logger.wandb._target_))
     run_dir = tmp_path / "multirun" / "stopped" / "pc_32_3_rc2_digits-f341cd16"  # as it was written
     shutil.copytree(STORED, run_dir)

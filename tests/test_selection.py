@@ -4,8 +4,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from helpers import compose_settings
-from pcsweep.run import _summary
-from pcsweep.verdicts import run_checks
+from pcsweep.run.task import _summary
+from pcsweep.track.verdicts import run_checks
 
 
 def test_whether_a_run_learned_is_judged_on_validation_where_there_is_a_split():

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from helpers import SMALL, compose_settings, pcsweep
-from pcsweep.mlp import MLP, make_log_variances
+from pcsweep.config.settings import ConfigError, TrackingSettings
+from pcsweep.model.mlp import MLP, make_log_variances
 from pcsweep.pc import Inference, PCEngine, activity_curvature
 from pcsweep.pc import energy as pc
 from pcsweep.pc import reference as ref
 from pcsweep.pc.schedule import _check, _Runs
-from pcsweep.settings import ConfigError, TrackingSettings
-from pcsweep.verdicts import condition2_verdict
+from pcsweep.track.verdicts import condition2_verdict
 
 NETS = [("mse", None), ("ce", None), ("mse", "neuron")]  # the output losses, and a learned variance (rc3)
 

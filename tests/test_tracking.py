@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from helpers import SMALL, compose, pcsweep
-from pcsweep.config import family_name, paper_name, run_dir_name, settings_from, settings_from_container
-from pcsweep.diagnostics import steps_to_tolerance
-from pcsweep.history import History, time_to_fraction
-from pcsweep.metrics_log import EPOCH, SECONDS, STEP, trim_metrics
-from pcsweep.wandb_run import run_labels
+from pcsweep.config.compose import family_name, paper_name, run_dir_name, settings_from, settings_from_container
+from pcsweep.track.diagnostics import steps_to_tolerance
+from pcsweep.track.history import History, time_to_fraction
+from pcsweep.track.metrics_log import EPOCH, SECONDS, STEP, trim_metrics
+from pcsweep.track.wandb_run import run_labels
 from wandb_records import read_run
 
 WANDB_OFFLINE = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}

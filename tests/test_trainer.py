@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import SMALL, compose_settings, pcsweep
-from pcsweep.run import trainer_arguments
-from pcsweep.settings import ConfigError
+from pcsweep.config.settings import ConfigError
+from pcsweep.run.task import trainer_arguments
 
 
 def test_any_trainer_argument_is_typed_from_the_command_line_and_pcsweep_keys_win(caplog):
@@ -28,7 +28,7 @@ def test_a_trainer_argument_lightning_does_not_take_is_one_line():
 
 
 def test_a_trainer_argument_is_part_of_the_run_identity():
-    from pcsweep.config import config_hash
+    from pcsweep.config.compose import config_hash
 
     base = config_hash(compose_settings())
     assert config_hash(compose_settings("trainer.limit_train_batches=0.5")) != base  # fewer batches: other numbers

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import SMALL, compose, compose_settings, pcsweep
 from pcsweep.pc.stability import curvature_due
-from pcsweep.tuning import Family, candidate_record, choose, families_of, trial_overrides, trial_score
+from pcsweep.sweep.tuning import Family, candidate_record, choose, families_of, trial_overrides, trial_score
 
 
 def only_error_line(result):
@@ -75,8 +75,8 @@ def test_the_best_mean_over_seeds_is_chosen_and_failed_candidates_never_are():
 def test_the_decayed_arm_of_a_comparison_takes_the_undecayed_arms_choice():
     """pc_rc23 with and without weight decay (claim 8) are one effect apart only at one learning rate: the decayed
     family is not searched, it follows the undecayed family's choice and says so."""
-    from pcsweep.config import family_name, paper_name
-    from pcsweep.tuning import decayed_arms, follow
+    from pcsweep.config.compose import family_name, paper_name
+    from pcsweep.sweep.tuning import decayed_arms, follow
 
     def family(*overrides):
         settings = compose_settings("algo=pc", "relax=23", *overrides)
@@ -93,7 +93,7 @@ def test_the_decayed_arm_of_a_comparison_takes_the_undecayed_arms_choice():
 
 
 def test_widening_at_the_edge_adds_the_next_half_decade_until_the_choice_is_interior_or_the_new_one_fails():
-    from pcsweep.tuning import beyond, to_widen
+    from pcsweep.sweep.tuning import beyond, to_widen
 
     assert [beyond(v, True) for v in (1e-2, 3e-2)] == [3e-2, 1e-1] and beyond(1e-5, False) == 3e-6
     edge_high = {"chosen": 1e-2, "edge": True}
@@ -169,7 +169,7 @@ def test_tune_lr_composes_a_validation_split_and_presets_tune():
     ],
 )
 def test_a_bad_search_is_refused_by_the_settings(args, message):
-    from pcsweep.settings import ConfigError
+    from pcsweep.config.settings import ConfigError
 
     with pytest.raises(ConfigError) as error:
         compose_settings("tune=lr", *args)
@@ -288,7 +288,7 @@ def test_optuna_gives_every_family_the_same_number_of_drawn_values_and_a_rerun_a
 
 
 def test_the_learning_rate_says_where_it_came_from():
-    from pcsweep.tuning import lr_origin
+    from pcsweep.sweep.tuning import lr_origin
 
     assert lr_origin(compose_settings("algo=pc", "relax=2")) == "default"  # the twin's file
     assert lr_origin(compose_settings("algo=pc", "optimizer.lr=1e-3")) == "given"
@@ -299,7 +299,7 @@ def test_evaluations_inside_an_epoch_build_no_autograd_graph():
     """The in-epoch evaluations (10 an epoch, test and validation splits) run without autograd."""
     import torch
 
-    from pcsweep.history import test_accuracy
+    from pcsweep.track.history import test_accuracy
 
     grad_enabled = []
 

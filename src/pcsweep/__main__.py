@@ -15,8 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pcsweep.config import register_resolvers  # also registers the typed schema and the twins' defaults
-from pcsweep.errors import UserError, exit_with, release_stderr, run_with_one_line_errors
+from pcsweep.config.compose import register_resolvers  # also registers the typed schema and the twins' defaults
+from pcsweep.config.errors import UserError, exit_with, release_stderr, run_with_one_line_errors
 
 register_resolvers()
 # ./conf is searched when it exists (conf/config.yaml's hydra.searchpath); Hydra warns when it does not
@@ -29,9 +29,9 @@ def main(cfg: DictConfig) -> dict:
     # heavy imports (torch, Lightning) only once Hydra has parsed the command line
     from hydra.core.hydra_config import HydraConfig
 
-    from pcsweep.interruption import Interrupted
-    from pcsweep.pack import train_pack
-    from pcsweep.run import task_settings, train_settings
+    from pcsweep.run.interruption import Interrupted
+    from pcsweep.run.pack import train_pack
+    from pcsweep.run.task import task_settings, train_settings
 
     try:
         settings = task_settings(cfg)

@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 
 # CPU layers up to this width predict from a transposed weight copy; wider ones batch their products in multiples of
-# the thread count, or (float32) through oneDNN's pre-packed weights. pcsweep.bench measures each.
+# the thread count, or (float32) through oneDNN's pre-packed weights. pcsweep.bench.tables measures each.
 NARROW_MAX_WIDTH = 512
 PREPACK_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 @dataclass(frozen=True)
 class Tricks:
-    """The engine's speed tricks, each switchable so that ``pcsweep.bench`` measures what it buys (its "engine
+    """The engine's speed tricks, each switchable so that ``pcsweep.bench.tables`` measures what it buys (its "engine
     tricks" table); switched off, the engine computes the same numbers through more work."""
 
     error_front: bool = True  # skip the rows below the error front (the first L-1 steps of a batch)

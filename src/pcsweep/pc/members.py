@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from pcsweep.errors import UserError
+from pcsweep.config.errors import UserError
 from pcsweep.pc.energy import Network
 from pcsweep.pc.schedule import Inference
 

@@ -46,7 +46,7 @@ class Inference:
     solver: str = "state"
 
     def __post_init__(self) -> None:
-        """Each error names its field (``pcsweep.settings`` prefixes ``inference.``: one check, one message)."""
+        """Each error names its field (``pcsweep.config.settings`` prefixes ``inference.``: one check, one message)."""
         checks = (
             (self.steps >= 1, "steps", ">= 1", self.steps),
             (

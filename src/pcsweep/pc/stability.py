@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from pcsweep.errors import UserError
+from pcsweep.config.errors import UserError
 from pcsweep.pc.engine import PCEngine, activity_curvature
 from pcsweep.pc.schedule import Inference
 

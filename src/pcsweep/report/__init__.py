@@ -28,8 +28,8 @@ import matplotlib
 matplotlib.use("Agg")  # before any module of the package imports pyplot: the report draws into files, never a window
 import seaborn as sns
 
-from pcsweep.claims import ClaimRules, groups_of
-from pcsweep.errors import exit_with
+from pcsweep.config.errors import exit_with
+from pcsweep.report.claims import ClaimRules, groups_of
 from pcsweep.report.claims_facts import claims_frame, run_fact, write_claims
 from pcsweep.report.documents import write_documents
 from pcsweep.report.figures import benchmark_frame, coinciding
@@ -50,10 +50,10 @@ from pcsweep.report.sections import (
     tuning_section,
 )
 from pcsweep.report.sweep import Run, Sweep, accuracy_curve_frame, load_sweep, summary_frame
-from pcsweep.summary import read_manifest
-from pcsweep.wandb_run import start_wandb
+from pcsweep.sweep.table import read_manifest
+from pcsweep.track.wandb_run import start_wandb
 
-__all__ = [  # what pcsweep.summary, the console script and the tests use; the rest lives in the modules
+__all__ = [  # what pcsweep.sweep.table, the console script and the tests use; the rest lives in the modules
     "Run",
     "Sweep",
     "accuracy_curve_frame",
@@ -179,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a claim-verdict threshold (pcsweep.claims.ClaimRules), e.g. --rule accuracy_margin=0.01",
+        help="a claim-verdict threshold (pcsweep.report.claims.ClaimRules), e.g. --rule accuracy_margin=0.01",
     )
     args = parser.parse_args(argv)
     try:

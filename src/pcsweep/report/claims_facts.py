@@ -1,4 +1,5 @@
-"""What the claims read of each run (pcsweep.claims judges them), the verdicts as a table, and claims.json. A run's
+"""What the claims read of each run (pcsweep.report.claims judges them), the verdicts as a table, and claims.json. A
+run's
 validation score is among its facts: configurations of one twin are chosen on it, never on the test split."""
 
 from __future__ import annotations
@@ -9,15 +10,16 @@ from typing import Optional
 
 import pandas as pd
 
-from pcsweep.claims import ClaimRules, claims_document, evaluate
-from pcsweep.files import write_atomic
-from pcsweep.layers import wasserstein1
+from pcsweep.report.claims import ClaimRules, claims_document, evaluate
 from pcsweep.report.style import ci_text
 from pcsweep.report.sweep import Run, Sweep, load_weights
+from pcsweep.run.files import write_atomic
+from pcsweep.track.layers import wasserstein1
 
 
 def run_fact(run: Run, shape: Optional[dict] = None) -> dict:
-    """What the claims read of one run (pcsweep.claims), its validation score included: configurations of one twin
+    """What the claims read of one run (pcsweep.report.claims), its validation score included: configurations of one
+    twin
     are chosen on it, never on the test split the claims are judged on."""
     s, checks = run.summary, run.summary.get("checks") or {}
     layers = (s.get("layers") or [{}])[-1]

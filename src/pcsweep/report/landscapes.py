@@ -13,12 +13,12 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from pcsweep.data import load_dataset
-from pcsweep.files import read_json, write_atomic
-from pcsweep.landscape import Objective, hessian_extremes, landscape, plane_convexity, sharpness
+from pcsweep.config.settings import dataset_settings
+from pcsweep.data.datasets import load_dataset
+from pcsweep.report.landscape_math import Objective, hessian_extremes, landscape, plane_convexity, sharpness
 from pcsweep.report.style import save
 from pcsweep.report.sweep import Run, Sweep, by_model, model_order
-from pcsweep.settings import dataset_settings
+from pcsweep.run.files import read_json, write_atomic
 
 _DATASETS: dict = {}  # dataset config (yaml) -> the loaded dataset: one load per dataset for the whole report
 

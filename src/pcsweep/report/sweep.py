@@ -11,12 +11,12 @@ from typing import Any, Optional
 import pandas as pd
 import torch
 
-from pcsweep.config import config_hash
-from pcsweep.files import read_json
-from pcsweep.summary import checks_text, read_manifest
+from pcsweep.config.compose import config_hash
+from pcsweep.run.files import read_json
+from pcsweep.sweep.table import checks_text, read_manifest
 
 TWIN_ORDER = ["bp", "pc", "pc_rc2", "pc_rc3", "pc_rc23"]
-SET_ASIDE = ".other-"  # a run folder trained under an earlier default, renamed by pcsweep.run: never reported
+SET_ASIDE = ".other-"  # a run folder trained under an earlier default, renamed by pcsweep.run.task: never reported
 BATCHES = "training batches"  # the x-axis all twins share: a relax=2 twin's 32 optimizer steps per batch are one
 
 

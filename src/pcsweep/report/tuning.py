@@ -1,5 +1,5 @@
 """How the learning rates were chosen, when the sweep was tuned (``<sweep>/tuning/tuning.json``, written by
-pcsweep.tuning): the choice per configuration, the excluded candidates and why, what a reader must know before
+pcsweep.sweep.tuning): the choice per configuration, the excluded candidates and why, what a reader must know before
 trusting a choice, and the validation score against the tuned value."""
 
 from __future__ import annotations

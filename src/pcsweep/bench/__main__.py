@@ -1,0 +1,3 @@
+from pcsweep.bench.tables import main
+
+main()

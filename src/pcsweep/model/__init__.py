@@ -1,0 +1,2 @@
+"""The twins as Lightning modules (``twins``: BP by autograd, PC driving ``pcsweep.pc``) over the one MLP they share
+(``mlp``)."""
