@@ -7,7 +7,7 @@ import torch
 
 from helpers import SMALL, compose_settings, pcsweep
 from pcsweep.config.settings import ConfigError
-from pcsweep.run.task import trainer_arguments
+from pcsweep.run.trainer import trainer_arguments
 
 
 def test_any_trainer_argument_is_typed_from_the_command_line_and_pcsweep_keys_win(caplog):

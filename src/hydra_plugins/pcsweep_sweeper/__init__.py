@@ -7,10 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from pcsweep.sweep.grid import PcsweepSweeper
-from pcsweep.sweep.optuna import PcsweepOptunaSweeper
-
-__all__ = ["PcsweepOptunaSweeper", "PcsweepSweeper"]  # Hydra finds them here (plugin discovery)
+from pcsweep.sweep import grid, optuna
 
 
 @dataclass
@@ -57,3 +54,15 @@ def register_optuna() -> None:
 
 
 register_optuna()
+
+
+# Hydra takes a plugin only from a module of the hydra_plugins package: the sweepers are named here, their work is in
+# pcsweep.sweep
+
+
+class PcsweepSweeper(grid.GridSweeper):
+    """``hydra/sweeper=pcsweep``: ``pcsweep.sweep.grid.GridSweeper``."""
+
+
+class PcsweepOptunaSweeper(optuna.StudySweeper):
+    """``hydra/sweeper=optuna``: ``pcsweep.sweep.optuna.StudySweeper``."""

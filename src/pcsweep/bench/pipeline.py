@@ -14,7 +14,7 @@ from pcsweep.config.settings import InferenceSettings, Settings, TrackingSetting
 from pcsweep.data.datamodule import TensorBatches, TensorDataModule
 from pcsweep.data.datasets import Dataset, Split
 from pcsweep.model.twins import PCModule
-from pcsweep.run.task import quiet_lightning
+from pcsweep.run.trainer import quiet_lightning
 
 
 def pipeline_module(setup: Setup, twin: str):

@@ -123,7 +123,10 @@ def settings_from(cfg: DictConfig) -> Settings:
     tuned = settings.tune.key
     if tuned is not None and not is_number(setting_value(settings, tuned)):
         raise ConfigError(f"tune.key={tuned} is not a numeric setting of this run (`python -m pcsweep --cfg job`)")
-    check_trainer_arguments(settings.trainer.lightning)
+    if settings.trainer.lightning:  # (Lightning, ~2 s to import, only for runs that pass Trainer arguments)
+        from pcsweep.run.trainer import check_trainer_arguments
+
+        check_trainer_arguments(settings.trainer.lightning)
     if settings.lr_scheduler is not None:
         node = {k: v for k, v in settings.lr_scheduler.items() if k not in SCHEDULER_KEYS}
         check_target("lr_scheduler", node)
@@ -165,21 +168,6 @@ def _trainer_arguments_apart(cfg: DictConfig) -> DictConfig:
             cfg.trainer.setdefault("lightning", {})
             cfg.trainer.lightning[key] = cfg.trainer.pop(key)
     return cfg
-
-
-def check_trainer_arguments(arguments: dict) -> None:
-    """Each ``trainer.NAME`` must be an argument of Lightning's Trainer (one line otherwise)."""
-    if not arguments:
-        return
-    import lightning  # ~2 s: paid only by runs that pass Trainer arguments
-
-    accepted = inspect.signature(lightning.Trainer.__init__).parameters
-    for key in arguments:
-        if key not in accepted:
-            raise ConfigError(
-                f"trainer.{key} is neither a pcsweep setting nor an argument of Lightning's Trainer "
-                f"(lightning {lightning.__version__})"
-            )
 
 
 def setting_value(settings: Settings, key: str) -> Any:

@@ -135,18 +135,6 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
-# Trainer arguments pcsweep sets itself, and the setting that decides each instead
-TRAINER_OWNED = {
-    "max_epochs": "epochs",
-    "devices": "trainer.accelerator and launcher=gpus",
-    "logger": "the logger group",
-    "callbacks": "the callbacks group",
-    "default_root_dir": "the run's folder",
-    "enable_progress_bar": "trainer.progress_bar",
-    "plugins": "pcsweep's checkpointing and SLURM plugins",
-}
-
-
 @dataclass
 class TrainerSettings:
     # auto | cpu | gpu (checked against this machine before any folder is made); where a run trains is not what it
@@ -157,7 +145,8 @@ class TrainerSettings:
     log_every_n_steps: int = setting(10, identity=False)
     gpu_slots: bool = setting(False, identity=False)  # true (launcher=gpus): each job claims a free local GPU
     # any other argument of Lightning's Trainer, as `trainer.NAME=value` on the command line (checked against its
-    # signature before any work); where pcsweep decides (TRAINER_OWNED), pcsweep's key wins and the run says so
+    # signature before any work); where pcsweep decides (pcsweep.run.trainer.TRAINER_OWNED), pcsweep's key wins
+    # and the run says so
     lightning: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

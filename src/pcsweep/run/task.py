@@ -8,27 +8,23 @@ also gets a ``DIVERGED`` marker.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, cast
 
 import hydra
-import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pcsweep.config.compose import duplicate_target, locate, paper_name, settings_from
-from pcsweep.config.settings import TRAINER_OWNED, ConfigError, Settings
+from pcsweep.config.compose import duplicate_target, paper_name, settings_from
+from pcsweep.config.settings import ConfigError, Settings
 from pcsweep.data.datamodule import TensorDataModule
 from pcsweep.data.datasets import BUNDLED, load_dataset
 from pcsweep.model.twins import BPModule, PCModule, TwinModule
@@ -37,33 +33,15 @@ from pcsweep.pc.stability import preflight_stability
 from pcsweep.run.devices import training_devices
 from pcsweep.run.files import DiskFull, RunBusy, disk_full, run_lock, set_aside, write_atomic
 from pcsweep.run.folder import adopt_previous_folder, finished_summary
-from pcsweep.run.interruption import Interrupted, MidEpochCheckpoints
+from pcsweep.run.interruption import Interrupted
+from pcsweep.run.trainer import Callbacks, make_callbacks, make_trainer, quiet_lightning, start_logging
 from pcsweep.sweep.tuning import lr_origin, trial_line, trial_score
-from pcsweep.track.diagnostics import EnergyTraces, LayerLearning, RunConditions, WeightHistograms
 from pcsweep.track.history import History, time_to_fraction
-from pcsweep.track.metrics_log import ResumableCSVLogger, trim_metrics
+from pcsweep.track.metrics_log import trim_metrics
 from pcsweep.track.verdicts import judged_accuracy, learned, run_checks
-from pcsweep.track.wandb_run import AxesWandbLogger, log_final_artifacts, run_labels, run_summary
+from pcsweep.track.wandb_run import log_final_artifacts, run_summary
 
 log = logging.getLogger(__name__)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write the checkpoint beside its final name, then rename: a kill mid-write leaves the previous one intact."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
-
-
-def quiet_lightning() -> None:
-    """A sweep prints one table, not ten copies of Lightning's start-up chatter (warnings still show)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-    warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
 
 
 def resolve_data_dir(cfg: DictConfig) -> Path:
@@ -162,41 +140,6 @@ def _summary(settings: Settings, run_dir: Path, history: History, status: str, n
     }
 
 
-@dataclass
-class Callbacks:
-    """The callbacks a run trains with, kept by name: the summary reads their records afterwards."""
-
-    history: History
-    layers: LayerLearning
-    conditions: Optional[RunConditions]
-    others: list
-
-    def all(self) -> list:
-        return [self.history, self.layers, *([self.conditions] if self.conditions else []), *self.others]
-
-
-def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: bool) -> Callbacks:
-    tracking = settings.tracking
-    # one file, rewritten after every epoch (save_last alone only mirrors top-k saves), after every callback's
-    # epoch-end work (the condition probes) is in its state
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="last",
-        save_top_k=1,
-        enable_version_counter=False,
-        save_on_train_epoch_end=True,
-    )
-    others: list[L.Callback] = [WeightHistograms(run_dir, tracking.histogram_every)]
-    if pc and tracking.energy_trace:
-        others.append(EnergyTraces(run_dir, tracking.energy_tolerance))
-    conditions = RunConditions(tracking.condition2_every, tracking.condition2_max_multiple) if pc else None
-    # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
-    layers = LayerLearning([layer.weight for layer in model.mlp.layers])
-    mid_epoch = MidEpochCheckpoints(run_dir / "checkpoints" / "last.ckpt", settings.checkpoint.every_minutes)
-    added = [hydra.utils.instantiate(node) for node in settings.callbacks.values()]  # conf/callbacks
-    return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + added + [checkpoints, mid_epoch])
-
-
 def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
     """The checkpoint to resume from (metrics.csv trimmed to match) and a note saying so; (None, "") if fresh.
     An unloadable checkpoint is set aside (the run starts over); a fresh start never appends to the metrics of a
@@ -227,34 +170,6 @@ def resume_point(run_dir: Path) -> tuple[Optional[Path], str]:
     )
 
 
-def start_logging(settings: Settings, run_dir: Path) -> tuple[list, Any]:
-    """Lightning loggers: the CSV log (always: resume and the summary read it), then conf/logger's, each built from
-    its ``_target_`` and given what it takes of the run's folder (``run_dir``, ``save_dir``) and W&B ``labels``;
-    and the W&B run, if there is one."""
-    loggers: list = [ResumableCSVLogger(run_dir)]
-    if not settings.logger:  # logger=csv: no labels to compute
-        return loggers, None
-    runtime = {"run_dir": run_dir, "save_dir": str(run_dir), "labels": run_labels(settings)}
-    for node in settings.logger.values():
-        accepts = inspect.signature(locate(node["_target_"])).parameters
-        build = hydra.utils.instantiate(node, _partial_=True)
-        loggers.append(build(**{k: v for k, v in runtime.items() if k in accepts and k not in node}))
-    wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, AxesWandbLogger)), None)
-    return loggers, wandb_run
-
-
-def trainer_arguments(settings: Settings) -> dict[str, Any]:
-    """``trainer.NAME=value`` arguments for Lightning's Trainer; those pcsweep sets itself are dropped, each with a
-    line naming the setting that decides it instead."""
-    passed = {}
-    for key, value in settings.trainer.lightning.items():
-        if key in TRAINER_OWNED:
-            log.warning(f"trainer.{key}={value} is not used: pcsweep sets it from {TRAINER_OWNED[key]}")
-        else:
-            passed[key] = value
-    return passed
-
-
 def fit(
     settings: Settings,
     run_dir: Path,
@@ -273,19 +188,7 @@ def fit(
         device_ids,
         plugins,
     ):
-        trainer = L.Trainer(
-            **{"enable_model_summary": False, "num_sanity_val_steps": 0, **trainer_arguments(settings)},
-            max_epochs=settings.epochs,
-            accelerator=accelerator,
-            devices=device_ids,
-            plugins=plugins + [AtomicCheckpointIO()],
-            precision=trainer_settings.precision,  # type: ignore[arg-type]  # Lightning's Literal; settings check it
-            logger=loggers,
-            callbacks=callbacks,
-            enable_progress_bar=trainer_settings.progress_bar,
-            log_every_n_steps=trainer_settings.log_every_n_steps,
-            default_root_dir=run_dir,
-        )
+        trainer = make_trainer(settings, run_dir, accelerator, device_ids, plugins, loggers, callbacks)
         where = f"({settings.epochs} epochs on {trainer.strategy.root_device}{resume})"
         if settings.tune.progress:  # a tuning trial: which of how many (pcsweep.sweep.tuning.trial_line)
             log.info(f"{trial_line(settings.tune.progress, settings, run_dir.name)} {where}")

@@ -58,7 +58,7 @@ def expand(overrides: Sequence[Override]) -> List[List[str]]:
 
 
 # hydra's Sweeper declares config Optional (set in setup()); SweepRecord is used only after setup
-class PcsweepSweeper(SweepRecord, Sweeper):  # type: ignore[misc]
+class GridSweeper(SweepRecord, Sweeper):  # type: ignore[misc]
     """A grid sweeper: the product of the swept values (``params`` and the command line), plus the ``also``
     grids, then (``tune=lr``) the tuning stage; launched through ``FilteringLauncher``."""
 

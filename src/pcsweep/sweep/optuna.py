@@ -46,7 +46,7 @@ def finished_return(overrides: Sequence[str], summary: dict) -> JobReturn:
 class TrialLauncher(FilteringLauncher):
     """``FilteringLauncher`` for a study: one return per trial, in order, each the trial's objective value."""
 
-    sweeper: "PcsweepOptunaSweeper"
+    sweeper: "StudySweeper"
 
     def check(self, label: str, settings: Any) -> None:
         from pcsweep.config.compose import duplicate_target
@@ -115,7 +115,7 @@ class TrialLauncher(FilteringLauncher):
         return returns
 
 
-class PcsweepOptunaSweeper(SweepRecord, Sweeper):  # type: ignore[misc]  # config: see PcsweepSweeper
+class StudySweeper(SweepRecord, Sweeper):  # type: ignore[misc]  # config: see GridSweeper
     """Hydra's Optuna sweeper (``hydra-optuna-sweeper``) behind pcsweep's checks; the options are Optuna's, plus
     ``objective`` (a key of ``OBJECTIVES``). The best trial is logged and saved as ``best.yaml`` (its overrides,
     value and run folder) and ``best_config.yaml`` (the run's whole config) in the sweep folder."""

@@ -27,7 +27,7 @@ from pcsweep.sweep.tuning import (
 )
 
 if TYPE_CHECKING:
-    from pcsweep.sweep.grid import PcsweepSweeper
+    from pcsweep.sweep.grid import GridSweeper
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TuningStage:
     for every twin) are launched like any other jobs into ``<sweep>/tuning/``, scored on the validation split, and
     each grid job gets its family's choice (``key=value``) and where it came from (``tune.origin``)."""
 
-    def __init__(self, sweeper: "PcsweepSweeper") -> None:
+    def __init__(self, sweeper: "GridSweeper") -> None:
         self.sweeper = sweeper
         self.tune = sweeper.config.tune
         self.folder = Path(sweeper.config.hydra.sweep.dir) / TUNING_DIR
