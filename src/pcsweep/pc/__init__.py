@@ -10,8 +10,9 @@
 """
 
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES, Activation, Network, get_activation, output_loss
-from pcsweep.pc.engine import PCEngine, activity_curvature
+from pcsweep.pc.engine import PCEngine
 from pcsweep.pc.schedule import BatchResult, Inference, train_batch, train_batches
+from pcsweep.pc.stability import activity_curvature
 
 __all__ = [
     "ACTIVATIONS",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
 
 from pcsweep.config.errors import UserError
-from pcsweep.pc.engine import PCEngine, activity_curvature
+from pcsweep.pc.engine import PCEngine
 from pcsweep.pc.schedule import Inference
 
 # log_variance_min=auto: step_size * lambda_max / S_min held at this fraction of the limit; with the automatic
@@ -152,3 +152,38 @@ def _stable_floor(
             f"log S < {lowest:.3g}; use log_variance_min=auto or a value above {lowest:.3g}"
         )
     return floor
+
+
+@torch.no_grad()
+def activity_curvature(engine: PCEngine, iterations: int = 30, seed: int = 0, unit_variance: bool = False) -> Tensor:
+    """Largest eigenvalue of each sample's Gauss-Newton Hessian of E over the hidden activities of a solo run, by
+    power iteration at the engine's current state (shape (B,)). Gradient descent on the activities is stable while
+    ``step_size * lambda_max < 2``. At the feedforward state (hidden errors zero, linear output) Gauss-Newton is the
+    exact Hessian; it scales like 1/S, so a variance floor S_min multiplies it by at most 1/S_min.
+
+    H v = sum_l J_l^T P_l J_l v, with J_l v = v_l - f'(a_l) * (v_{l-1} W_l^T) the change of e_l (x_0, x_L clamped).
+    ``unit_variance``: as if every S were 1 (an upper bound on the curvature times S_min when all S >= S_min).
+    """
+    net, L = engine.net, engine.net.num_layers
+    W, fp, X, aL = net.weights, engine.fprime, engine.X[:, 0], engine.aL[0]
+    P: list[Optional[Tensor]] = [None] * L if unit_variance else engine.precisions
+    gen = torch.Generator(device=X.device).manual_seed(seed)
+    v = torch.randn(X.shape, generator=gen, device=X.device, dtype=X.dtype)
+    softmax = torch.softmax(aL, dim=1) if net.output_loss == "ce" else None
+    lam = torch.zeros(v.shape[1], dtype=v.dtype, device=v.device)
+    for _ in range(iterations):
+        v = v / v.pow(2).sum(dim=(0, 2)).sqrt().clamp_min(1e-30).view(1, -1, 1)
+        r = []  # P_l J_l v for l = 1..L
+        for l in range(1, L + 1):
+            change = v[l - 1] if l < L else torch.zeros_like(aL)
+            if l > 1:
+                drive = v[l - 2] @ W[l - 1].t()
+                change = change - (fp[l] * drive if l < L else drive)
+            if l == L and softmax is not None:  # cross-entropy: the softmax's Hessian instead of a precision
+                r.append(softmax * change - softmax * (softmax * change).sum(dim=1, keepdim=True))
+            else:
+                r.append(change if P[l - 1] is None else cast(Tensor, P[l - 1]) * change)
+        hv = torch.stack([r[l - 1] - ((fp[l + 1] * r[l]) if l + 1 < L else r[l]) @ W[l] for l in range(1, L)])
+        lam = (v * hv).sum(dim=(0, 2))
+        v = hv
+    return lam
