@@ -11,13 +11,12 @@ imports Hydra.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, TypeGuard
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from pcsweep.config.errors import UserError
+from pcsweep.config.checks import ConfigError, check, is_number, one_of, setting
 from pcsweep.config.twins import ALGOS, RELAXATIONS, twin_name
 from pcsweep.data.datasets import DATASETS
 from pcsweep.pc.energy import ACTIVATIONS, OUTPUT_LOSSES
@@ -35,31 +34,6 @@ SCHEDULER_INTERVALS = ("epoch", "step")
 SCHEDULER_KEYS = ("interval", "frequency", "monitor")
 PAPER_STEP_SIZE = Inference.step_size  # the paper's gamma, 0.1
 VARIANCES = ("fixed", "neuron", "layer")
-
-
-class ConfigError(UserError, ValueError):
-    """An invalid setting, reported in one line before any work starts."""
-
-
-def setting(default: Any = None, *, identity: Any = True, factory: Any = None) -> Any:
-    """A field with its identity role (True: part of a run's identity; False: never; "pc": for PC twins only)."""
-    metadata = {"identity": identity}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def check(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key} must be {rule}, got {value!r}")
-
-
-def is_number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def one_of(key: str, value: Any, choices) -> None:
-    check(value in choices, key, f"one of {sorted(choices)}", value)
 
 
 @dataclass

@@ -198,18 +198,24 @@ def train_batches(
         due = [m and (t % every == 0 or c) for m, c in zip(runs.moving, converged)]
         if any(due):
             _update(stepper, runs, apply_updates, due, converged, last)
-        if any(converged):
-            energies = stepper.log_variance_energies()
-            for r in (r for r in range(R) if converged[r]):
-                runs.steps_used[r], runs.moving[r], runs.log_variance_energy[r] = t, False, energies[r]
-                runs.converged[r] = True
-            if not any(runs.moving):
-                break
-            stepper.hold(runs.moving)
+        if any(converged) and _stop_converged(stepper, runs, converged, t):
+            break
     energies = stepper.log_variance_energies()
     return [
         _result(runs, r, inferences[r], losses[r], logits[r], energy_start[r], energies[r], trace) for r in range(R)
     ]
+
+
+def _stop_converged(stepper: Stepper, runs: _Runs, converged: list[bool], t: int) -> bool:
+    """The runs that met their tolerance at step ``t`` stop there and are held; True once no run moves."""
+    energies = stepper.log_variance_energies()
+    for r in (r for r in range(len(converged)) if converged[r]):
+        runs.steps_used[r], runs.moving[r], runs.log_variance_energy[r] = t, False, energies[r]
+        runs.converged[r] = True
+    if not any(runs.moving):
+        return True
+    stepper.hold(runs.moving)
+    return False
 
 
 def _relative(residual: Tensor, start: Tensor) -> Tensor:

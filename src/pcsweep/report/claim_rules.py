@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 from scipy import stats
 
@@ -135,3 +135,30 @@ def decide(
     if fails(lo, hi):
         return FAILS, ""
     return INCONCLUSIVE, "the interval straddles the threshold (more seeds would decide)"
+
+
+def _where(group: dict) -> str:
+    """``digits/64`` (``digits/64/8`` when the sweep spans depths): a setting in a verdict's reason."""
+    return "/".join(str(group[k]) for k in ("dataset", "width", "depth") if group.get(k) is not None)
+
+
+def overall_verdict(groups: list[dict]) -> tuple[str, str]:
+    verdicts = [g["verdict"] for g in groups]
+    tested = [v for v in verdicts if v != NOT_TESTED]
+    if not tested:
+        return NOT_TESTED, groups[0]["reason"] if groups else "no runs"
+    if len(set(tested)) == 1 and tested[0] in (HOLDS, FAILS):
+        reasons = [
+            (f"{_where(g)}: " if len(groups) > 1 else "") + g["reason"]
+            for g in groups
+            if g["verdict"] == tested[0] and g["reason"]
+        ]
+        return tested[0], "; ".join(reasons)
+    if HOLDS in tested and FAILS in tested:
+        failed = ", ".join(_where(g) for g in groups if g["verdict"] == FAILS)
+        return INCONCLUSIVE, f"holds in some settings, not in {failed}"
+    first = next(g for g in groups if g["verdict"] == INCONCLUSIVE)
+    return INCONCLUSIVE, f"{_where(first)}: {first['reason']}" if len(groups) > 1 else first["reason"]
+
+
+Setting = tuple[str, Any, Optional[int]]  # dataset, width, depth (None when the sweep has one depth)

@@ -25,7 +25,9 @@ from pcsweep.report.claim_rules import (
     PC_TWINS,
     ClaimRules,
     Estimate,
+    Setting,
     decide,
+    overall_verdict,
 )
 from pcsweep.report.claim_runs import (
     _landscape_missing,
@@ -313,33 +315,6 @@ def _mean_layers(rows):
 PER_GROUP = {1: claim1, 3: claim3, 4: claim4, 5: claim5, 6: claim6, 7: claim7, 8: claim8}
 
 
-def _where(group: dict) -> str:
-    """``digits/64`` (``digits/64/8`` when the sweep spans depths): a setting in a verdict's reason."""
-    return "/".join(str(group[k]) for k in ("dataset", "width", "depth") if group.get(k) is not None)
-
-
-def _overall(groups: list[dict]) -> tuple[str, str]:
-    verdicts = [g["verdict"] for g in groups]
-    tested = [v for v in verdicts if v != NOT_TESTED]
-    if not tested:
-        return NOT_TESTED, groups[0]["reason"] if groups else "no runs"
-    if len(set(tested)) == 1 and tested[0] in (HOLDS, FAILS):
-        reasons = [
-            (f"{_where(g)}: " if len(groups) > 1 else "") + g["reason"]
-            for g in groups
-            if g["verdict"] == tested[0] and g["reason"]
-        ]
-        return tested[0], "; ".join(reasons)
-    if HOLDS in tested and FAILS in tested:
-        failed = ", ".join(_where(g) for g in groups if g["verdict"] == FAILS)
-        return INCONCLUSIVE, f"holds in some settings, not in {failed}"
-    first = next(g for g in groups if g["verdict"] == INCONCLUSIVE)
-    return INCONCLUSIVE, f"{_where(first)}: {first['reason']}" if len(groups) > 1 else first["reason"]
-
-
-Setting = tuple[str, Any, Optional[int]]  # dataset, width, depth (None when the sweep has one depth)
-
-
 def groups_of(facts: Sequence[dict], tuning: Optional[dict] = None) -> dict[Setting, dict[str, Any]]:
     """The runs the claims read, per dataset x width (x depth when the sweep spans depths: depth is architecture,
     never a configuration to choose): one configuration per twin (``twin_runs``); with the sweep's ``tuning``
@@ -398,7 +373,7 @@ def evaluate(facts: Sequence[dict], rules: Optional[ClaimRules] = None, tuning: 
     results = []
     for number, (claim, statistic) in CLAIMS.items():
         rows = _claim_rows(number, groups, rules)
-        verdict, reason = _overall(rows) if rows else (NOT_TESTED, "no runs")
+        verdict, reason = overall_verdict(rows) if rows else (NOT_TESTED, "no runs")
         results.append(
             {"id": number, "claim": claim, "statistic": statistic, "verdict": verdict, "reason": reason, "groups": rows}
         )

@@ -12,9 +12,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from pcsweep.report.claim_rules import PC_TWINS, interval
+from pcsweep.report.claim_rules import PC_TWINS, Setting, interval
 from pcsweep.report.claim_runs import paired
-from pcsweep.report.claims import Setting
 from pcsweep.report.figures import coinciding
 from pcsweep.report.style import (
     PALETTE,

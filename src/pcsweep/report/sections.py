@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcsweep.report.claims import Setting
+from pcsweep.report.claim_rules import Setting
 from pcsweep.report.documents import Section
 from pcsweep.report.figures import curve_notes, figure_benchmark, figure_curves, figure_layers, figure_weights
 from pcsweep.report.gap import (
