@@ -22,7 +22,7 @@ switchable (``Tricks``) and measured by ``python -m pcsweep.bench``:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, cast
+from typing import Callable, Generic, Optional, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -33,6 +33,21 @@ from pcsweep.pc.kernels import HiddenProducts, Tricks, affine, batch_sum, outer
 from pcsweep.pc.members import Member, check_members
 from pcsweep.pc.schedule import BatchResult, Inference, train_batch, train_batches
 from pcsweep.pc.storage import EngineStorage, _flat
+
+T = TypeVar("T")
+
+
+class RunZero(Generic[T]):
+    """A solo run's setting, as the engine's attribute: read and written on run 0's member (``pc.members.Member``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, engine: PCEngine, owner: Optional[type] = None) -> T:
+        return cast(T, getattr(engine.members[0], self.name))
+
+    def __set__(self, engine: PCEngine, value: T) -> None:
+        setattr(engine.members[0], self.name, value)
 
 
 class PCEngine(EngineStorage):
@@ -81,21 +96,8 @@ class PCEngine(EngineStorage):
     def net(self) -> Network:
         return self.members[0].network
 
-    @property
-    def inference(self) -> Inference:
-        return self.members[0].inference
-
-    @inference.setter
-    def inference(self, value: Inference) -> None:
-        self.members[0].inference = value
-
-    @property
-    def log_variance_min(self) -> float:
-        return self.members[0].log_variance_min
-
-    @log_variance_min.setter
-    def log_variance_min(self, value: float) -> None:
-        self.members[0].log_variance_min = value
+    inference = RunZero[Inference]()
+    log_variance_min = RunZero[float]()
 
     # ----------------------------------------------------------------- the loop
     def _predict(self, lo: int = 0) -> None:
