@@ -78,9 +78,8 @@ class TwinModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """The precision's dtype before anything is loaded: Lightning restores a checkpoint's weights before its
-        precision plugin converts the module (``Trainer._run``), so a resumed ``trainer.precision=64-true`` run loaded
-        its float64 weights into float32 parameters and ended 3e-8 from its uninterrupted self. Converting again
-        later is a no-op. Without a Trainer (``load_from_checkpoint`` calls this too) the checkpoint's dtype stays."""
+        precision plugin converts the module (docs/measurements.md, fixes). Converting again later is a no-op.
+        Without a Trainer (``load_from_checkpoint`` calls this too) the checkpoint's dtype stays."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer

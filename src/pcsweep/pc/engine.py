@@ -12,7 +12,7 @@ Nothing here changes the arithmetic beyond float rounding: the engine is tested 
 autograd in float64, a pack member against its solo run to 1e-10. The speed machinery (``pcsweep.pc.kernels``) is
 switchable (``Tricks``) and measured by ``python -m pcsweep.bench``:
 
-- **views built once** per buffer or parameter change (a view costs as much as a whole kernel at width 256);
+- **views built once** per buffer or parameter change (``pcsweep.pc.storage``);
 - **the error front**: after the feedforward init the hidden errors are exactly zero and the front moves down one
   layer per step, so rows below it are not recomputed (also what keeps their errors exactly zero on every CPU);
 - **the input cache**: a_1 = W_1 x_0 + b_1 changes only with W_1 and b_1 (x_0 is clamped);
