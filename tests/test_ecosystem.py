@@ -204,8 +204,7 @@ def test_optuna_tunes_one_twin_on_validation_accuracy_and_a_rerun_trains_nothing
 @pytest.mark.slow
 def test_optuna_trials_asked_together_train_as_a_pack_and_each_is_scored_by_its_own_run(tmp_path):
     """n_jobs=2 with pack.size=2: the two trials of each ask train as one pack (pcsweep.run.pack), whose job returns
-    both
-    members' summaries; each trial is scored by its own run's objective, not its pack-mate's."""
+    both members' summaries; each trial is scored by its own run's objective, not its pack-mate's."""
     result = pcsweep(tmp_path, *STUDY, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "pack.size=2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("a pack of 2 runs: 2 train together") == 2

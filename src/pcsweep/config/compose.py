@@ -1,11 +1,10 @@
 """What a run is, from its config: the typed settings, the paper's name, the identity hash, duplicates.
 
 A run's folder is ``<paper name>_<dataset>-<hash>``. The hash covers what differs from the defaults of
-``pcsweep.config.settings`` (Dora's rule) among the settings that change the numbers (fields marked ``identity=False``
-are
-left out, and PC's settings for BP): the same config always lands in the same folder (dedup and resume come for
-free), two configs that differ in anything that matters never share one, and a release that adds a setting with
-a default that keeps the old behaviour leaves every finished run where it is.
+``pcsweep.config.settings`` (Dora's rule) among the settings that change the numbers (fields marked
+``identity=False`` are left out, and PC's settings for BP): the same config always lands in the same folder (dedup
+and resume come for free), two configs that differ in anything that matters never share one, and a release that
+adds a setting with a default that keeps the old behaviour leaves every finished run where it is.
 """
 
 from __future__ import annotations

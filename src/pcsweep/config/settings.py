@@ -3,10 +3,8 @@
 One dataclass per concept (the config group of the same name), validated once when the composed config becomes
 these objects (``settings_from``), then passed whole to what uses it. A field marked ``identity=False`` never changes
 a run's numbers, and ``identity="pc"`` only matters to PC twins: a run's identity
-(``pcsweep.config.compose.identity``) is
-what differs from these defaults, minus those. Plain python: Hydra registers it (``pcsweep.config.compose``), nothing
-here
-imports Hydra.
+(``pcsweep.config.compose.identity``) is what differs from these defaults, minus those. Plain python: Hydra registers
+it (``pcsweep.config.compose``), nothing here imports Hydra.
 """
 
 from __future__ import annotations
@@ -230,8 +228,8 @@ class PackSettings:
 class TuneSettings:
     """conf/tune: a stage before a sweep's grid that gives every family (everything but the seed and ``key``) the same
     search over ``key`` on the validation split, and trains the grid at what it chose (``pcsweep.sweep.tuning``).
-    Never part
-    of a run's identity: a trial is an ordinary run of its settings, and a grid run is one at the chosen value."""
+    Never part of a run's identity: a trial is an ordinary run of its settings, and a grid run is one at the chosen
+    value."""
 
     key: Optional[str] = None  # the setting searched (tune=lr: optimizer.lr); null: no tuning (tune=none)
     search: str = "grid"  # grid: every candidate | optuna: `trials` values drawn by TPE between the candidates' ends
@@ -283,8 +281,8 @@ class Settings:
 
     algo: str = "pc"  # bp | pc: the learning rule
     # none | 2 | 3 | 23: which of the paper's conditions 2 and 3 PC relaxes; with algo, it names the twin
-    # (pcsweep.config.twins), whose own defaults (conf/twin/<twin>.yaml) sit under what a preset or the command line
-    # sets
+    # (pcsweep.config.twins), whose own defaults (conf/twin/<twin>.yaml) sit under what a preset or the command
+    # line sets
     relax: str = setting("none", identity="pc")
     variance: str = setting("fixed", identity="pc")  # fixed (S = 1, condition 3) | neuron | layer (trainable log S)
     # floor on log S: auto = where step_size * lambda_max / S_min is 1.8 (1 + momentum), measured at the initial

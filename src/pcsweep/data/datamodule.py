@@ -1,6 +1,5 @@
-"""Minibatches for Lightning from tensors already on the training device (kept apart from ``pcsweep.data.datasets`` so
-that
-reading the settings does not import Lightning)."""
+"""Minibatches for Lightning from tensors already on the training device (kept apart from
+``pcsweep.data.datasets`` so that reading the settings does not import Lightning)."""
 
 from __future__ import annotations
 

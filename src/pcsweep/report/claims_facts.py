@@ -1,6 +1,6 @@
-"""What the claims read of each run (pcsweep.report.claims judges them), the verdicts as a table, and claims.json. A
-run's
-validation score is among its facts: configurations of one twin are chosen on it, never on the test split."""
+"""What the claims read of each run (pcsweep.report.claims judges them), the verdicts as a table, and
+claims.json. A run's validation score is among its facts: configurations of one twin are chosen on it, never on
+the test split."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from pcsweep.track.layers import wasserstein1
 
 def run_fact(run: Run, shape: Optional[dict] = None) -> dict:
     """What the claims read of one run (pcsweep.report.claims), its validation score included: configurations of one
-    twin
-    are chosen on it, never on the test split the claims are judged on."""
+    twin are chosen on it, never on the test split the claims are judged on."""
     s, checks = run.summary, run.summary.get("checks") or {}
     layers = (s.get("layers") or [{}])[-1]
     variance = (checks.get("variance") or {}).get("layers")

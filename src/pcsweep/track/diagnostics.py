@@ -192,8 +192,8 @@ class RunConditions(L.Callback):
 
 class LayerLearning(L.Callback):
     """Did every layer learn? Each epoch, per weight layer: the relative change from the initial weights and the
-    distance of its distribution from a Gaussian (``pcsweep.track.layers``). Kept in the checkpoint and in
-    ``records``."""
+    distance of its distribution from a Gaussian (``pcsweep.track.layers``). Kept in the checkpoint and
+    in ``records``."""
 
     def __init__(self, initial_weights: list[torch.Tensor]) -> None:
         self.initial = [w.detach().cpu().clone() for w in initial_weights]
