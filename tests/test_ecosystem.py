@@ -253,7 +253,7 @@ def test_a_failed_optuna_trial_is_given_its_own_failure_and_a_finished_pack_mate
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from hydra_plugins.pcsweep_sweeper import TrialLauncher
+    from pcsweep.sweep.optuna import TrialLauncher
 
     entries = [{"status": "launched", "run_dir": name, "overrides": [f"seed={i}"]} for i, name in enumerate("abc")]
     (tmp_path / "b").mkdir()
