@@ -126,7 +126,7 @@ class TwinModule(L.LightningModule):
         self.diverged, self.diverged_reason = True, reason
         self.trainer.should_stop = True
 
-    RECORD_EVERY = 32  # batches per metric update: torchmetrics costs ~0.1 ms a call, 4% of a batch at width 256
+    RECORD_EVERY = 32  # batches per metric update: a torchmetrics call per batch is dear (docs/measurements.md)
 
     def record_train(self, batch_idx: int, loss: Tensor, logits: Tensor, labels: Tensor, **means: Tensor) -> None:
         """Accumulate this batch into the epoch's means; log the step loss every ``log_every_n_steps`` batches.
