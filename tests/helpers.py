@@ -25,6 +25,19 @@ def pcsweep(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600
     )
 
 
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """The command started in the background (to signal or kill it mid-run), its stderr kept."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcsweep", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "pcsweep" / "conf")
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import compose_settings, pcsweep
+from helpers import compose_settings, pcsweep, start
 from pcsweep.config.compose import run_dir_name
 from pcsweep.run.pack import encode, job_has_gpu, member_settings, pack_jobs
 
@@ -132,10 +132,7 @@ def test_a_signal_stops_every_member_at_a_checkpoint_and_the_rerun_resumes_each(
     """SIGTERM inside epoch 1 or 2 of a pack of two: each member checkpoints, the process exits 128 + 15 in one
     line, no member looks finished; the same command again resumes both, and they end as the uninterrupted pack does,
     within float64 rounding (the resumed members may meet at other batches, where each trains alone for a batch)."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     grid = ["-m", "algo=pc", "relax=2", "seed=0,1", "pack.size=2", *RUN, "epochs=3", "batch_size=8"]
@@ -143,15 +140,7 @@ def test_a_signal_stops_every_member_at_a_checkpoint_and_the_rerun_resumes_each(
     (tmp_path / "stopped").mkdir()
     straight = pcsweep(tmp_path / "straight", *grid)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pcsweep", *grid],
-        cwd=tmp_path / "stopped",
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(tmp_path / "stopped", *grid)
     sweep = tmp_path / "stopped" / "multirun" / "s"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:
@@ -174,23 +163,13 @@ def test_a_second_ctrl_c_stops_the_whole_pack_now_and_the_rerun_resumes_every_me
     """Ctrl-C twice inside a pack of two, within one (long) batch: each member stops at that batch's end without
     saving, the process ends in one line, exit 130, with no member looking finished; the same command again resumes
     both members from their epoch checkpoints and finishes them. (A batch takes about half a second here.)"""
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
     long_batches = ["width=128", "depth=4", "inference.steps=256", "batch_size=256"]
     grid = ["-m", "algo=pc", "relax=2", "seed=0,1", "pack.size=2", *RUN, *long_batches]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pcsweep", *grid],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(tmp_path, *grid)
     sweep = tmp_path / "multirun" / "s"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:

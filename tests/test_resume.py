@@ -1,34 +1,19 @@
 """A run killed at a random point and started again ends exactly where an uninterrupted one does."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import pcsweep
+from helpers import pcsweep, start
 
 # big enough that an epoch takes a visible fraction of a second, so the kill lands mid-run
 CFG = ["algo=pc", "relax=2", "width=64", "depth=3", "epochs=12", "inference.steps=32", "batch_size=32"]
 EPOCHS = 12
-
-
-def start(cwd, *args):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pcsweep", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.mark.slow
