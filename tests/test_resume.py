@@ -182,3 +182,15 @@ def test_a_run_folder_written_before_the_rooms_moved_still_resumes(tmp_path, ref
     assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # resumed in place, nothing set aside
     same_result(reference.parent, run_dir, 3)
+
+
+def test_every_old_module_name_imports_as_the_module_it_moved_to():
+    """pcsweep.MOVED: the flat modules' old names (in stored configs' _target_ and in users' code) import the very
+    module they became, not a copy."""
+    import importlib
+
+    from pcsweep import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    assert importlib.import_module(new).__spec__.name == new  # its own name, not the alias

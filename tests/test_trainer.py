@@ -79,3 +79,20 @@ def test_a_learning_rate_schedule_steps_for_both_twins(tmp_path, twin):
 def test_a_bad_schedule_is_one_line_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
         compose_settings(*override)
+
+
+def test_the_trainer_is_built_in_one_place_from_defaults_the_users_arguments_and_pcsweeps_own(tmp_path):
+    """make_trainer: pcsweep's defaults (no model summary, no sanity pass) give way to the user's trainer.NAME, and
+    what pcsweep decides (epochs, its own trainer settings, the checkpoint writer) wins over both."""
+    from pcsweep.run.trainer import AtomicCheckpointIO, make_trainer
+
+    settings = compose_settings(
+        "epochs=3", "trainer.max_epochs=9", "trainer.num_sanity_val_steps=2", "trainer.log_every_n_steps=5"
+    )
+    trainer = make_trainer(settings, tmp_path, "cpu", 1, [], [], [])
+    assert trainer.max_epochs == 3 and trainer.num_sanity_val_steps == 2 and trainer.log_every_n_steps == 5
+    from lightning.pytorch.callbacks import ModelSummary
+
+    assert not any(isinstance(c, ModelSummary) for c in trainer.callbacks)  # pcsweep's default, not overridden
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert trainer.default_root_dir == str(tmp_path)
