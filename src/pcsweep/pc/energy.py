@@ -109,14 +109,19 @@ class Network:
         return params + [s for s in self.log_variances if s is not None]
 
 
-def output_loss(logits: Tensor, target: Tensor, kind: str) -> Tensor:
-    """The loss both twins train on, averaged over the batch: Gaussian (0.5 * squared error summed over the
-    outputs) or cross-entropy, to a one-hot ``target``."""
+def output_losses(logits: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Each sample's output loss (the last dimension is the outputs'): Gaussian (0.5 * squared error summed over
+    the outputs) or cross-entropy, to a one-hot ``target``."""
     if kind == "mse":
-        return 0.5 * (target - logits).pow(2).sum(dim=1).mean()
+        return 0.5 * (target - logits).pow(2).sum(dim=-1)
     if kind == "ce":
-        return -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        return -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
     raise ValueError(f"unknown output loss {kind!r}; choose one of {OUTPUT_LOSSES}")
+
+
+def output_loss(logits: Tensor, target: Tensor, kind: str) -> Tensor:
+    """The loss both twins train on: ``output_losses`` averaged over the batch."""
+    return output_losses(logits, target, kind).mean()
 
 
 def feedforward(net: Network, inputs: Tensor, target: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Optional, cast
 import torch
 from torch import Tensor
 
+from pcsweep.pc.energy import output_losses
 from pcsweep.pc.kernels import HiddenProducts, affine
 
 if TYPE_CHECKING:
@@ -88,9 +89,9 @@ class ConjugateErrors:
         """(R, B) each sample's error energy at the current errors."""
         eng = self.engine
         hidden = 0.5 * _per_sample(eng.E * eng.EPS)
-        if eng.output_loss == "ce":
-            return hidden - (eng.target * torch.log_softmax(eng.aL, dim=-1)).sum(-1)
-        return hidden + 0.5 * (eng.eL * eng.epsL).sum(-1)
+        if eng.output_loss == "ce":  # the output's energy is its loss
+            return hidden + output_losses(eng.aL, eng.target, "ce")
+        return hidden + 0.5 * (eng.eL * eng.epsL).sum(-1)  # the precision-weighted Gaussian: e . eps
 
     def _curvature(self, p: Tensor) -> Tensor:
         """(R, B) Gauss-Newton curvature of G along ``p``: p^T P p + (J p)^T H_out (J p)."""
