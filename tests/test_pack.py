@@ -10,7 +10,7 @@ import torch
 
 from helpers import compose_settings, pcsweep, start
 from pcsweep.config.compose import run_dir_name
-from pcsweep.run.pack import encode, job_has_gpu, member_settings, pack_jobs
+from pcsweep.run.pack import encode, job_has_gpu, member_settings, pack_groups, pack_jobs
 
 TINY = ["width=16", "depth=2", "epochs=2", "inference.steps=16", "batch_size=128", "tracking.chance_margin=-1"]
 RUN = [*TINY, "logger=csv", "report.auto=false", "sweep_name=s", "trainer.precision=64-true"]
@@ -29,7 +29,7 @@ def test_pc_runs_of_one_shape_and_schedule_are_packed_and_each_member_keeps_its_
     ]
     settings = [compose_settings(*job) for job in jobs]
     pc = [s if s.algo == "pc" else None for s in settings]
-    launched = pack_jobs(jobs, pc, [2] * len(jobs))
+    launched = pack_jobs(jobs, pc, pack_groups(pc, [2] * len(jobs)))
     assert launched[:2] == [["algo=bp", "seed=0"], ["algo=bp", "seed=1"]]  # BP runs alone
     assert [job[:3] for job in launched[2:]] == [jobs[0], jobs[2], jobs[4][:3], jobs[5][:3]]
     packs = {tuple(job[:3]): member_settings(compose_settings(*job)) for job in launched if "pack.members" in job[-1]}
@@ -38,9 +38,10 @@ def test_pc_runs_of_one_shape_and_schedule_are_packed_and_each_member_keeps_its_
         # rc2 beside rc23, pc beside rc3: each member's settings are its own run's, variance and learning rate too
         assert [dataclasses.asdict(m) for m in members] == [dataclasses.asdict(s) for s in alone]
         assert [run_dir_name(m) for m in members] == [run_dir_name(s) for s in alone]
-    assert pack_jobs(jobs, pc, [1] * len(jobs)) == jobs[:]  # pack.size=1: every run alone
+    assert pack_jobs(jobs, pc, pack_groups(pc, [1] * len(jobs))) == jobs[:]  # pack.size=1: every run alone
     trials = [["algo=pc", "optimizer.lr=0.001", "seed=0"], ["algo=pc", "optimizer.lr=0.01", "seed=0"]]
-    (pack,) = pack_jobs(trials, [compose_settings(*t) for t in trials], [16, 16])  # tuning candidates pack too
+    trial_settings = [compose_settings(*t) for t in trials]
+    (pack,) = pack_jobs(trials, trial_settings, pack_groups(trial_settings, [16, 16]))  # tuning candidates pack too
     assert pack[-1] == f"++pack.members='{encode([{}, {'optimizer.lr': 0.01}])}'"
     assert [m.optimizer["lr"] for m in member_settings(compose_settings(*pack))] == [0.001, 0.01]
 
@@ -50,7 +51,7 @@ def test_the_pack_size_is_planned_per_group_and_on_slurm_follows_the_gpus_each_j
     decides for all). pack.size=auto: on SLURM the GPUs a job requests decide, not the login node (no GPU here)."""
     jobs = [["algo=pc", f"seed={s}", f"pack.size={size}"] for size in (2, 1) for s in (0, 1)]
     settings = [compose_settings(*job) for job in jobs]
-    launched = pack_jobs(jobs, settings, [s.pack.members_per_pack(False) for s in settings])
+    launched = pack_jobs(jobs, settings, pack_groups(settings, [s.pack.members_per_pack(False) for s in settings]))
     packs = [job for job in launched if "pack.members" in job[-1]]
     assert len(packs) == 1 and packs[0][:3] == jobs[0] and [j for j in launched if j not in packs] == jobs[2:]
     auto = compose_settings("algo=pc")

@@ -2,10 +2,11 @@
 seeds, tuning candidates' learning rates, pc beside rc3, rc2 beside rc23) trained side by side in one process, their
 batches computed as one (``pc.gang``).
 
-The sweeper groups them (``pack_jobs``) and launches one job per pack: the first member's overrides, and each
-member's own settings in ``pack.members``. The job (``train_pack``) trains each member as the run it is alone, in
-its own thread: its own folder, summary, metrics, checkpoint and W&B run, resumed or skipped on its own, stopped on
-its own when it diverges. Signals reach every member (each checkpoints at its next batch end).
+The sweeper groups them (``pack_groups``, ``pack_jobs``) and launches one job per pack: the first member's
+overrides, and each member's own settings in ``pack.members``. The job (``train_pack``) trains each member as the
+run it is alone, in its own thread: its own folder, summary, metrics, checkpoint and W&B run, resumed or skipped on
+its own, stopped on its own when it diverges. Signals reach every member (``run.interruption.forwarding``): each
+checkpoints at its next batch end, or stops there unsaved at a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -76,12 +77,12 @@ def job_has_gpu(settings: Settings, launcher: Mapping[str, Any]) -> bool:
 
 
 def pack_jobs(
-    jobs: Sequence[Sequence[str]], settings: Sequence[Optional[Settings]], sizes: Sequence[int]
+    jobs: Sequence[Sequence[str]], settings: Sequence[Optional[Settings]], groups: Sequence[Sequence[int]]
 ) -> list[list[str]]:
-    """The jobs to launch, one per ``pack_groups`` group: a job alone as it is, a pack as its first member plus
+    """The jobs to launch, one per group of ``pack_groups``: a job alone as it is, a pack as its first member plus
     ``++pack.members`` (each member's settings where they differ from the first's)."""
     launched = []
-    for group in pack_groups(settings, sizes):
+    for group in groups:
         first = list(jobs[group[0]])
         if len(group) == 1:
             launched.append(first)

@@ -145,14 +145,14 @@ class FilteringLauncher(Launcher):
             + ([] if any(o.startswith("++tracking.group=") for o in entry["overrides"]) else [group])
             for entry in launched
         ]
-        self.launched_groups = [[i] for i in range(len(launched))]
+        self.launched_groups = []
         if launched:  # PC runs of one shape and schedule train as packs (pcsweep.run.pack)
             from pcsweep.run.pack import pack_groups, pack_jobs
 
             plans = [self.packing[tuple(entry["overrides"])] for entry in launched]
             own, sizes = [plan[0] for plan in plans], [plan[1] for plan in plans]
             self.launched_groups = pack_groups(own, sizes)
-            to_launch = pack_jobs(to_launch, own, sizes)
+            to_launch = pack_jobs(to_launch, own, self.launched_groups)
         if not self.tuning:
             self.sweeper.manifest.extend(entries)
             self.sweeper.write_manifest()
