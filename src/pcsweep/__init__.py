@@ -36,29 +36,27 @@ MOVED = {
     "pcsweep.bench_setup": "pcsweep.bench.setup",
     "pcsweep.bench_packs": "pcsweep.bench.packs",
     "pcsweep.bench_solvers": "pcsweep.bench.solvers",
+    "pcsweep.peers": "pcsweep.bench",
     "pcsweep.peers.pcx_mlp": "pcsweep.bench.pcx_mlp",
 }
-
-
-def _moved_to(name: str) -> str:
-    return "pcsweep.bench" if name == "pcsweep.peers" else MOVED[name]
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports an old module name as the module it moved to: the same module object, not a second copy."""
 
+    def __init__(self) -> None:
+        self.own_specs: dict = {}  # importlib sets the old name's spec on the module: exec_module puts its own back
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname in MOVED or fullname == "pcsweep.peers":
-            return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "pcsweep.peers")
-        return None
+        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
 
     def create_module(self, spec):
-        module = importlib.import_module(_moved_to(spec.name))
-        self.own_spec = module.__spec__  # importlib sets the old name's spec on it next: exec_module puts this back
+        module = importlib.import_module(MOVED[spec.name])
+        self.own_specs[module.__name__] = module.__spec__
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self.own_spec
+        module.__spec__ = self.own_specs.pop(module.__name__)
 
 
 sys.meta_path.insert(0, _MovedModules())  # before the path finder, which would load a second copy under the old name
