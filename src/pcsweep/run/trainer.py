@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -118,7 +117,7 @@ def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: boo
     # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
     layers = LayerLearning([layer.weight for layer in model.mlp.layers])
     mid_epoch = MidEpochCheckpoints(run_dir / "checkpoints" / "last.ckpt", settings.checkpoint.every_minutes)
-    added = [hydra.utils.instantiate(node) for node in settings.callbacks.values()]  # conf/callbacks
+    added = [instantiate(node) for node in settings.callbacks.values()]  # conf/callbacks
     return Callbacks(History(tracking.evals_per_epoch), layers, conditions, others + added + [checkpoints, mid_epoch])
 
 
@@ -132,7 +131,7 @@ def start_logging(settings: Settings, run_dir: Path) -> tuple[list, Any]:
     runtime = {"run_dir": run_dir, "save_dir": str(run_dir), "labels": run_labels(settings)}
     for node in settings.logger.values():
         accepts = inspect.signature(locate(node["_target_"])).parameters
-        build = hydra.utils.instantiate(node, _partial_=True)
+        build = instantiate(node, _partial_=True)
         loggers.append(build(**{k: v for k, v in runtime.items() if k in accepts and k not in node}))
     wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, AxesWandbLogger)), None)
     return loggers, wandb_run
