@@ -4,7 +4,6 @@
 import hashlib
 import itertools
 import json
-import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,8 +18,6 @@ from pcsweep.config.errors import UserError, release_stderr
 from pcsweep.config.errors import exit_with as fail
 from pcsweep.sweep.planning import FilteringLauncher
 from pcsweep.sweep.tuning_stage import TuningStage
-
-log = logging.getLogger(__name__)
 
 
 class SweepRecord:

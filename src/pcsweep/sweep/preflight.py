@@ -1,13 +1,10 @@
 """The stability pre-flight a sweep runs for each PC job before launching (inference's step size and
 variance floor measured on the job's own data, as its run will)."""
 
-import logging
 from typing import TYPE_CHECKING, Any, Dict, cast
 
 if TYPE_CHECKING:
     from pcsweep.model.twins import PCModule
-
-log = logging.getLogger(__name__)
 
 
 class StabilityPreflight:
