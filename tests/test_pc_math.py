@@ -293,7 +293,7 @@ def test_weight_changes_made_outside_the_engine_reach_its_predictions():
     fresh.feedforward_init(x, y)
     fresh.recompute()
     assert torch.equal(engine.A, fresh.A) and torch.equal(engine.G, fresh.G)
-    products = engine._products
+    products = engine.store.products
     products.w_t_copy.fill_(float("nan"))  # a marker: only a recomputation would overwrite it
     engine.refresh_parameters()
     assert products._copied_from is not None and torch.isnan(products.w_t_copy).all()  # nothing changed: not redone
@@ -316,7 +316,7 @@ def test_wide_layers_balanced_over_threads_equal_the_reference():
         reference = ref.ReferencePC(ref_net, Inference(steps=6, step_size=0.1, update_every=3), "autograd")
         for impl, network in ((engine, net), (reference, ref_net)):
             impl.train_batch(x, y, apply_update=torch.optim.SGD(network.parameters(), lr=0.1).step)
-        assert engine._products._from(0).balanced == 2
+        assert engine.store.products._from(0).balanced == 2
         for a, b in zip(net.parameters(), ref_net.parameters()):
             assert rel(a.detach(), b.detach()) <= 1e-10
     finally:
@@ -395,9 +395,9 @@ def test_each_speed_trick_switched_off_computes_the_same_training(width, trick):
         for a, b in zip(net.parameters(), off_net.parameters()):
             assert rel(a.detach(), b.detach()) <= 1e-12
         if trick == "transposed_copy":
-            assert on._products.w_t_copy is not None and off._products.w_t_copy is None
+            assert on.store.products.w_t_copy is not None and off.store.products.w_t_copy is None
         if trick == "thread_balance":
-            assert on._products._from(0).balanced == 2 and off._products._from(0).balanced == 0
+            assert on.store.products._from(0).balanced == 2 and off.store.products._from(0).balanced == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -422,7 +422,7 @@ def test_prepacked_weights_compute_the_same_training_within_float32_rounding():
             for engine, network in ((on, net), (off, off_net))
         ]
         assert (
-            on._products.packed is not None and off._products.packed is None
+            on.store.products.packed is not None and off.store.products.packed is None
         )  # the trick was in use, and off when asked
         assert torch.allclose(results[0].energy_end, results[1].energy_end, rtol=1e-4)
         for a, b in zip(net.parameters(), off_net.parameters()):

@@ -15,6 +15,8 @@ from pcsweep.pc import Inference, PCEngine, activity_curvature
 from pcsweep.pc import energy as pc
 from pcsweep.pc import reference as ref
 from pcsweep.pc.schedule import _check, _Runs
+from pcsweep.pc.solvers import SOLVERS, Solver, register_solver
+from pcsweep.pc.stability import automatic_step
 from pcsweep.track.verdicts import condition2_verdict
 
 NETS = [("mse", None), ("ce", None), ("mse", "neuron")]  # the output losses, and a learned variance (rc3)
@@ -87,7 +89,9 @@ def solver_inference(solver: str, net, x, y, tolerance: float) -> Inference:
     engine = PCEngine(net, Inference())
     engine.feedforward_init(x, y)
     lam = float(activity_curvature(engine, iterations=200).max())
-    return Inference(steps=20000, step_size=0.5 * 2 * 1.9 / lam, momentum=0.9, tolerance=tolerance, check_every=4)
+    return Inference(
+        steps=20000, step_size=automatic_step(0.5, 0.9, lam), momentum=0.9, tolerance=tolerance, check_every=4
+    )
 
 
 @pytest.mark.parametrize("loss,variance", NETS, ids=["mse", "ce", "learned-variance"])
@@ -113,6 +117,44 @@ def test_each_solver_stops_at_the_equilibrium_of_a_tight_float64_reference(solve
     assert float((update - weight_gradients(net, x, y, star, sizes)).norm()) <= (
         float(torch.linalg.matrix_norm(jacobian, ord=2)) * distance_bound
     )
+
+
+class PlainDescent(Solver):
+    """A toy solver, registered from outside ``pcsweep.pc``: plain gradient descent on the activities with a fixed
+    step, through the engine's public math (its residual leaves dE/dx in ``store.gradient``)."""
+
+    def start(self) -> None:
+        pass
+
+    def step(self) -> None:
+        self.engine.front = 0  # every row moves
+        self.engine.residuals()
+        self.engine.store.X.sub_(0.2 * self.engine.store.gradient)  # below 2 / lambda_max here
+        self.recompute()
+
+    def recompute(self) -> None:
+        self.engine.errors(predict=True)
+
+
+def test_a_solver_registered_from_outside_trains_a_batch_at_the_same_equilibrium():
+    """The seam: a solver is a class and a registry line; the loop, the stop and the update are the engine's."""
+    register_solver("plain", PlainDescent)
+    try:
+        net = make_net(2, "mse", None)
+        x, y = batch()
+        updates = {}
+        for solver in ("plain", "error"):
+            engine = PCEngine(copy.deepcopy(net), Inference(steps=2000, solver=solver, tolerance=1e-7, check_every=4))
+            result = engine.train_batch(x, y, apply_update=lambda: None)
+            assert result.converged and result.steps_used > engine.inference.min_steps(2)
+            updates[solver] = torch.cat([g.flatten() for g in engine.write_gradients()])
+        assert float((updates["plain"] - updates["error"]).norm()) < 1e-5 * float(updates["error"].norm())
+        with pytest.raises(ValueError, match="solver must be state when"):
+            Inference(solver="plain", update_every=8)
+    finally:
+        SOLVERS.pop("plain")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        Inference(solver="plain")
 
 
 @pytest.mark.parametrize("loss,variance", NETS, ids=["mse", "ce", "learned-variance"])
@@ -218,7 +260,7 @@ def test_a_broken_error_gradient_is_caught():
     x, y = batch()
     engine = PCEngine(copy.deepcopy(net), Inference(steps=400, solver="error", tolerance=1e-6, check_every=4))
     engine.start(x[None], y[None])
-    solver = engine._conjugate
+    solver = engine.solver
     original = solver.gradient
 
     def broken(out):

@@ -2,9 +2,11 @@
 
 - ``energy``: the math, as plain functions a reader checks against ``shared/paper.md``;
 - ``schedule``: when inference steps and weight updates happen (one loop for every implementation);
-- ``engine``: the same math for R >= 1 runs at once in preallocated layer-stacked buffers (a solo run, or a pack);
+- ``engine``: the same math for R >= 1 runs at once, on ``storage``'s preallocated layer-stacked buffers (a solo run,
+  or a pack);
+- ``solvers``: how inference moves, behind one interface and a registry (``inference.solver``): ``state_solver``
+  (descent on the activities, the paper's dynamics) and ``error_solver`` (error optimization, over the errors);
 - ``kernels``: which kernel computes each of the engine's products (speed only, measured by ``pcsweep.bench.tables``);
-- ``error_solver``: error optimization, inference over the prediction errors (``inference.solver=error``);
 - ``members``: which runs may share an engine, and what a pack costs; ``gang``: a pack's members meeting per batch;
 - ``reference``: the plain and the autograd implementations the engine is tested against.
 """

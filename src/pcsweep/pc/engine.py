@@ -22,19 +22,25 @@ switchable (``Tricks``) and measured by ``python -m pcsweep.bench``:
 from __future__ import annotations
 
 import math
-from typing import Callable, Generic, Optional, Sequence, TypeVar, cast
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-from pcsweep.pc.energy import Network, log_variance_energy, log_variance_gradient, output_loss
-from pcsweep.pc.error_solver import ConjugateErrors
-from pcsweep.pc.kernels import HiddenProducts, Tricks, affine, batch_sum, outer
+from pcsweep.pc.energy import Activation, Network, log_variance_energy, log_variance_gradient, output_loss
+from pcsweep.pc.kernels import Tricks, affine, batch_sum, outer
 from pcsweep.pc.members import Member, check_members
 from pcsweep.pc.schedule import BatchResult, Inference, train_batch, train_batches
-from pcsweep.pc.storage import EngineStorage, _flat
+from pcsweep.pc.solvers import Solver, solver_class
+from pcsweep.pc.storage import EngineStorage, flat
 
 T = TypeVar("T")
+
+# the storage's tensors and views an engine shows as its own (a solo run's state, as the equations name it)
+STORED = frozenset(
+    "X A MU FP E EPS G x0 target aL eL epsL gradient x a mu fprime e eps g precisions p_hid p_out s_hid s_out "
+    "w_in b_in w_out b_out w_hid b_hid learns_variance sizes".split()
+)
 
 
 class RunZero(Generic[T]):
@@ -50,13 +56,17 @@ class RunZero(Generic[T]):
         setattr(engine.members[0], self.name, value)
 
 
-class PCEngine(EngineStorage):
+class PCEngine:
     """Inference and learning for R runs of one shape (see the module docstring); a ``schedule.Stepper``.
 
-    ``PCEngine(network, inference, log_variance_min)`` is a solo run; ``PCEngine.of(members)`` a pack. Buffers are
-    allocated once per batch size and reused. The per-layer lists ``x, a, mu, fprime, e, eps, g, precisions``
+    ``PCEngine(network, inference, log_variance_min)`` is a solo run; ``PCEngine.of(members)`` a pack. Its numbers
+    live in ``store`` (``EngineStorage``), allocated once per batch size and reused; inference moves by ``solver``
+    (``pcsweep.pc.solvers``: ``inference.solver``). The per-layer lists ``x, a, mu, fprime, e, eps, g, precisions``
     (indexed by l as in the equations) are views of run 0's rows: a solo run's state, as the equations name it.
     """
+
+    store: EngineStorage
+    solver: Solver
 
     def __init__(
         self,
@@ -78,18 +88,26 @@ class PCEngine(EngineStorage):
         check_members(members)
         self.members, self.tricks = members, tricks
         net = members[0].network
-        self.R, self.L, self.sizes = len(members), net.num_layers, net.sizes
+        self.R, self.L = len(members), net.num_layers
         self.H = self.hidden_layers = self.L - 1
-        self.activation, self.output_loss = net.activation, net.output_loss
+        self.activation: Activation = net.activation
+        self.output_loss = net.output_loss
         self.fixed_predictions = members[0].inference.fixed_predictions
-        self.solver = members[0].inference.solver  # one for all (members.check_members)
-        self._conjugate: Optional[ConjugateErrors] = None  # the error solver's search state
-        self.two_d = self.R == 1 and self.solver == "state"  # kernels.affine: a solo state run rounds as it always did
-        self._buffers_for: Optional[tuple] = None
-        self._bindings: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._products: Optional[HiddenProducts] = None
-        self._moving: Optional[list[bool]] = None  # None: every run moves, with one step size and momentum
+        solver = solver_class(members[0].inference.solver)  # one for all (members.check_members)
+        self.two_d = self.R == 1 and solver.solo_2d_kernels  # kernels.affine: the 2-d kernels of a solo run
+        self.store = EngineStorage(members, tricks)
+        self.solver = solver(self)
+        # The error front: hidden rows below it still hold their feedforward activities, predictions and exactly
+        # zero errors, so nothing recomputes them (recomputing through another kernel could round differently).
+        self.front = 0
+        self.input_current = False  # a_1 = W_1 x_0 + b_1 is up to date
         self.refresh_parameters()
+
+    def __getattr__(self, name: str) -> Any:
+        """The storage's tensors (``STORED``) read as the engine's: ``engine.X``, ``engine.x[l]``."""
+        if name in STORED:
+            return getattr(self.__dict__["store"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------- a solo run's settings (run 0's)
     @property
@@ -99,129 +117,103 @@ class PCEngine(EngineStorage):
     inference = RunZero[Inference]()
     log_variance_min = RunZero[float]()
 
-    # ----------------------------------------------------------------- the loop
+    # ----------------------------------------------------------------- parameters
+    def bound(self) -> bool:
+        """Every run's parameters are still views of this engine's stacks (``EngineStorage.bound``)."""
+        return self.store.bound()
+
+    def refresh_parameters(self) -> None:
+        """Re-derive what depends on the parameters alone (floors applied); call after every optimizer step."""
+        self.store.refresh_parameters()
+        self.input_current = False
+        self.front = 0  # new parameters: every prediction is stale
+
+    # ----------------------------------------------------------------- the math every solver shares
+    def feed_input(self) -> None:
+        """a_1 = W_1 x_0 + b_1, only when W_1 or b_1 changed (x_0 is clamped)."""
+        if not self.input_current:
+            s = self.store
+            affine(s.A[0], s.b_in, s.x0, s.w_in_t, self.two_d)
+            self.input_current = True
+
     def _predict(self, lo: int = 0) -> None:
         """a_l, mu_l and f'(a_l) for every layer from the current activities (hidden rows below ``lo`` unchanged)."""
-        rows = self._rows[lo]
-        if not self._input_current:  # x_0 is clamped: a_1 changes only with W_1, b_1
-            affine(self.A[0], self.b_in, self.x0, self._w_in_t, self.two_d)
-            self._input_current = True
-        assert self._products is not None
-        self._products.predict(lo * self.R, rows.x_below, rows.a_above)
-        affine(self.aL, self.b_out, self.X[-1], self._w_out_t, self.two_d)
+        s = self.store
+        rows = s.rows[lo]
+        self.feed_input()
+        s.products.predict(lo * self.R, rows.x_below, rows.a_above)
+        affine(s.aL, s.b_out, s.X[-1], s.w_out_t, self.two_d)
         self.activation.forward(rows.a, rows.mu)
         self.activation.derivative(rows.a, rows.mu, rows.fp)
 
     def activities_changed(self) -> None:
         """Call after writing ``x`` by hand: the next ``recompute`` recomputes every prediction."""
-        self._front = 0
+        self.front = 0
 
-    # ``lo``: the lowest hidden row (x_{lo+1}) the last step moved. After the feedforward init the hidden errors are
-    # exactly zero and the error front moves down one layer per step, so for the first L-1 steps of a batch the rows
-    # below it hold exact zeros (errors) and unchanged values (activities, predictions): no work is spent on them.
-    def _errors(self, predict: bool, lo: int = 0) -> None:
+    def errors(self, predict: bool, lo: int = 0) -> None:
+        """The predictions (when ``predict``) and errors e = x - mu of the hidden rows from ``lo`` up, then their
+        weighted forms and the output's errors."""
         if predict:
             self._predict(lo)
-        rows = self._rows[lo]
+        rows = self.store.rows[lo]
         torch.sub(rows.x, rows.mu, out=rows.e)
-        self._weighted_errors(lo)
+        self.weighted_errors(lo)
 
-    def _weighted_errors(self, lo: int = 0) -> None:
+    def weighted_errors(self, lo: int = 0) -> None:
         """eps = e / S and g = f'(a) eps from the errors (hidden rows from ``lo`` up), and the output's errors."""
-        rows = self._rows[lo]
-        if self._precision_rows is not None:
-            torch.mul(rows.e, self._precision_rows[lo * self.R :], out=rows.eps)
+        s = self.store
+        rows = s.rows[lo]
+        if s.precision_rows is not None:
+            torch.mul(rows.e, s.precision_rows[lo * self.R :], out=rows.eps)
         torch.mul(rows.fp, rows.eps, out=rows.g)
         if self.output_loss == "mse":
-            torch.sub(self.target, self.aL, out=self.eL)
-            if self.p_out is not None:
-                torch.mul(self.eL, self.p_out, out=self.epsL)
+            torch.sub(s.target, s.aL, out=s.eL)
+            if s.p_out is not None:
+                torch.mul(s.eL, s.p_out, out=s.epsL)
         else:  # cross-entropy: eps_L = onehot - softmax(a_L); e_L keeps the same (no variance)
-            torch.softmax(self.aL, dim=-1, out=self.epsL)
-            torch.sub(self.target, self.epsL, out=self.epsL)
-            self.eL.copy_(self.epsL)
-
-    def _step(self, lo: int = 0) -> None:
-        """Heavy ball ``v <- beta v - gamma dE/dx; x <- x + v`` (beta = 0: plain descent, x moves itself) on the
-        hidden rows from ``lo`` up, every run at once: dE/dx_l = eps_l - g_{l+1} W_{l+1}."""
-        rows, products, R = self._rows[lo], cast(HiddenProducts, self._products), self.R
-        heavy = rows.v is not None
-        moved, moved_below = (rows.v, rows.v_below) if heavy else (rows.x, rows.x_below)
-        top = cast(Tensor, self.V)[-1] if heavy else self.X[-1]
-        assert moved is not None and moved_below is not None
-        if self._moving is None:  # one step size and momentum: scalar kernels
-            gamma, beta = self.inference.step_size, self.inference.momentum
-            if heavy:
-                moved.mul_(beta)
-            moved.add_(rows.eps, alpha=-gamma)
-            products.feedback(lo * R, rows.g_above, moved_below, gamma)
-            if self.two_d:
-                top[0].addmm_(self.epsL[0], self.w_out[0], alpha=gamma)
-            else:
-                top.baddbmm_(self.epsL, self.w_out, alpha=gamma)
-        else:  # each run its own (0 for a held run: it does not move)
-            gamma_rows, beta_rows = self._gamma_rows[lo * R :], self._beta_rows[lo * R :]
-            if heavy:
-                moved.mul_(beta_rows)
-            moved.addcmul_(rows.eps, gamma_rows, value=-1.0)
-            if rows.g_above.shape[0]:
-                feedback = self.feedback[: rows.g_above.shape[0]]
-                products.feedback_into(lo * R, rows.g_above, feedback)
-                moved_below.addcmul_(feedback, gamma_rows[: feedback.shape[0]])
-            torch.bmm(self.epsL, self.w_out, out=self.top_feedback)
-            top.addcmul_(self.top_feedback, self._gamma_rows[-R:])
-        if heavy:
-            rows.x.add_(cast(Tensor, rows.v))
+            torch.softmax(s.aL, dim=-1, out=s.epsL)
+            torch.sub(s.target, s.epsL, out=s.epsL)
+            s.eL.copy_(s.epsL)
 
     def hold(self, moving: Sequence[bool]) -> None:
-        """Runs that stopped (``moving[r]`` False) keep their activities: step size and momentum 0 for them from now
-        on, until the next batch starts."""
-        self._moving = list(moving)
-        like = self.X
-
-        def per_run(values: Sequence[float]) -> Tensor:
-            return torch.tensor(list(values), dtype=like.dtype, device=like.device)
-
-        def rows(values: Sequence[float]) -> Tensor:  # one value a run, on every flat hidden row
-            return per_run(values).view(1, -1, 1, 1).expand(self.H, -1, 1, 1).reshape(-1, 1, 1)
-
-        self._gamma_rows = rows([m.inference.step_size if go else 0.0 for m, go in zip(self.members, moving)])
-        self._beta_rows = rows([m.inference.momentum if go else 0.0 for m, go in zip(self.members, moving)])
-        if self._conjugate is not None:
-            self._conjugate.hold(per_run(self._moving))
+        """Runs that stopped (``moving[r]`` False) keep their state until the next batch starts."""
+        self.solver.hold(moving)
 
     @torch.no_grad()
     def residuals(self) -> Tensor:
         """(R,) |dE/dx| over every hidden activity and sample of each run, dE/dx_l = eps_l - g_{l+1} W_{l+1}: the
         distance to the equilibrium whatever the solver (zero there; the stop compares it with its feedforward
         value). One batched product."""
-        grad, products = self.gradient, cast(HiddenProducts, self._products)
-        if self._front >= self.H:  # the feedforward state: every hidden error is zero, only the top layer's is not
-            torch.bmm(self.epsL, self.w_out, out=grad[-1])
+        s = self.store
+        grad = s.gradient
+        if self.front >= self.H:  # the feedforward state: every hidden error is zero, only the top layer's is not
+            torch.bmm(s.epsL, s.w_out, out=grad[-1])
             return grad[-1].pow(2).sum(dim=(1, 2)).sqrt()
         if self.H > 1:
-            products.feedback_into(0, _flat(self.G[1:]), _flat(grad[:-1]))
-        torch.bmm(self.epsL, self.w_out, out=grad[-1])
-        torch.sub(self.EPS, grad, out=grad)
+            s.products.feedback_into(0, flat(s.G[1:]), flat(grad[:-1]))
+        torch.bmm(s.epsL, s.w_out, out=grad[-1])
+        torch.sub(s.EPS, grad, out=grad)
         return grad.pow(2).sum(dim=(0, 2, 3)).sqrt()
 
     # ----------------------------------------------------------------- measurements, per run (R,)
     def error_energies(self) -> Tensor:
         """(R,) mean error energy per sample of each run, sum_l e_l^2 / (2 S_l), from the current errors (e . eps,
         no temporary at R = 1): what inference lowers, comparable across twins (the log S term is constant in it)."""
-        B = self.X.shape[2]
+        s = self.store
+        B = s.X.shape[2]
         if self.two_d:
-            hidden = torch.dot(self.E.view(-1), self.EPS.view(-1)).reshape(1)
+            hidden = torch.dot(s.E.view(-1), s.EPS.view(-1)).reshape(1)
         else:
-            hidden = (self.E * self.EPS).sum(dim=(0, 2, 3))
+            hidden = (s.E * s.EPS).sum(dim=(0, 2, 3))
         if self.output_loss == "ce":
             return 0.5 * hidden / B + self._ce_losses()
         if self.two_d:
-            return 0.5 * (hidden + torch.dot(self.eL.view(-1), self.epsL.view(-1))) / B
-        return 0.5 * (hidden + (self.eL * self.epsL).sum(dim=(1, 2))) / B
+            return 0.5 * (hidden + torch.dot(s.eL.view(-1), s.epsL.view(-1))) / B
+        return 0.5 * (hidden + (s.eL * s.epsL).sum(dim=(1, 2))) / B
 
     def _ce_losses(self) -> Tensor:
-        return torch.stack([output_loss(self.aL[r], self.target[r], "ce") for r in range(self.R)])
+        s = self.store
+        return torch.stack([output_loss(s.aL[r], s.target[r], "ce") for r in range(self.R)])
 
     @torch.no_grad()
     def error_energy(self) -> Tensor:
@@ -245,12 +237,13 @@ class PCEngine(EngineStorage):
     @torch.no_grad()
     def layer_error_energies(self) -> Tensor:
         """(R, L) mean error energy per sample of each weight layer's error: where the error sits in the network."""
-        B = self.X.shape[2]
-        hidden = 0.5 * (self.E * self.EPS).sum(dim=(2, 3)).t() / B  # (R, H)
+        s = self.store
+        B = s.X.shape[2]
+        hidden = 0.5 * (s.E * s.EPS).sum(dim=(2, 3)).t() / B  # (R, H)
         if self.output_loss == "ce":
             output = self._ce_losses()
         else:
-            output = 0.5 * (self.eL * self.epsL).sum(dim=(1, 2)) / B
+            output = 0.5 * (s.eL * s.epsL).sum(dim=(1, 2)) / B
         return torch.cat([hidden, output.unsqueeze(1)], dim=1)
 
     # ----------------------------------------------------------------- learning
@@ -261,27 +254,28 @@ class PCEngine(EngineStorage):
         Returns run 0's gradients in the order of ``Network.parameters()``."""
         if not self.bound():  # somebody replaced a .grad (zero_grad(set_to_none=True)): bind them again
             self.refresh_parameters()
-        scale = -1.0 / self.X.shape[2]
+        s = self.store
+        scale = -1.0 / s.X.shape[2]
         # FixedPred pairs each error with the feedforward activity below it, as backprop does
-        below = self.MU if self.fixed_predictions else self.X
-        outer(self.gw_in, self.G[0], self.x0, scale, self.two_d)
-        batch_sum(self.gb_in, self.G[0], scale, self.two_d)
-        if self.w_hid is not None:
-            gw = _flat(self.gw_hid)
-            torch.baddbmm(gw, _flat(self.G[1:]).transpose(1, 2), _flat(below[:-1]), beta=0.0, alpha=scale, out=gw)
-            torch.sum(_flat(self.G[1:]), dim=1, out=_flat(self.gb_hid)).mul_(scale)
-        outer(self.gw_out, self.epsL, below[-1], scale, self.two_d)
-        batch_sum(self.gb_out, self.epsL, scale, self.two_d)
-        if self.s_hid is not None:
-            assert self._precision_rows is not None
-            gs = _flat(self.gs_hid)
-            gs.copy_(log_variance_gradient(_flat(self.E), self._precision_rows.squeeze(1), gs.shape[-1]))
-        if self.s_out is not None:
-            assert self.p_out is not None
+        below = s.MU if self.fixed_predictions else s.X
+        outer(s.gw_in, s.G[0], s.x0, scale, self.two_d)
+        batch_sum(s.gb_in, s.G[0], scale, self.two_d)
+        if s.w_hid is not None:
+            gw = flat(s.gw_hid)
+            torch.baddbmm(gw, flat(s.G[1:]).transpose(1, 2), flat(below[:-1]), beta=0.0, alpha=scale, out=gw)
+            torch.sum(flat(s.G[1:]), dim=1, out=flat(s.gb_hid)).mul_(scale)
+        outer(s.gw_out, s.epsL, below[-1], scale, self.two_d)
+        batch_sum(s.gb_out, s.epsL, scale, self.two_d)
+        if s.s_hid is not None:
+            assert s.precision_rows is not None
+            gs = flat(s.gs_hid)
+            gs.copy_(log_variance_gradient(flat(s.E), s.precision_rows.squeeze(1), gs.shape[-1]))
+        if s.s_out is not None:
+            assert s.p_out is not None
             if self.two_d:
-                self.gs_out[0].copy_(log_variance_gradient(self.eL[0], self.p_out[0, 0], self.gs_out.shape[-1]))
+                s.gs_out[0].copy_(log_variance_gradient(s.eL[0], s.p_out[0, 0], s.gs_out.shape[-1]))
             else:
-                self.gs_out.copy_(log_variance_gradient(self.eL, self.p_out.squeeze(1), self.gs_out.shape[-1]))
+                s.gs_out.copy_(log_variance_gradient(s.eL, s.p_out.squeeze(1), s.gs_out.shape[-1]))
         return cast(list[Tensor], [p.grad for p in self.net.parameters()])  # bound to the stacks above
 
     @torch.no_grad()
@@ -290,61 +284,48 @@ class PCEngine(EngineStorage):
         solo run, (B, n_in)). The hidden errors are now exactly zero."""
         if inputs.dim() == 2:
             inputs, target = inputs[None], target[None]
-        self._allocate(inputs.shape[1], inputs)
+        s = self.store
+        if s.allocate(inputs.shape[1], inputs):
+            self.solver.allocate()
         self.refresh_parameters()  # cheap; catches parameters moved, cast or reloaded since the last batch
-        self.x0.copy_(inputs)
-        self.target.copy_(target)
-        affine(self.A[0], self.b_in, self.x0, self._w_in_t, self.two_d)
-        self._input_current = True
+        s.x0.copy_(inputs)
+        s.target.copy_(target)
+        self.feed_input()
         act = self.activation
         for l in range(self.H):  # sequential: each layer needs the one below
             if l > 0:
-                w_hid, b_hid = cast(Tensor, self.w_hid), cast(Tensor, self.b_hid)
-                affine(self.A[l], b_hid[l - 1], self.X[l - 1], w_hid[l - 1].transpose(1, 2), self.two_d)
-            act.forward(self.A[l], self.MU[l])
-            self.X[l].copy_(self.MU[l])
-        act.derivative(self.A, self.MU, self.FP)
-        affine(self.aL, self.b_out, self.X[-1], self._w_out_t, self.two_d)
-        for buffer in (self.E, self.EPS, self.G):  # x_l = mu_l: the hidden errors are zero by construction
+                w_hid, b_hid = cast(Tensor, s.w_hid), cast(Tensor, s.b_hid)
+                affine(s.A[l], b_hid[l - 1], s.X[l - 1], w_hid[l - 1].transpose(1, 2), self.two_d)
+            act.forward(s.A[l], s.MU[l])
+            s.X[l].copy_(s.MU[l])
+        act.derivative(s.A, s.MU, s.FP)
+        affine(s.aL, s.b_out, s.X[-1], s.w_out_t, self.two_d)
+        for buffer in (s.E, s.EPS, s.G):  # x_l = mu_l: the hidden errors are zero by construction
             buffer.zero_()
-        if self.V is not None:
-            self.V.zero_()  # inference starts at rest
-        self._front = self.H  # no hidden row has moved
-        self._moving = None  # every run moves again
+        self.front = self.H  # no hidden row has moved
 
     # ------------------------------------------- the Stepper protocol (schedule.train_batches)
     # train_batches enters no_grad once per batch; step and recompute enter it only when called outside (a context
     # per step would cost a little on every step)
     def start(self, inputs: Tensor, target: Tensor) -> Tensor:
         self.feedforward_init(inputs, target)
-        if len({(m.inference.step_size, m.inference.momentum) for m in self.members}) > 1:
-            self.hold([True] * self.R)  # every run moves, each with its own step size and momentum
         # the output's error (the hidden ones are exactly zero): the predictions are current from the feedforward pass
-        self._errors(predict=False, lo=self.H - 1)
-        if self._conjugate is not None:
-            self._conjugate.start()
-        return self.aL.clone()
+        self.errors(predict=False, lo=self.H - 1)
+        self.solver.start()
+        return self.store.aL.clone()
 
     def step(self) -> None:
-        """One inference step: a Jacobi step of descent on all hidden activities at once (``state``; moves the error
-        front down a row), or one conjugate-gradient step on the errors (``error``)."""
+        """One inference step of the solver (``inference.solver``) for every moving run; the errors current after."""
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.step()
-        if self._conjugate is not None:
-            self._front = 0  # every error moves at once: no front
-            return self._conjugate.step()
-        self._front = max(self._front - 1, 0) if self.tricks.error_front else 0
-        self._step(self._front)
-        self.recompute()
+        self.solver.step()
 
     def recompute(self) -> None:
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.recompute()
-        if self._conjugate is not None:
-            return self._conjugate.recompute()
-        self._errors(not self.fixed_predictions, lo=min(self._front, self.H - 1))
+        self.solver.recompute()
 
     def parameters_changed(self) -> None:
         self.refresh_parameters()

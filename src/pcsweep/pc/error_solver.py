@@ -20,16 +20,15 @@ Every tensor carries the engine's run dimension: solo runs and packs alike.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, cast
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from pcsweep.pc.energy import output_losses
-from pcsweep.pc.kernels import HiddenProducts, affine
-
-if TYPE_CHECKING:
-    from pcsweep.pc.engine import PCEngine
+from pcsweep.pc.kernels import affine
+from pcsweep.pc.schedule import Inference
+from pcsweep.pc.solvers import Solver
 
 
 def _per_sample(t: Tensor) -> Tensor:
@@ -38,13 +37,30 @@ def _per_sample(t: Tensor) -> Tensor:
     return t.sum(dim=3).sum(dim=0)
 
 
-class ConjugateErrors:
-    """The search state of error optimization over an engine's buffers: the errors ``E`` are the variables, the
+class ErrorOptimization(Solver):
+    """Error optimization over an engine's buffers (a ``solvers.Solver``): the errors ``E`` are the variables, the
     activities follow from them. ``step`` is one conjugate-gradient step for every sample of every moving run."""
 
-    def __init__(self, engine: PCEngine) -> None:
-        self.engine = engine
-        like = engine.X
+    solo_2d_kernels = False  # one batched kernel at any R: a pack's run follows its solo run's search to rounding
+
+    # ------------------------------------------------------------ class facts
+    @classmethod
+    def min_steps(cls, hidden_layers: int, check_every: int) -> int:
+        """Every layer hears the output at the first step: one check interval."""
+        return check_every
+
+    @classmethod
+    def check_inference(cls, inference: Inference) -> Optional[str]:
+        if inference.update_every is not None or inference.fixed_predictions:
+            return (
+                "state when the weights are updated during inference (update_every: relax 2 and 23, whose updates "
+                "are the relaxation itself) or with fixed predictions"
+            )
+        return None
+
+    # ------------------------------------------------------------ buffers
+    def allocate(self) -> None:
+        like = self.engine.store.X
         self.D = torch.zeros_like(like)  # d_l: the output's gradient backpropagated to each hidden activity
         self.grad = torch.zeros_like(like)  # dG/de
         self.new_grad = torch.zeros_like(like)
@@ -60,26 +76,24 @@ class ConjugateErrors:
     def forward(self) -> None:
         """Every activity from the errors: x_l = f(W_l x_{l-1} + b_l) + e_l, l = 1..L-1, then a_L and the errors'
         precision-weighted forms (the errors themselves are the variables, never recomputed from x)."""
-        eng = self.engine
-        act, products = eng.activation, cast(HiddenProducts, eng._products)
-        if not eng._input_current:
-            affine(eng.A[0], eng.b_in, eng.x0, eng._w_in_t, eng.two_d)
-            eng._input_current = True
+        self.engine.feed_input()
+        eng = self.engine.store
+        act, products = self.engine.activation, eng.products
         for l in range(eng.H):
             if l > 0:
                 products.layer_forward(l - 1, eng.X[l - 1], eng.A[l])
             act.forward(eng.A[l], eng.MU[l])
             torch.add(eng.MU[l], eng.E[l], out=eng.X[l])
         act.derivative(eng.A, eng.MU, eng.FP)
-        affine(eng.aL, eng.b_out, eng.X[-1], eng._w_out_t, eng.two_d)
-        eng._weighted_errors()
+        affine(eng.aL, eng.b_out, eng.X[-1], eng.w_out_t, two_d=False)
+        self.engine.weighted_errors()
 
     def gradient(self, out: Tensor) -> None:
         """dG/de into ``out``: the backward chain d, then eps + d."""
-        eng, D = self.engine, self.D
+        eng, D = self.engine.store, self.D
         torch.bmm(eng.epsL, eng.w_out, out=D[-1])
         D[-1].neg_()
-        products = cast(HiddenProducts, eng._products)
+        products = eng.products
         for l in range(eng.H - 1, 0, -1):
             torch.mul(eng.FP[l], D[l], out=self.scratch)
             products.layer_backward(l - 1, self.scratch, D[l - 1])
@@ -87,7 +101,7 @@ class ConjugateErrors:
 
     def _sample_energies(self) -> Tensor:
         """(R, B) each sample's error energy at the current errors."""
-        eng = self.engine
+        eng = self.engine.store
         hidden = 0.5 * _per_sample(eng.E * eng.EPS)
         if eng.output_loss == "ce":  # the output's energy is its loss
             return hidden + output_losses(eng.aL, eng.target, "ce")
@@ -95,11 +109,11 @@ class ConjugateErrors:
 
     def _curvature(self, p: Tensor) -> Tensor:
         """(R, B) Gauss-Newton curvature of G along ``p``: p^T P p + (J p)^T H_out (J p)."""
-        eng = self.engine
+        eng = self.engine.store
         precision = eng.p_hid
         quad = _per_sample(p * p * precision if precision is not None else p * p)
         jp = p[0].clone()  # forward mode through the recursion: dx_l = f'(a_l) (dx_{l-1} W_l^T) + p_l
-        products = cast(HiddenProducts, eng._products)
+        products = eng.products
         for l in range(1, eng.H):
             products.layer_forward(l - 1, jp, self.scratch, bias=False)
             jp = self.scratch.mul(eng.FP[l]).add_(p[l])
@@ -120,9 +134,10 @@ class ConjugateErrors:
         self.energy = self._sample_energies()
         self.damping.fill_(1.0)
 
-    def hold(self, moving: Tensor) -> None:
-        """``moving`` (R,): 1 for the runs that go on, 0 for those whose errors stay as they are."""
-        self.moving = moving.view(-1, 1)
+    def hold(self, moving: Sequence[bool]) -> None:
+        """Runs with False keep their errors as they are."""
+        like = self.engine.store.X
+        self.moving = torch.tensor(list(moving), dtype=like.dtype, device=like.device).view(-1, 1)
 
     def recompute(self) -> None:
         """After the parameters changed: the activities and the gradient at the same errors (the search goes on)."""
@@ -136,13 +151,14 @@ class ConjugateErrors:
         Gauss-Newton leaves out the curvature of the hidden nonlinearity, so a step may overshoot: a sample whose
         energy rose restarts from steepest descent with four times the damping, and each step that lowers it halves
         the damping again (down to 1, the plain Gauss-Newton step)."""
+        self.engine.front = 0  # every error moves at once: no front
         p, g, tiny = self.direction, self.grad, torch.finfo(self.direction.dtype).tiny
         curvature = self._curvature(p) * self.damping
         slope = _per_sample(g * p)
         alpha = torch.where(curvature > 0, -slope / curvature.clamp_min(tiny), 0.0)
         if self.moving is not None:
             alpha = alpha * self.moving
-        self.engine.E.addcmul_(p, alpha.unsqueeze(0).unsqueeze(-1))
+        self.engine.store.E.addcmul_(p, alpha.unsqueeze(0).unsqueeze(-1))
         self.forward()
         new = self.new_grad
         self.gradient(new)

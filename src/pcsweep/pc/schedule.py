@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from pcsweep.pc.energy import output_loss
-
-SOLVERS = ("state", "error")
+from pcsweep.pc.solvers import SOLVERS, solver_class
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,9 @@ class Inference:
     ``update_every=None`` is condition 2 enforced (one weight update after ``steps`` steps); an integer k updates the
     weights every k steps from the current activities (relaxed).
 
-    ``solver`` is how inference moves: ``state`` descends the energy over the hidden activities (the paper's
-    dynamics; ``momentum`` (beta) makes it the heavy ball ``v <- beta v - step_size dE/dx; x <- x + v``: the same fixed
-    points, stable while ``step_size * lambda_max < 2 (1 + beta)``); ``error`` optimizes over the prediction errors
+    ``solver`` is how inference moves, a name in ``pcsweep.pc.solvers.SOLVERS``: ``state`` descends the energy over
+    the hidden activities (the paper's dynamics, ``pcsweep.pc.state_solver``; ``momentum`` (beta) makes it the heavy
+    ball ``v <- beta v - step_size dE/dx; x <- x + v``); ``error`` optimizes over the prediction errors
     (``pcsweep.pc.error_solver``: the same equilibrium, reached in a fraction of the steps; no step size to choose).
 
     ``tolerance`` (off: the paper's T is fixed) ends inference at the equilibrium: once the relative residual
@@ -60,23 +59,18 @@ class Inference:
             (self.tolerance is None or self.tolerance > 0, "tolerance", "null or > 0", self.tolerance),
             (self.check_every >= 1, "check_every", ">= 1", self.check_every),
             (self.solver in SOLVERS, "solver", f"one of {list(SOLVERS)}", self.solver),
-            (
-                self.solver == "state" or (self.update_every is None and not self.fixed_predictions),
-                "solver",
-                "state when the weights are updated during inference (update_every: relax 2 and 23, whose updates are "
-                "the relaxation itself) or with fixed predictions",
-                self.solver,
-            ),
         )
         for ok, key, rule, value in checks:
             if not ok:
                 raise ValueError(f"{key} must be {rule}, got {value!r}")
+        cannot = solver_class(self.solver).check_inference(self)
+        if cannot is not None:
+            raise ValueError(f"solver must be {cannot}, got {self.solver!r}")
 
     def min_steps(self, hidden_layers: int) -> int:
-        """The earliest step at which inference may stop: state descent moves the error down one layer per step,
-        so not before it reached every layer and was checked once more (depth + check_every); error optimization
-        reaches every layer at its first step."""
-        return self.check_every + (hidden_layers if self.solver == "state" else 0)
+        """The earliest step at which inference may stop (the solver's rule: state descent moves the error down
+        one layer per step, error optimization reaches every layer at its first)."""
+        return solver_class(self.solver).min_steps(hidden_layers, self.check_every)
 
     def check_steps(self, hidden_layers: int) -> None:
         """With a tolerance, T must leave room for two checks from ``min_steps`` (ValueError naming ``steps``)."""

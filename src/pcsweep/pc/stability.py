@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from torch import Tensor
 
 from pcsweep.config.errors import UserError
-from pcsweep.pc.engine import PCEngine
-from pcsweep.pc.schedule import Inference
+from pcsweep.pc.solvers import solver_class
+
+if TYPE_CHECKING:
+    from pcsweep.pc.engine import PCEngine
+    from pcsweep.pc.schedule import Inference
 
 # log_variance_min=auto: step_size * lambda_max / S_min held at this fraction of the limit; with the automatic
 # step size the floor is S_min = auto_stiffness / 0.9 (0.89 for rc3, 0.56 for rc23)
 AUTO_FLOOR_STIFFNESS = 0.9
+
+
+def heavy_ball_limit(momentum: float) -> float:
+    """Heavy-ball descent on a quadratic is stable while step_size * lambda_max < 2 (1 + momentum)."""
+    return 2 * (1 + momentum)
+
+
+def automatic_step(fraction: float, momentum: float, curvature: float) -> float:
+    """``inference.step_size=auto``: the step at ``fraction`` (``inference.auto_stiffness``) of the stability limit."""
+    return fraction * heavy_ball_limit(momentum) / curvature
 
 
 @torch.no_grad()
@@ -94,19 +107,23 @@ def preflight_stability(
 
     Returns ``lambda_max``, ``step_size``, ``stiffness``, ``limit``, ``log_variance_min`` (None without trainable
     variances) and the ``CurvatureTargets`` the run follows; raises ``UnstableSetting`` for a step size or a floor
-    past the limit."""
+    past the limit. The step is checked against the solver's own ``stability_limit`` (``pcsweep.pc.solvers``; a solver
+    that takes no step size has none), the floor by the heavy-ball rule whatever the solver (S_min bounds the
+    curvature, 1/S_min)."""
     engine.feedforward_init(inputs, target)
     lam = float(activity_curvature(engine).max())
-    limit = 2 * (1 + engine.inference.momentum)
+    limit = heavy_ball_limit(engine.inference.momentum)
     targets = CurvatureTargets()
     if step_setting == "auto":
         if auto_stiffness is None:
             raise ValueError("step_setting='auto' needs auto_stiffness (inference.auto_stiffness)")
         targets.step_stiffness = auto_stiffness * limit
-        engine.inference = replace(engine.inference, step_size=targets.step_stiffness / lam)
+        engine.inference = replace(
+            engine.inference, step_size=automatic_step(auto_stiffness, engine.inference.momentum, lam)
+        )
     gamma = engine.inference.step_size
     stiff = gamma * lam
-    if stiff >= limit:
+    if solver_class(engine.inference.solver).stability_limit(engine.inference.momentum) is not None and stiff >= limit:
         raise UnstableSetting(
             f"inference.step_size={gamma:g} is past the stability limit: step_size * lambda_max = {stiff:.3g} >= "
             f"2 (1 + momentum) = {limit:.3g} at the initial weights (lambda_max = {lam:.3g}); use a step size "
@@ -132,7 +149,7 @@ def _stable_floor(
     """The floor on log S for ``log_variance_min`` (``auto``: where ``step_size * lambda_max / S_min`` is
     ``AUTO_FLOOR_STIFFNESS`` of the limit, followed as the curvature grows via ``targets``; a number is checked)."""
     gamma, beta = inference.step_size, inference.momentum
-    limit = 2 * (1 + beta)
+    limit = heavy_ball_limit(beta)
     stiff = gamma * lam
     if floor_setting == "auto":
         if stiff >= AUTO_FLOOR_STIFFNESS * limit:

@@ -1,26 +1,23 @@
 """Where the engine keeps its numbers: every run's parameters bound to views of (R, ...) stacks (so each run's own
 optimizer updates them in place), and the (H, R, B, n) activity buffers with the views the loop's kernels take,
-built once per batch size or parameter change. ``PCEngine`` (``pcsweep.pc.engine``) computes on them."""
+built once per batch size or parameter change. ``PCEngine`` (``pcsweep.pc.engine``) and its solver compute on them;
+a solver's own buffers (a velocity, a search direction) are its own."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, cast
+from typing import Callable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
 
 from pcsweep.pc.energy import Network
-from pcsweep.pc.error_solver import ConjugateErrors
 from pcsweep.pc.kernels import HiddenProducts, Tricks
 from pcsweep.pc.members import Member
 
-if TYPE_CHECKING:
-    from pcsweep.pc.engine import PCEngine
 
-
-def _flat(t: Tensor) -> Tensor:
+def flat(t: Tensor) -> Tensor:
     """(layers, R, ...) as (layers * R, ...): one batched kernel over every layer of every run."""
     return t.flatten(0, 1)
 
@@ -28,7 +25,7 @@ def _flat(t: Tensor) -> Tensor:
 @dataclass
 class _Rows:
     """Flat views of the hidden buffers from layer row ``lo`` up (``below``: rows lo..H-2, ``above``: lo+1..H-1),
-    built once per buffer change: a step would otherwise make ~25 views, each as dear as an elementwise kernel."""
+    built once per buffer change (a step would otherwise make its views anew, each as dear as an elementwise kernel)."""
 
     x: Tensor
     a: Tensor
@@ -40,26 +37,20 @@ class _Rows:
     x_below: Tensor
     a_above: Tensor
     g_above: Tensor
-    v: Optional[Tensor]  # velocity (heavy-ball inference only)
-    v_below: Optional[Tensor]
 
 
 class EngineStorage:
-    """The parameter stacks and buffers of ``PCEngine`` (its ``_setup`` sets the shape and members these use)."""
+    """The parameter stacks and buffers of R runs of one shape (``members``), owned by one ``PCEngine``."""
 
-    members: list[Member]
-    tricks: Tricks
-    R: int
-    L: int
-    H: int
-    sizes: Sequence[int]
-    solver: str
-    output_loss: str
-    two_d: bool
-    _buffers_for: Optional[tuple]
-    _bindings: list[tuple[Tensor, Tensor, Tensor]]
-    _products: Optional[HiddenProducts]
-    _conjugate: Optional[ConjugateErrors]
+    def __init__(self, members: list[Member], tricks: Tricks) -> None:
+        net = members[0].network
+        self.members, self.tricks = members, tricks
+        self.R, self.L, self.sizes = len(members), net.num_layers, net.sizes
+        self.H = self.L - 1
+        self.output_loss = net.output_loss
+        self.buffers_for: Optional[tuple] = None  # (batch, dtype, device) of the buffers, once allocated
+        self._bindings: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._views_stale = True
 
     # ----------------------------------------------------------------- parameters
     def _stack(self, pick: Callable[[Network], Sequence[Optional[Tensor]]], layer_major: bool) -> tuple[Tensor, Tensor]:
@@ -115,7 +106,7 @@ class EngineStorage:
             self.s_hid, self.gs_hid = self._stack(lambda n: n.log_variances[:H], True)
         if any(row[L - 1] for row in learns):
             self.s_out, self.gs_out = self._stack(lambda n: n.log_variances[L - 1 :], False)
-        self._products = HiddenProducts(self.w_hid, self.b_hid, self.tricks, self._hidden_versions)
+        self.products = HiddenProducts(self.w_hid, self.b_hid, self.tricks, self._hidden_versions)
         # exp(-log S), updated in place after every update (the loop's views of it stay valid)
         self.p_hid: Optional[Tensor] = None if self.s_hid is None else torch.empty_like(self.s_hid).unsqueeze(2)
         self.p_out: Optional[Tensor] = None if self.s_out is None else torch.empty_like(self.s_out).unsqueeze(1)
@@ -142,7 +133,7 @@ class EngineStorage:
         torch.maximum(stack, torch.tensor(floors, dtype=stack.dtype, device=stack.device).view(shape), out=stack)
 
     def refresh_parameters(self) -> None:
-        """Re-derive what depends on the parameters alone (floors applied); call after every optimizer step."""
+        """Re-derive what depends on the parameters alone (floors applied, the products' copies and the views)."""
         if not self.bound():
             self._stack_parameters()
         with torch.no_grad():
@@ -152,28 +143,22 @@ class EngineStorage:
             if self.s_out is not None:
                 self._floor(self.s_out, 0)
                 torch.exp(-self.s_out, out=cast(Tensor, self.p_out).squeeze(1))
-        assert self._products is not None  # made with the stacks
-        self._products.refresh(None if self._buffers_for is None else self._buffers_for[0])
-        if self._views_stale and self._buffers_for is not None:
+        self.products.refresh(None if self.buffers_for is None else self.buffers_for[0])
+        if self._views_stale and self.buffers_for is not None:
             self._build_views()
-        self._input_current = False  # a_1 = W_1 x_0 + b_1 must be recomputed
-        # The error front: hidden rows below it still hold their feedforward activities, predictions and exactly
-        # zero errors, so nothing recomputes them (recomputing through another kernel could round differently).
-        self._front = 0  # new parameters: every prediction is stale
 
     # ----------------------------------------------------------------- buffers
-    def _allocate(self, batch: int, like: Tensor) -> None:
+    def allocate(self, batch: int, like: Tensor) -> bool:
+        """Buffers for ``batch`` samples like ``like``; False when the ones there already fit."""
         key = (batch, like.dtype, like.device)
-        if self._buffers_for == key:
-            return
+        if self.buffers_for == key:
+            return False
         H, R, n, n_out = self.H, self.R, self.sizes[1], self.sizes[-1]
 
         def new(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=like.dtype, device=like.device)
 
         self.X, self.A, self.MU, self.FP, self.E, self.G = (new(H, R, batch, n) for _ in range(6))
-        heavy_ball = self.solver == "state" and any(m.inference.momentum for m in self.members)
-        self.V = new(H, R, batch, n) if heavy_ball else None  # activity velocity
         self.EPS = new(H, R, batch, n) if self.s_hid is not None else self.E
         self.x0, self.target = new(R, batch, self.sizes[0]), new(R, batch, n_out)
         self.aL, self.eL = new(R, batch, n_out), new(R, batch, n_out)
@@ -182,32 +167,30 @@ class EngineStorage:
         self.feedback = new(max(H - 1, 1) * R, batch, n)  # g_{l+1} W_{l+1} when runs take different steps
         self.top_feedback = new(R, batch, n)
         self.gradient = new(H, R, batch, n)  # dE/dx, for the residual
-        self._buffers_for = key
-        self._conjugate = ConjugateErrors(cast("PCEngine", self)) if self.solver == "error" else None
+        self.buffers_for = key
         self._views_stale = True  # built by the refresh_parameters that follows
+        return True
 
     def _build_views(self) -> None:
         """Views of the buffers and parameters the loop's kernels take, and run 0's per-layer lists."""
-        H, X, V = self.H, self.X, self.V
-        self._rows = [
+        H, X = self.H, self.X
+        self.rows = [
             _Rows(
-                _flat(X[lo:]),
-                _flat(self.A[lo:]),
-                _flat(self.MU[lo:]),
-                _flat(self.FP[lo:]),
-                _flat(self.E[lo:]),
-                _flat(self.EPS[lo:]),
-                _flat(self.G[lo:]),
-                _flat(X[lo:-1]),
-                _flat(self.A[lo + 1 :]),
-                _flat(self.G[lo + 1 :]),
-                None if V is None else _flat(V[lo:]),
-                None if V is None else _flat(V[lo:-1]),
+                flat(X[lo:]),
+                flat(self.A[lo:]),
+                flat(self.MU[lo:]),
+                flat(self.FP[lo:]),
+                flat(self.E[lo:]),
+                flat(self.EPS[lo:]),
+                flat(self.G[lo:]),
+                flat(X[lo:-1]),
+                flat(self.A[lo + 1 :]),
+                flat(self.G[lo + 1 :]),
             )
             for lo in range(H)
         ]
-        self._precision_rows = None if self.p_hid is None else _flat(self.p_hid)
-        self._w_in_t, self._w_out_t = self.w_in.transpose(1, 2), self.w_out.transpose(1, 2)
+        self.precision_rows = None if self.p_hid is None else flat(self.p_hid)
+        self.w_in_t, self.w_out_t = self.w_in.transpose(1, 2), self.w_out.transpose(1, 2)
         self._views_stale = False
 
         def run0(stack: Tensor) -> list:
