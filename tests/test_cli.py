@@ -114,9 +114,8 @@ def test_an_invalid_job_stops_the_whole_sweep_before_any_training(tmp_path):
 
 
 def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tmp_path):
-    # stable inference at the start (a step size past the limit is refused before training), weights that explode;
-    # state descent's energy then rises past the divergence factor (error optimization's stays low: such a run ends
-    # with the accuracy it reached, failed to learn at the usual chance margin)
+    # stable inference at the start (a step size past the limit is refused before training), weights that explode:
+    # every twin and solver ends DIVERGED (the rules, each twin and solver: tests/test_divergence.py)
     result = pcsweep(tmp_path, "-m", *SMALL, "algo=pc,bp", "optimizer.lr=100", "inference.solver=state")
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "multirun" / "default"
@@ -128,6 +127,7 @@ def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tmp_path):
         "diverged_reason"
     ]
     assert summaries["pc_24_3"]["time_to_90"] is None
+    assert summaries["bp_24_3"]["status"] == "diverged"  # BP too: its weights passed 100x their initial norm
     assert "diverged" in result.stdout
 
 

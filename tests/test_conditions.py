@@ -37,9 +37,12 @@ def test_converged_twins_stop_at_convergence_and_the_probe_measures_where_they_s
     assert trained.steps_used < 256
     probe = probe_condition2(engine, x, y, at_step=256, max_steps=4096)
     assert probe["steps_at_update"] == trained.steps_used and probe["energy_at_T"] == float(trained.energy_end)
-    assert probe["gap"] < 0.05 and min(probe["cosine"]) > 0.95  # stopped short of T, still converged
+    assert probe["reference"]["converged"] and probe["reference"]["residual"] < 1e-8
+    # stopped short of T at a residual of 1e-2: energy gap and cosine look converged, the update is still ~10% off
+    assert probe["gap"] < 0.05 and min(probe["cosine"]) > 0.95 and probe["update_error_max"] > 0.05
     full = probe_condition2(PCEngine(net, Inference(steps=256, step_size=0.3, momentum=0.95)), x, y, 256, 4096)
     assert full["steps_at_update"] == 256 and full["gap"] <= probe["gap"]
+    assert full["update_error_max"] < probe["update_error_max"]
 
 
 def test_condition2_probe_sees_plain_descent_short_of_convergence_and_the_heavy_ball_closer():
@@ -55,7 +58,125 @@ def test_condition2_probe_sees_plain_descent_short_of_convergence_and_the_heavy_
     plain, heavy = probes[0.0], probes[0.95]
     assert plain["gap"] > 0.5 and min(plain["cosine"]) < 0.95  # 64 plain steps are far from converged
     assert heavy["gap"] < 0.75 * plain["gap"] and min(heavy["cosine"]) > min(plain["cosine"])
+    assert heavy["update_error_max"] < plain["update_error_max"] and plain["update_error_max"] > 1
     assert plain["energy_converged"] == pytest.approx(heavy["energy_converged"], rel=0.05)
+    # plain descent's own reference does not reach 1e-8 in 4096 steps: recorded, not pretended
+    assert not plain["reference"]["converged"] and plain["reference"]["residual"] > 1e-8
+    assert plain["reference"]["steps"] == plain["reference"]["max_steps"] == 4096
+
+
+def tiny_batch(size=16):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(size, 6, generator=gen, dtype=torch.float64)
+    return x, torch.nn.functional.one_hot(torch.randint(0, 4, (size,), generator=gen), 4).double()
+
+
+@pytest.mark.parametrize("solver, momentum, check_every", [("error", 0.0, 4), ("state", 0.9, 8)])
+def test_the_probe_measures_the_weight_update_error_against_the_equilibrium(solver, momentum, check_every):
+    """The update where training inference stopped against the same solver's update at a relative residual of 1e-8
+    (float64): about zero when training inference itself ran past it, clearly not at a loose tolerance."""
+    x, y = tiny_batch()
+
+    def probe(tolerance):
+        torch.manual_seed(0)
+        net = MLP(6, 16, 4, 4).double().as_pc_network(None, "mse")
+        schedule = Inference(steps=4000, momentum=momentum, tolerance=tolerance, solver=solver, check_every=check_every)
+        return probe_condition2(PCEngine(net, schedule), x, y, at_step=4000)
+
+    tight, loose = probe(1e-10), probe(1e-1)
+    for p in (tight, loose):
+        assert (
+            p["reference"]["converged"] and p["reference"]["residual"] < 1e-8 and p["reference"]["dtype"] == "float64"
+        )
+        assert len(p["update_error"]) == len(p["cosine"]) == len(p["norm_ratio"]) == 5
+        assert p["update_error_max"] == max(p["update_error"]) == p["update_error"][p["worst_layer"] - 1]
+    assert tight["update_error_max"] < 1e-5 and tight["residual_at_update"] < 1e-10
+    assert loose["update_error_max"] > 0.05 and loose["residual_at_update"] < 1e-1
+    assert min(tight["cosine"]) > 1 - 1e-9 and all(abs(r - 1) < 1e-5 for r in tight["norm_ratio"])
+
+
+def test_the_probe_leaves_a_float32_run_as_it_was():
+    """The reference is a float64 copy: the run's parameters keep their values, dtype and storage, and the engine
+    trains on as before."""
+    x, y = digits_batch(32)
+    torch.manual_seed(0)
+    mlp = MLP(64, 16, 3, 10)
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+    engine = PCEngine(
+        mlp.as_pc_network(None, "mse"), Inference(steps=64, solver="error", tolerance=3e-3, check_every=4)
+    )
+    engine.train_batch(x, y, apply_update=optimizer.step)
+    before = [(p.detach().clone(), p.data_ptr()) for p in mlp.parameters()]
+    state = {k: v.clone() for k, v in optimizer.state[mlp.layers[0].weight].items()}
+    probe = probe_condition2(engine, x, y, at_step=64)
+    assert probe["reference"]["converged"] and 0 < probe["update_error_max"] < 1
+    for p, (value, pointer) in zip(mlp.parameters(), before):
+        assert p.dtype == torch.float32 and p.data_ptr() == pointer and torch.equal(p.detach(), value)
+    assert all(torch.equal(v, optimizer.state[mlp.layers[0].weight][k]) for k, v in state.items())
+    assert engine.train_batch(x, y, apply_update=optimizer.step).updates == 1
+
+
+def probe_record(errors, epoch=0, converged=True):
+    worst = max(range(len(errors)), key=lambda l: errors[l])
+    reference = {"tolerance": 1e-8, "converged": converged, "residual": 1e-9 if converged else 3e-5, "steps": 900}
+    return {
+        "epoch": epoch,
+        "update_error": errors,
+        "update_error_max": errors[worst],
+        "worst_layer": worst + 1,
+        "gap": 0.001,
+        "cosine": [0.999] * len(errors),
+        "probed_batches": 2,
+        "reference": reference,
+    }
+
+
+def test_condition2_holds_on_the_update_error_and_names_the_worst_layer():
+    from pcsweep.config.settings import TrackingSettings
+    from pcsweep.sweep.table import checks_text
+    from pcsweep.track.conditions import combine_probes
+    from pcsweep.track.verdicts import condition2_verdict
+
+    limits = TrackingSettings(condition2_max_update_error=0.01)
+    held = condition2_verdict([probe_record([0.002, 0.009, 0.001])], False, limits)
+    assert held["verdict"] == "held" and held["worst_layer"] == 2 and held["worst_update_error"] == 0.009
+    # one layer of one epoch past 1%: violated, however close the gap and the cosine
+    probes = [probe_record([0.002, 0.009, 0.001]), probe_record([0.01, 0.003, 0.043], epoch=1)]
+    violated = condition2_verdict(probes, False, limits)
+    assert violated["verdict"] == "violated" and (violated["worst_layer"], violated["worst_epoch"]) == (3, 1)
+    assert violated["reason"] == "condition 2 violated: layer 3's update is 4.3% off the converged update (limit 1%)"
+    assert checks_text({"condition2": violated}) == "c2 violated (update 4.3% off at W3)"
+    assert condition2_verdict(probes, True, limits)["verdict"] == "relaxed"
+    loose = condition2_verdict(probes, False, TrackingSettings(condition2_max_update_error=0.05))
+    assert loose["verdict"] == "held"
+    # the share of batches that ended short of the tolerance still decides too
+    routine = condition2_verdict([probe_record([0.001])], False, limits, [{"train_unconverged": 0.3}])
+    assert routine["verdict"] == "violated" and routine["reason"].startswith("condition 2 violated: 30% of an epoch")
+    # a reference that fell short is said, not hidden
+    short = condition2_verdict([probe_record([0.001], converged=False)], False, limits)
+    assert short["reference_short"] == 1 and "the reference fell short of a residual of 1e-08" in short["reason"]
+    assert condition2_verdict([{"gap": 0.01, "cosine": [0.99]}], False, limits)["verdict"] == "not measured"
+    # an epoch's probe batches: the worst of each layer
+    a, b = probe_record([0.002, 0.02]), probe_record([0.03, 0.001])
+    a["norm_ratio"], b["norm_ratio"] = [1.01, 0.9], [0.98, 1.05]
+    for p in (a, b):
+        p.update({"at_step": 256, "steps_at_update": 20, "steps_converged": 900, "energy_start": 1.0})
+        p.update({"energy_at_T": 0.5, "energy_converged": 0.49, "layer_energy_at_T": [0.1, 0.4]})
+        p["layer_energy_converged"] = [0.1, 0.39]
+    epoch = combine_probes([a, b])
+    assert epoch["update_error"] == [0.03, 0.02] and (epoch["update_error_max"], epoch["worst_layer"]) == (0.03, 1)
+    assert epoch["norm_ratio"] == [0.98, 0.9] and epoch["probed_batches"] == 2 and len(epoch["batches"]) == 2
+
+
+def test_a_bad_condition2_limit_is_one_line_before_any_work():
+    from pcsweep.config.checks import ConfigError
+
+    for value in ("0", "1", "-0.1", "1.5"):
+        with pytest.raises(ConfigError, match=r"^tracking.condition2_max_update_error must be in \(0, 1\), got"):
+            compose_settings(f"tracking.condition2_max_update_error={value}")
+    with pytest.raises(ConfigError, match=r"^tracking.condition2_batches must be >= 1, got 0$"):
+        compose_settings("tracking.condition2_batches=0")
+    assert compose_settings("tracking.condition2_max_update_error=0.05").tracking.condition2_max_update_error == 0.05
 
 
 def test_preflight_rejects_unstable_step_and_floor_and_sets_a_stable_auto_floor():
@@ -123,7 +244,7 @@ def test_variance_statistics_count_the_floor():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["inference.step_size=5"], "inference.step_size=5 is past the stability limit"),
+        (["inference.solver=state", "inference.step_size=5"], "inference.step_size=5 is past the stability limit"),
         (["relax=3", "log_variance_min=-4"], "log_variance_min=-4 is below the stable range"),
     ],
 )
@@ -215,3 +336,18 @@ def test_the_variance_verdict_says_what_the_variances_did(stds, at_floor, verdic
     assert checks_text(checks).endswith(
         f"S at floor {100 * at_floor:.0f}%" + (", uniform" if "uniform" in verdict else "")
     )
+
+
+def test_a_stored_config_with_the_retired_condition2_limits_still_loads():
+    """Condition 2's gap and cosine limits are gone (the verdict is on the update error): a run folder or checkpoint
+    that stored them still loads."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from pcsweep.config.compose import settings_from_container
+
+    stored = Path(__file__).parent / "data" / "run_written_by_01a8790" / "config.yaml"
+    container = OmegaConf.to_container(OmegaConf.load(stored))
+    assert {"condition2_max_gap", "condition2_min_cosine"} <= set(container["tracking"])
+    assert settings_from_container(container).tracking.condition2_max_update_error == 0.1

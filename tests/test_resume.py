@@ -41,9 +41,9 @@ def test_kill_minus_nine_then_rerun_gives_the_uninterrupted_result(tmp_path):
     same_result(reference.parent, run_dir, EPOCHS)
 
 
-def same_result(reference_dir, run_dir, epochs):
+def same_result(reference_dir, run_dir, epochs, ignore=("seconds",)):
     """Bitwise the uninterrupted run's numbers: summary, per-epoch history and curve, weights, each epoch logged
-    once."""
+    once (history keys containing a word of ``ignore`` aside)."""
     import csv
 
     a = json.loads((reference_dir / "summary.json").read_text())
@@ -52,7 +52,7 @@ def same_result(reference_dir, run_dir, epochs):
     for key in ("final_test_acc", "best_test_acc", "final_train_loss", "final_test_loss", "epoch_to_90", "step_to_90"):
         assert b[key] == a[key], key  # bitwise: same data order (seeded by epoch), same optimizer state, same CPU
     assert b["layers"] == a["layers"] and len(a["layers"]) == epochs  # W0 redrawn from the seed, records restored
-    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if not any(word in k for word in ignore)} for r in rows]
     assert strip(b["history"]) == strip(a["history"])  # the epoch's training means too: they crossed the checkpoint
     assert strip(b["curve"]) == strip(a["curve"])
     wa, wb = torch.load(reference_dir / "weights.pt"), torch.load(run_dir / "weights.pt")
@@ -181,7 +181,8 @@ def test_a_run_folder_written_before_the_rooms_moved_still_resumes(tmp_path, ref
     resumed = pcsweep(tmp_path, *cfg, "sweep_name=stopped")
     assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # resumed in place, nothing set aside
-    same_result(reference.parent, run_dir, 3)
+    # its epochs recorded the batch-wide residual of then (now the worst sample's): every other number bitwise
+    same_result(reference.parent, run_dir, 3, ignore=("seconds", "residual"))
 
 
 def test_every_old_module_name_imports_as_the_module_it_moved_to():

@@ -197,7 +197,8 @@ def test_the_stop_needs_two_checks_below_and_no_rise():
 
 
 def test_a_run_whose_batches_end_short_of_the_tolerance_does_not_hold_condition_2():
-    probes = [{"gap": 0.001, "cosine": [0.999]}]
+    reference = {"tolerance": 1e-8, "converged": True, "residual": 1e-9, "steps": 100}
+    probes = [{"gap": 0.001, "cosine": [0.999], "update_error_max": 0.001, "worst_layer": 1, "reference": reference}]
     limits = TrackingSettings()
     held = condition2_verdict(probes, False, limits, [{"train_unconverged": 0.0, "train_residual_max": 2e-3}])
     assert held["verdict"] == "held" and held["worst_residual"] == 2e-3

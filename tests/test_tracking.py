@@ -153,6 +153,9 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
         "layers/W4_gaussian_distance",
         "layers/E1",
         "layers/E4",
+        "cond2/update_error_max",  # condition 2: the worst layer's update error where inference stopped ...
+        "cond2/update_error_W1",  # ... and each layer's
+        "cond2/update_error_W4",
     ):
         assert key in keys, key
     epochs = [row["test/acc"] for row in data["history"] if "test/acc" in row]
@@ -207,6 +210,11 @@ def test_an_offline_wandb_run_holds_what_a_researcher_expects(tmp_path):
     logged = [row["layers/W1_change"] for row in data["history"] if "layers/W1_change" in row]
     assert logged == [r["change"][0] for r in layers]
     assert len(summary["conditions"][-1]["condition2"]["layer_energy_at_T"]) == 4
+    probe, c2 = summary["conditions"][-1]["condition2"], summary["checks"]["condition2"]
+    assert len(probe["update_error"]) == 4 and probe["probed_batches"] == len(probe["batches"]) == 2
+    logged = [row["cond2/update_error_max"] for row in data["history"] if "cond2/update_error_max" in row]
+    assert logged == [r["condition2"]["update_error_max"] for r in summary["conditions"]]
+    assert c2["worst_update_error"] == max(logged) and f"layer {c2['worst_layer']}'s update is " in c2["reason"]
     # the same numbers locally
     assert len(json.loads((run_dir / "histograms.json").read_text())) == 2
     traces = json.loads((run_dir / "energy_traces.json").read_text())["traces"]

@@ -198,8 +198,9 @@ TUNED = [
     "relax=none,2",
     *SMALL,
     "inference.steps=32",
-    "tracking.condition2_max_gap=1",  # seconds of training at T = 32: condition 2 is not the point here
-    "tracking.condition2_min_cosine=0",
+    # seconds of training at T = 32: condition 2 is not the point here
+    "tracking.condition2_max_update_error=0.99",
+    "tracking.condition2_max_unconverged=1",
     "tune=lr",
     "tune.candidates=[1e-3,1e-2]",
     "tune.widen=0",  # test_a_choice_on_the_edge_widens_the_search tests the widening

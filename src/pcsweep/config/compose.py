@@ -234,6 +234,11 @@ def _plain(config: Any) -> dict:
     return upgrade_layout({k: v for k, v in config.items() if k != "hydra"})
 
 
+# settings a stored config may hold that are gone: condition 2's energy-gap and cosine limits (judged on the weight
+# update's error since, tracking.condition2_max_update_error; the gap and cosine are still reported)
+RETIRED_TRACKING = ("condition2_max_gap", "condition2_min_cosine")
+
+
 def upgrade_layout(config: dict) -> dict:
     """A config of the layout before ``algo`` and ``relax`` were plain settings (``algo.name``, ``relax.name``,
     ``relax.update_every``, ``relax.variance``, ``relax.log_variance_min``) in today's: old run folders keep their
@@ -247,6 +252,8 @@ def upgrade_layout(config: dict) -> dict:
         config["inference"] = {**config.get("inference", {}), "update_every": relax.get("update_every")}
         config["variance"] = relax.get("variance", "fixed")
         config["log_variance_min"] = relax.get("log_variance_min", "auto")
+    if isinstance(config.get("tracking"), dict):  # condition 2 is judged on the update error since (never identity)
+        config["tracking"] = {k: v for k, v in config["tracking"].items() if k not in RETIRED_TRACKING}
     return config
 
 

@@ -23,6 +23,7 @@ from pcsweep.model.mlp import MLP, make_log_variances
 from pcsweep.pc import PCEngine, output_loss
 from pcsweep.pc.gang import Seat
 from pcsweep.pc.stability import CurvatureTargets, curvature_due, follow_curvature
+from pcsweep.track.divergence import DivergenceWatch
 from pcsweep.track.metrics_log import batch_step, log_direct
 
 
@@ -62,6 +63,13 @@ class TwinModule(L.LightningModule):
         self.metric_dtype = torch.get_default_dtype()
         self.diverged = False
         self.diverged_reason: Optional[str] = None
+        tracking = settings.tracking
+        with torch.no_grad():  # the norms the weight rule compares with: drawn from the seed, so the same on a resume
+            initial = [float(layer.weight.norm()) for layer in self.mlp.layers]
+        self.divergence = DivergenceWatch(
+            tracking.divergence_loss_factor, tracking.divergence_window, tracking.divergence_weight_factor, initial
+        )
+        self._last_batch = -1  # the batch index of the last batch recorded (the divergence reason names it)
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.mlp(inputs)
@@ -117,13 +125,15 @@ class TwinModule(L.LightningModule):
         scheduler = {"interval": "epoch", **lightning_keys, "scheduler": build(optimizer)}
         return {"optimizer": optimizer, "lr_scheduler": cast(LRSchedulerConfigType, scheduler)}
 
-    def check_finite(self, *values: Tensor) -> None:
+    def check_finite(self, batch_idx: int, *values: Tensor) -> None:
         """Stop the run cleanly (not the sweep) when training blows up."""
         if not all(torch.isfinite(v).all() for v in values):
-            self.stop_diverged(f"non-finite loss or energy in epoch {self.current_epoch}")
+            self.stop_diverged("non-finite loss or energy", batch_idx)
 
-    def stop_diverged(self, reason: str) -> None:
-        self.diverged, self.diverged_reason = True, reason
+    def stop_diverged(self, reason: str, batch_idx: int) -> None:
+        """Stop the run cleanly (not the sweep): ``DIVERGED`` and ``summary.json`` say why, and where."""
+        self.diverged = True
+        self.diverged_reason = f"{reason} (epoch {self.current_epoch}, batch {batch_idx})"
         self.trainer.should_stop = True
 
     RECORD_EVERY = 32  # batches per metric update: a torchmetrics call per batch is dear (docs/measurements.md)
@@ -133,6 +143,7 @@ class TwinModule(L.LightningModule):
 
         Batches reach the metrics in groups (the same means and accuracy as one update per batch)."""
         self._unrecorded.append((logits.detach().argmax(dim=1), labels, {"loss": loss.detach(), **means}))
+        self._last_batch = batch_idx
         if len(self._unrecorded) >= self.RECORD_EVERY:
             self._record_pending()
         # set by Lightning's logger connector at Trainer.__init__; the stubs do not declare it
@@ -147,6 +158,28 @@ class TwinModule(L.LightningModule):
         for name in means[0]:
             cast(Metric, self.train_means[name]).update(torch.stack([m[name].detach() for m in means]).to(self.device))
         self._unrecorded.clear()
+        if not self.diverged:
+            self.check_divergence(self._last_batch, torch.stack([m["loss"].detach() for m in means]))
+
+    def check_divergence(self, batch_idx: int, losses: Optional[Tensor] = None) -> bool:
+        """The divergence rules (``pcsweep.track.divergence``) on the parameters now and on ``losses``, the batches
+        just recorded (the last is ``batch_idx``); True if the run diverged. One host sync, at the metric flush (every
+        ``RECORD_EVERY`` batches and at the epoch's end), never once per batch."""
+        named = list(self.named_parameters())
+        with torch.no_grad():  # float64 norms: one overflows only if an entry is not finite
+            norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64) for _, p in named])
+            values = (norms if losses is None else torch.cat([losses.to(norms), norms])).tolist()
+        n = 0 if losses is None else len(losses)
+        fired = self.divergence.losses(values[:n]) if n else None
+        if fired is not None:
+            self.stop_diverged(fired[1], batch_idx - (n - 1 - fired[0]))
+            return True
+        norm_of = dict(zip((name for name, _ in named), values[n:]))
+        layers = [norm_of[f"mlp.layers.{i}.weight"] for i in range(len(self.mlp.layers))]
+        reason = self.divergence.parameters(list(norm_of), list(norm_of.values()), layers)
+        if reason is not None:
+            self.stop_diverged(reason, batch_idx)
+        return self.diverged
 
     def _train_metrics(self) -> dict:
         return {"acc": self.train_acc, **self.train_means}
@@ -159,8 +192,13 @@ class TwinModule(L.LightningModule):
             for name, m in self._train_metrics().items()
         }
         checkpoint["unrecorded_batches"] = list(self._unrecorded)
+        checkpoint["divergence"] = {**self.divergence.state_dict(), "last_batch": self._last_batch}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "divergence" in checkpoint:  # (a checkpoint of an earlier release starts the loss windows afresh)
+            state = dict(checkpoint["divergence"])
+            self._last_batch = state.pop("last_batch")
+            self.divergence.load_state_dict(state)
         if "mid_epoch" not in checkpoint:  # an epoch's end: the next epoch starts its means afresh
             return
         for name, (state, count) in checkpoint["train_metrics"].items():
@@ -201,7 +239,7 @@ class BPModule(TwinModule):
         inputs, labels = batch
         logits = self.mlp(inputs)
         loss = output_loss(logits, self.one_hot(labels), self.loss_kind)
-        self.check_finite(loss)
+        self.check_finite(batch_idx, loss)
         if self.diverged:
             return None  # skips the optimizer step
         self.record_train(batch_idx, loss, logits, labels)
@@ -225,7 +263,7 @@ class PCModule(TwinModule):
             log_variance_min=-math.inf if floor == "auto" else float(floor),
         )
         tracking = settings.tracking
-        self.divergence_factor = tracking.divergence_factor
+        self.divergence_factor = tracking.divergence_factor  # state descent's energy rise: "inference unstable"
         # inference.step_size=auto and log_variance_min=auto: the stiffness each keeps (set by the pre-flight),
         # re-measured every ``curvature_every`` batches of the run and after a rise (pc.stability.curvature_due)
         self.curvature_targets = CurvatureTargets()
@@ -315,17 +353,22 @@ class PCModule(TwinModule):
 
         seen = batch_step(self.trainer, batch_idx)  # batches over the whole run
         if self.curvature_targets and curvature_due(seen, self.curvature_every, self.energy_rose):
+            # the weights first (a host sync the re-measurement makes anyway): its power iteration overflows on weights
+            # that blew up (lr=1e9: a curvature of 0, a step size of inf)
+            if self.check_divergence(batch_idx):
+                return
             follow_curvature(self.engine, inputs, target, self.curvature_targets)
         trace = self.trace_energy and batch_idx == 0
         train = self.engine.train_batch if self.seat is None else self.seat.train_batch  # alone, or in a pack
         result = train(inputs, target, apply_update=apply_update, trace_energy=trace)
-        self.check_finite(result.loss, result.energy_end)
+        self.check_finite(batch_idx, result.loss, result.energy_end)
         if not self.diverged:
             start, end = float(result.energy_start), float(result.energy_end)
             if end > self.divergence_factor * max(start, 1e-12):
                 self.stop_diverged(
-                    f"inference diverged in epoch {self.current_epoch}, batch {batch_idx}: the error "
-                    f"energy rose from {start:.3g} to {end:.3g} (step size too large for the curvature)"
+                    f"inference unstable: the error energy rose from {start:.3g} to {end:.3g} during inference, "
+                    f"above {self.divergence_factor:g}x its start (step size too large for the curvature)",
+                    batch_idx,
                 )
         if self.diverged:
             return

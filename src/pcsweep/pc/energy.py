@@ -38,6 +38,7 @@ class Activation:
     fn: Callable[[Tensor], Tensor]  # differentiable: the MLP's forward pass, these functions, autograd
     forward: Callable[[Tensor, Tensor], Tensor]  # (a, out) -> out
     derivative: Callable[[Tensor, Tensor, Tensor], Tensor]  # (a, fa, out) -> out
+    second: Optional[Callable[[Tensor, Tensor], Tensor]] = None  # (fa, f'(a)) -> f''(a); None: zero (piecewise linear)
 
     def prime(self, a: Tensor, fa: Tensor) -> Tensor:
         """f'(a) as a new tensor (not differentiated through: the gradients below are derived by hand)."""
@@ -50,12 +51,14 @@ ACTIVATIONS: dict[str, Activation] = {
         torch.tanh,
         lambda a, out: torch.tanh(a, out=out),
         lambda a, fa, out: torch.addcmul(out.fill_(1.0), fa, fa, value=-1.0, out=out),
+        lambda fa, fp: -2.0 * fa * fp,
     ),
     "sigmoid": Activation(
         "sigmoid",
         torch.sigmoid,
         lambda a, out: torch.sigmoid(a, out=out),
         lambda a, fa, out: torch.addcmul(fa, fa, fa, value=-1.0, out=out),
+        lambda fa, fp: fp * (1.0 - 2.0 * fa),
     ),
     "relu": Activation(
         "relu",

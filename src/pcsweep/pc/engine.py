@@ -181,19 +181,19 @@ class PCEngine:
 
     @torch.no_grad()
     def residuals(self) -> Tensor:
-        """(R,) |dE/dx| over every hidden activity and sample of each run, dE/dx_l = eps_l - g_{l+1} W_{l+1}: the
-        distance to the equilibrium whatever the solver (zero there; the stop compares it with its feedforward
-        value). One batched product."""
+        """(R, B) |dE/dx| over every hidden activity of each sample of each run, dE/dx_l = eps_l - g_{l+1} W_{l+1}
+        (left in ``store.gradient``): each sample's distance to the equilibrium whatever the solver (zero there; the
+        stop compares it with its first value). One batched product."""
         s = self.store
         grad = s.gradient
         if self.front >= self.H:  # the feedforward state: every hidden error is zero, only the top layer's is not
             torch.bmm(s.epsL, s.w_out, out=grad[-1])
-            return grad[-1].pow(2).sum(dim=(1, 2)).sqrt()
+            return grad[-1].pow(2).sum(dim=2).sqrt()
         if self.H > 1:
             s.products.feedback_into(0, flat(s.G[1:]), flat(grad[:-1]))
         torch.bmm(s.epsL, s.w_out, out=grad[-1])
         torch.sub(s.EPS, grad, out=grad)
-        return grad.pow(2).sum(dim=(0, 2, 3)).sqrt()
+        return grad.pow(2).sum(dim=3).sum(dim=0).sqrt()
 
     # ----------------------------------------------------------------- measurements, per run (R,)
     def error_energies(self) -> Tensor:

@@ -65,6 +65,7 @@ class ErrorOptimization(Solver):
         self.grad = torch.zeros_like(like)  # dG/de
         self.new_grad = torch.zeros_like(like)
         self.direction = torch.zeros_like(like)
+        self.before = torch.zeros_like(like)  # the errors before a step, to undo it for a sample whose energy rose
         self.scratch = torch.zeros_like(like[0])  # (R, B, n)
         self.sq_norm = torch.zeros(like.shape[1:3], dtype=like.dtype, device=like.device)  # (R, B): |dG/de|^2
         self.moving: Optional[Tensor] = None  # (R, 1) 1 for a run that moves, 0 for a held one; None: all move
@@ -108,21 +109,27 @@ class ErrorOptimization(Solver):
         return hidden + 0.5 * (eng.eL * eng.epsL).sum(-1)  # the precision-weighted Gaussian: e . eps
 
     def _curvature(self, p: Tensor) -> Tensor:
-        """(R, B) Gauss-Newton curvature of G along ``p``: p^T P p + (J p)^T H_out (J p)."""
+        """(R, B) curvature of G along ``p``: the Gauss-Newton term p^T P p + (J p)^T H_out (J p), plus the hidden
+        nonlinearity's own term sum_l d_l . f''(a_l) (da_l)^2 where that is positive (d_l = dl/dx_l, da_l the
+        tangent of the pre-activation; a negative one would only lengthen the step past Gauss-Newton's)."""
         eng = self.engine.store
+        second = self.engine.activation.second
         precision = eng.p_hid
         quad = _per_sample(p * p * precision if precision is not None else p * p)
+        own = torch.zeros_like(quad)
         jp = p[0].clone()  # forward mode through the recursion: dx_l = f'(a_l) (dx_{l-1} W_l^T) + p_l
         products = eng.products
         for l in range(1, eng.H):
-            products.layer_forward(l - 1, jp, self.scratch, bias=False)
+            products.layer_forward(l - 1, jp, self.scratch, bias=False)  # da_l
+            if second is not None:
+                own += (self.D[l] * second(eng.MU[l], eng.FP[l]) * self.scratch * self.scratch).sum(-1)
             jp = self.scratch.mul(eng.FP[l]).add_(p[l])
         da = torch.bmm(jp, eng.w_out.transpose(1, 2))  # the output's change (R, B, n_out)
         if eng.output_loss == "ce":
             s = torch.softmax(eng.aL, dim=-1)
-            return quad + (s * da * da).sum(-1) - (s * da).sum(-1).pow(2)
+            return quad + (s * da * da).sum(-1) - (s * da).sum(-1).pow(2) + own.clamp_min(0.0)
         weighted = da * da if eng.p_out is None else da * da * eng.p_out
-        return quad + weighted.sum(-1)
+        return quad + weighted.sum(-1) + own.clamp_min(0.0)
 
     # ---------------------------------------------------------------- the solver
     def start(self) -> None:
@@ -145,12 +152,12 @@ class ErrorOptimization(Solver):
         self.gradient(self.grad)
 
     def step(self) -> None:
-        """One Polak-Ribiere+ step per sample: e += alpha p with alpha = -g.p / (damping * p^T H_GN p), then
-        p <- -g' + max(0, g'.(g' - g) / g.g) p.
+        """One Polak-Ribiere+ step per sample: e += alpha p with alpha = -g.p / (damping * p^T H p), then
+        p <- -g' + max(0, g'.(g' - g) / g.g) p (H: Gauss-Newton, or the exact curvature where larger).
 
-        Gauss-Newton leaves out the curvature of the hidden nonlinearity, so a step may overshoot: a sample whose
-        energy rose restarts from steepest descent with four times the damping, and each step that lowers it halves
-        the damping again (down to 1, the plain Gauss-Newton step)."""
+        A step that raised a sample's energy is undone for that sample (its errors as before the step), which
+        restarts from steepest descent with four times the damping; each step that lowers it halves the damping
+        again (down to 1)."""
         self.engine.front = 0  # every error moves at once: no front
         p, g, tiny = self.direction, self.grad, torch.finfo(self.direction.dtype).tiny
         curvature = self._curvature(p) * self.damping
@@ -158,7 +165,9 @@ class ErrorOptimization(Solver):
         alpha = torch.where(curvature > 0, -slope / curvature.clamp_min(tiny), 0.0)
         if self.moving is not None:
             alpha = alpha * self.moving
-        self.engine.store.E.addcmul_(p, alpha.unsqueeze(0).unsqueeze(-1))
+        E = self.engine.store.E
+        self.before.copy_(E)
+        E.addcmul_(p, alpha.unsqueeze(0).unsqueeze(-1))
         self.forward()
         new = self.new_grad
         self.gradient(new)
@@ -166,6 +175,11 @@ class ErrorOptimization(Solver):
         # a rise beyond rounding (near the minimum the energy's last digits are noise, and a pack must decide as its
         # runs alone would)
         rose = energy > self.energy + 64 * torch.finfo(energy.dtype).eps * self.energy.abs()
+        if bool(rose.any()):  # undo for those samples: back to the errors (and so the state) before the step
+            torch.where(rose.unsqueeze(0).unsqueeze(-1), self.before, E, out=E)
+            self.forward()
+            self.gradient(new)
+            energy = torch.where(rose, self.energy, self._sample_energies())
         self.damping = torch.where(rose, self.damping * 4.0, (self.damping * 0.5).clamp_min(1.0))
         new_sq = _per_sample(new * new)
         cross = _per_sample(new * g)

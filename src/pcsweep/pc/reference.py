@@ -66,7 +66,7 @@ class ReferencePC:
 
     def residuals(self) -> Tensor:
         grads = pc.activity_gradients(self.net, pc.errors(self.net, self.xs))
-        return torch.cat([g.flatten() for g in grads]).norm().reshape(1)
+        return torch.cat(grads, dim=1).norm(dim=1)[None]  # (1, B): per sample
 
     def hold(self, moving) -> None:
         pass  # one run: the loop ends when it stops

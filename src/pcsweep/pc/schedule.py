@@ -100,7 +100,7 @@ class BatchResult:
     steps_used: int = 0  # inference steps run (fewer than T only when a tolerance stopped inference early)
     energy_rises: Optional[Tensor] = None  # checks (every check_every steps) at which the error energy had risen
     log_variance_energy: Optional[Tensor] = None  # 0.5 sum log S at the end: the constant the error energy leaves out
-    residual: Optional[Tensor] = None  # |dE/dx| relative to its feedforward value, where inference stopped
+    residual: Optional[Tensor] = None  # the worst sample's |dE/dx| relative to its first (``relative_residual``)
     converged: Optional[bool] = None  # the tolerance was met (None: no tolerance, T steps by design)
 
 
@@ -118,7 +118,7 @@ class Stepper(Protocol):
     def write_gradients(self) -> object: ...  # dE/dtheta into every parameter's .grad
     def parameters_changed(self) -> None: ...  # after the optimizers stepped
     def log_variance_energies(self) -> Tensor: ...  # (R,)
-    def residuals(self) -> Tensor: ...  # (R,) |dE/dx| over every hidden activity of each run
+    def residuals(self) -> Tensor: ...  # (R, B) |dE/dx| over every hidden activity of each sample of each run
     def hold(self, moving: Sequence[bool]) -> None: ...  # runs that stopped keep their activities from now on
 
 
@@ -172,7 +172,7 @@ def train_batches(
     runs = _Runs(
         [True] * R, [0] * R, [steps] * R, energy_start, energy_start,
         torch.zeros(R, dtype=torch.int64, device=device), [None] * R,
-        torch.ones_like(residual_start), [False] * R, [False] * R,
+        torch.ones_like(energy_start), [False] * R, [False] * R,
     )  # fmt: skip
     for t in range(1, steps + 1):
         stepper.step()
@@ -181,7 +181,7 @@ def train_batches(
         last, converged = t == steps, [False] * R
         if t % check_every == 0 or last:
             current = trace[-1] if trace is not None else stepper.error_energies()
-            residual = _relative(stepper.residuals(), residual_start) if judging or last else None
+            residual = relative_residual(stepper.residuals(), residual_start) if judging or last else None
             converged = _check(runs, inferences, current, residual, judge=t % check_every == 0 and t >= min_steps)
             if last:  # the runs that reach T: did they meet their tolerance all the same?
                 converged = [False] * R
@@ -212,8 +212,18 @@ def _stop_converged(stepper: Stepper, runs: _Runs, converged: list[bool], t: int
     return False
 
 
-def _relative(residual: Tensor, start: Tensor) -> Tensor:
-    return torch.where(start > 0, residual / start.clamp_min(torch.finfo(start.dtype).tiny), torch.zeros_like(start))
+# a sample whose first residual is below this share of the batch's mean is judged against that share: one already at
+# its equilibrium (a tiny first residual, relative noise) cannot hold the batch
+SAMPLE_FLOOR = 0.1
+
+
+def relative_residual(residual: Tensor, start: Tensor) -> Tensor:
+    """(R,) the worst sample's residual relative to its own at the first step (``residual``, ``start``: (R, B)), a
+    sample's first residual floored at ``SAMPLE_FLOOR`` of the batch's mean; 0 for a run that started at rest."""
+    floor = SAMPLE_FLOOR * start.mean(dim=1, keepdim=True)
+    scale = torch.maximum(start, floor).clamp_min(torch.finfo(start.dtype).tiny)
+    worst = (residual / scale).amax(dim=1)
+    return torch.where(start.amax(dim=1) > 0, worst, torch.zeros_like(worst))
 
 
 def _result(runs: _Runs, r: int, inference: Inference, loss, logits, energy_start, log_variance_energy, trace):

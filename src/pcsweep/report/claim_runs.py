@@ -69,7 +69,7 @@ def problems(runs: dict[int, dict], twin: str, needs_condition2: bool = False) -
     if any(f.get("inference") == "unstable" for f in runs.values()):
         return f"{twin}: inference unstable"
     if needs_condition2 and any(f.get("condition2") == "violated" for f in runs.values()):
-        return f"{twin}: condition 2 violated (inference not converged at T)"
+        return f"{twin}: condition 2 violated (the weight update was not made at the inference equilibrium)"
     return None
 
 

@@ -113,7 +113,11 @@ def make_callbacks(settings: Settings, run_dir: Path, model: TwinModule, pc: boo
     others: list[L.Callback] = [WeightHistograms(run_dir, tracking.histogram_every)]
     if pc and tracking.energy_trace:
         others.append(EnergyTraces(run_dir, tracking.energy_tolerance))
-    conditions = RunConditions(tracking.condition2_every, tracking.condition2_max_multiple) if pc else None
+    conditions = (
+        RunConditions(tracking.condition2_every, tracking.condition2_max_multiple, tracking.condition2_batches)
+        if pc
+        else None
+    )
     # the freshly drawn weights are W0 (a resumed run redraws the same ones from the seed before loading its checkpoint)
     layers = LayerLearning([layer.weight for layer in model.mlp.layers])
     mid_epoch = MidEpochCheckpoints(run_dir / "checkpoints" / "last.ckpt", settings.checkpoint.every_minutes)

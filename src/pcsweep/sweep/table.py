@@ -10,6 +10,7 @@ from typing import Any, Iterable, Optional, cast
 
 from pcsweep.run.files import read_json, write_atomic
 from pcsweep.sweep.tuning import RECORD, TUNING_DIR
+from pcsweep.track.verdicts import percent
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,14 @@ def checks_text(checks: Optional[dict]) -> Optional[str]:
     parts = []
     c2 = checks.get("condition2")
     if c2 and c2["verdict"] != "not measured":
-        parts.append(f"c2 {c2['verdict']} (gap {c2['worst_gap']:.2f}, cos {c2['worst_cosine']:.2f})")
+        if "worst_update_error" in c2:  # the weight update's error at the stop (summaries before it: gap and cosine)
+            parts.append(
+                f"c2 {c2['verdict']} (update {percent(c2['worst_update_error'])} off at W{c2['worst_layer']}"
+                + (f", reference short on {c2['reference_short']}" if c2.get("reference_short") else "")
+                + ")"
+            )
+        else:
+            parts.append(f"c2 {c2['verdict']} (gap {c2['worst_gap']:.2f}, cos {c2['worst_cosine']:.2f})")
     inference = checks.get("inference")
     if inference:
         gamma = inference.get("step_size_final")  # summaries before the automatic step size lack it

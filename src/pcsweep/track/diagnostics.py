@@ -13,7 +13,7 @@ import torch
 from pcsweep.pc.schedule import plateaued
 from pcsweep.pc.stability import stiffness
 from pcsweep.run.files import read_json, write_atomic
-from pcsweep.track.conditions import probe_condition2, variance_statistics
+from pcsweep.track.conditions import combine_probes, probe_condition2, variance_statistics
 from pcsweep.track.layers import layer_statistics
 from pcsweep.track.metrics_log import batch_step, log_direct
 from pcsweep.track.wandb_run import axes, wandb_runs
@@ -131,13 +131,15 @@ def steps_to_tolerance(trace: list[float], tolerance: float) -> Optional[int]:
 
 
 class RunConditions(L.Callback):
-    """Did the paper's conditions hold in this PC run? Once every ``every`` epochs, on a fixed probe batch (the first
-    ``batch_size`` training samples): the condition-2 probe (inference at the twin's update point against inference
-    run up to ``max_multiple`` times T), the stiffness ``step_size * lambda_max`` with the current variances, and the
-    per-layer log-variance statistics. Kept in the checkpoint (a resumed run reports the same) and in ``records``."""
+    """Did the paper's conditions hold in this PC run? Once every ``every`` epochs, on ``batches`` fixed probe batches
+    (the first ``batches`` x ``batch_size`` training samples): the condition-2 probe (the weight update where training
+    inference stops against the update at a float64 equilibrium, ``conditions.probe_condition2``, its reference run
+    for up to ``max_multiple`` times T steps), the stiffness ``step_size * lambda_max`` with the current variances, and
+    the per-layer log-variance statistics. Kept in the checkpoint (a resumed run reports the same) and in
+    ``records``."""
 
-    def __init__(self, every: int = 1, max_multiple: int = 16, tolerance: float = 1e-6) -> None:
-        self.every, self.max_multiple, self.tolerance = every, max_multiple, tolerance
+    def __init__(self, every: int = 1, max_multiple: int = 16, batches: int = 2) -> None:
+        self.every, self.max_multiple, self.batches = every, max_multiple, batches
         self.records: list[dict] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -148,29 +150,37 @@ class RunConditions(L.Callback):
         engine = pl_module.engine
         # Lightning sets trainer.datamodule when fit is given one; its stubs do not declare it
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
-        inputs, target = pl_module.probe_batch(datamodule.train_split, datamodule.batch_size)
+        size = datamodule.batch_size
+        inputs, target = pl_module.probe_batch(datamodule.train_split, self.batches * size)
         schedule = engine.inference
-        probe = probe_condition2(
-            engine,
-            inputs,
-            target,
-            at_step=schedule.update_every or schedule.steps,
-            max_steps=self.max_multiple * schedule.steps,
-            tolerance=self.tolerance,
+        probe = combine_probes(
+            [
+                probe_condition2(
+                    engine,
+                    x,
+                    y,
+                    at_step=schedule.update_every or schedule.steps,
+                    max_steps=self.max_multiple * schedule.steps,
+                )
+                for x, y in zip(inputs.split(size), target.split(size))
+            ]
         )
         record: dict[str, Any] = {
             "epoch": epoch,
             "condition2": probe,
-            "stiffness": stiffness(engine, inputs, target),
+            "stiffness": stiffness(engine, inputs[:size], target[:size]),
             "step_size": schedule.step_size,  # moves with inference.step_size=auto
         }
         metrics = {
             "inference/step_size": schedule.step_size,
+            "cond2/update_error_max": probe["update_error_max"],
+            "cond2/reference_residual": probe["reference"]["residual"],
             "cond2/gap": probe["gap"],
             "cond2/min_cosine": min(probe["cosine"]),
             "cond2/steps_converged": float(probe["steps_converged"]),
             "inference/stiffness": record["stiffness"],
         }
+        metrics.update({f"cond2/update_error_W{l + 1}": e for l, e in enumerate(probe["update_error"])})
         metrics.update({f"cond2/cos_W{l + 1}": c for l, c in enumerate(probe["cosine"])})
         metrics.update({f"cond2/norm_ratio_W{l + 1}": r for l, r in enumerate(probe["norm_ratio"])})
         metrics.update({f"layers/E{l + 1}": e for l, e in enumerate(probe["layer_energy_at_T"])})
