@@ -46,16 +46,22 @@ def exact_update(net, inference: Inference, inputs, target) -> list[torch.Tensor
     return weight_updates(engine)
 
 
-def measure(width: int, depth: int, tolerances: list[float], train_batches: int, batch: int = 64) -> dict:
+def measure(
+    width: int, depth: int, tolerances: list[float], train_batches: int, batch: int = 64, probes: int = 2
+) -> dict:
     data = load_digits28().train
     x = data.inputs.double()
     y = F.one_hot(data.labels, 10).double()
-    probe = [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in (0, 1)]
+    probe = [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(probes)]
     table: dict = {}
     for name, (loss, learned) in CASES.items():
         torch.manual_seed(0)
         mlp = MLP(784, width, depth, 10).double()
         log_vars = make_log_variances(mlp.sizes, "neuron", loss).double() if learned else None
+        if log_vars is not None:  # a learned Sigma away from 1, as training leaves it
+            with torch.no_grad():
+                for log_s in log_vars:
+                    log_s.uniform_(-0.5, 0.5)
         net = mlp.as_pc_network(list(log_vars) if log_vars is not None else None, loss)
         inference = Inference(steps=256, solver="error", tolerance=3e-3, check_every=4)
         for stage in ("initial", "trained"):
@@ -63,7 +69,7 @@ def measure(width: int, depth: int, tolerances: list[float], train_batches: int,
                 params = list(mlp.parameters()) + (list(log_vars) if log_vars is not None else [])
                 optimizer = torch.optim.Adam(params, lr=3e-4)
                 engine = PCEngine(net, inference, log_variance_min=-2.0)
-                for i in range(2, 2 + train_batches):
+                for i in range(probes, probes + train_batches):
                     engine.train_batch(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch], optimizer.step)
             rows = []
             for inputs, target in probe:
@@ -90,10 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--tolerances", type=float, nargs="+", default=[3e-3, 1e-3, 3e-4, 1e-4])
     parser.add_argument("--train-batches", type=int, default=100)
+    parser.add_argument("--probes", type=int, default=2, help="probe batches")
     parser.add_argument("--json", help="write the table here")
     args = parser.parse_args(argv)
-    print("worst layer's update error at each tolerance (max steps), over two digits28 batches of 64, float64:")
-    out = {w: measure(w, args.depth, args.tolerances, args.train_batches) for w in args.widths}
+    print(f"worst layer's update error at each tolerance (max steps), over {args.probes} digits28 batches of 64:")
+    out = {w: measure(w, args.depth, args.tolerances, args.train_batches, probes=args.probes) for w in args.widths}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
