@@ -26,7 +26,7 @@ def test_converged_twins_stop_at_convergence_and_the_probe_measures_where_they_s
     the converged one."""
     for relax in ("none", "3"):
         schedule = compose_settings("algo=pc", f"relax={relax}").schedule()
-        assert (schedule.tolerance, schedule.solver, schedule.check_every) == (3e-3, "error", 4)
+        assert (schedule.tolerance, schedule.solver, schedule.check_every) == (1e-3, "error", 4)
     assert compose_settings("algo=pc", "relax=2").schedule().tolerance is None
     assert compose_settings("algo=pc", "relax=23").schedule().tolerance is None
     x, y = digits_batch()
@@ -350,4 +350,4 @@ def test_a_stored_config_with_the_retired_condition2_limits_still_loads():
     stored = Path(__file__).parent / "data" / "run_written_by_01a8790" / "config.yaml"
     container = OmegaConf.to_container(OmegaConf.load(stored))
     assert {"condition2_max_gap", "condition2_min_cosine"} <= set(container["tracking"])
-    assert settings_from_container(container).tracking.condition2_max_update_error == 0.1
+    assert settings_from_container(container).tracking.condition2_max_update_error == 0.01

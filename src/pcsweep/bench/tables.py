@@ -221,7 +221,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-solvers", action="store_true", help="skip the inference solvers table")
     parser.add_argument(
-        "--solver-tolerance", type=float, default=3e-3, help="the relative residual every solver is stopped at"
+        "--solver-tolerance", type=float, default=1e-3, help="the relative residual every solver is stopped at"
     )
     parser.add_argument("--json", help="also write the results to this file")
     return parser.parse_args(argv)
