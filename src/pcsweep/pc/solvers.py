@@ -20,6 +20,8 @@ import importlib
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from pcsweep.pc.energy import Activation
     from pcsweep.pc.kernels import Tricks
     from pcsweep.pc.members import Member
@@ -43,6 +45,7 @@ class Host(Protocol):
     def feed_input(self) -> None: ...  # a_1 = W_1 x_0 + b_1, once per parameter change (x_0 is clamped)
     def errors(self, predict: bool, lo: int = 0) -> None: ...  # predictions (if asked) and errors from the rows lo up
     def weighted_errors(self, lo: int = 0) -> None: ...  # eps = e / S, g = f'(a) eps, and the output's errors
+    def residuals(self) -> Tensor: ...  # (R, B) |dE/dx| per sample; dE/dx itself left in ``store.gradient``
 
 
 class Solver(Protocol):
