@@ -27,7 +27,6 @@ from torch import Tensor
 
 from pcsweep.pc.energy import output_losses
 from pcsweep.pc.kernels import affine
-from pcsweep.pc.schedule import Inference
 from pcsweep.pc.solvers import Solver
 
 
@@ -48,15 +47,6 @@ class ErrorOptimization(Solver):
     def min_steps(cls, hidden_layers: int, check_every: int) -> int:
         """Every layer hears the output at the first step: one check interval."""
         return check_every
-
-    @classmethod
-    def check_inference(cls, inference: Inference) -> Optional[str]:
-        if inference.update_every is not None or inference.fixed_predictions:
-            return (
-                "state when the weights are updated during inference (update_every: relax 2 and 23, whose updates "
-                "are the relaxation itself) or with fixed predictions"
-            )
-        return None
 
     # ------------------------------------------------------------ buffers
     def allocate(self) -> None:

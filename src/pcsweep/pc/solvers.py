@@ -78,7 +78,10 @@ class Solver(Protocol):
     def check_inference(cls, inference: Inference) -> Optional[str]:
         """Why the solver cannot run these settings (completing "solver must be ..."), or None."""
         if inference.update_every is not None or inference.fixed_predictions:
-            return "state when the weights are updated during inference (update_every) or with fixed predictions"
+            return (
+                "state when the weights are updated during inference (update_every: relax 2 and 23, whose updates "
+                "are the relaxation itself) or with fixed predictions"
+            )
         return None
 
     @classmethod
